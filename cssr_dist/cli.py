@@ -1,0 +1,93 @@
+"""Command line of train.py: our dotted overrides plus the reference code's flags.
+
+Users of the reference keep their muscle memory (`--ds exps/cifar10/spl_a.json --method
+cssr --save run1 --configupdate a:1,b:2`); each flag maps onto the one config schema.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import Config, apply_override, build_config, dump_yaml, load_yaml_tree, parse_override
+from .errors import CssrError
+
+GPU_NOTE = ("note: --gpu is ignored: Accelerate chooses devices (use `accelerate launch --gpu_ids 0,1` "
+            "or CUDA_VISIBLE_DEVICES)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train / evaluate CSSR open-set recognition models (run with `accelerate launch train.py ...`).",
+    )
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. schedule.epochs=5")
+    p.add_argument("--config", help="YAML config (may `inherit` others); default: built-in Fashion-MNIST RCSSR")
+    p.add_argument("--ds", help="reference-format split file (exps/<dataset>/spl_<s>.json)")
+    p.add_argument("--save", help="run name: results go to <run.output_dir>/<name>/")
+    p.add_argument("--method", choices=["cssr", "cssr_ft"], help="cssr: from scratch; cssr_ft: fine-tune a frozen pretrained backbone")
+    p.add_argument("--test", action="store_true", help="restore the run's best checkpoint and evaluate it")
+    p.add_argument("--configupdate", help="reference-style overrides a.b:v,c:w")
+    p.add_argument("--test_interval", type=int, help="evaluate on the test set every N epochs (0: only at the end)")
+    p.add_argument("--gpu", help=argparse.SUPPRESS)
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return p
+
+
+DEFAULT_CONFIG = "configs/fashion_mnist/rcssr.yaml"
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Merge YAML, reference flags and overrides (later wins) into a validated Config."""
+    from pathlib import Path
+
+    path = args.config
+    if path is None:
+        default = Path(__file__).resolve().parent.parent / DEFAULT_CONFIG
+        path = str(default) if default.is_file() else None
+    tree = load_yaml_tree(path) if path else {}
+    flags: list[tuple[str, object]] = []
+    if args.ds:
+        flags.append(("data.split_file", args.ds))
+    if args.save:
+        flags.append(("run.name", args.save))
+    if args.method:
+        flags.append(("run.method", args.method))
+    if args.test_interval is not None:
+        flags.append(("eval.test_interval", args.test_interval))
+    if args.configupdate:
+        flags += [parse_override(item, sep=":") for item in args.configupdate.split(",") if item]
+    flags += [parse_override(item) for item in args.overrides]
+    for key, value in flags:
+        apply_override(tree, key, value)
+    if args.method == "cssr_ft" and "freeze_backbone" not in tree.get("model", {}):
+        apply_override(tree, "model.freeze_backbone", True)
+    where = f"(in {path} or command-line overrides)" if path else "(in command-line overrides)"
+    return build_config(tree, where)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.gpu is not None:
+        print(GPU_NOTE, file=sys.stderr)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    try:
+        cfg = config_from_args(args)
+        if args.print_config:
+            print(dump_yaml(cfg), end="")
+            return 0
+        from .engine.preemption import REQUEUE_EXIT_CODE, Preempted
+        from .engine.runner import evaluate_only, train
+
+        try:
+            evaluate_only(cfg) if args.test else train(cfg)
+        except Preempted:
+            return REQUEUE_EXIT_CODE
+    except CssrError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,336 @@
+"""Typed experiment configuration: dataclass schema, YAML with `inherit`, dotted overrides.
+
+One schema serves every entry point (train.py, Slurm scripts, tests) so that a typo is
+caught before a cluster job starts, with one line naming the key and the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class OodSetConfig:
+    """An extra unknown-only evaluation set, reported separately (e.g. ImageNet vs iNaturalist)."""
+
+    name: str = ""
+    source: str = "imagefolder"
+    root: str = ""
+    shards: str | None = None
+
+
+@dataclass
+class ShardsConfig:
+    """WebDataset shard prefixes (a prefix `p` means `p.json` index + the shards it lists)."""
+
+    train: str | None = None
+    test: str | None = None
+    shuffle_buffer: int = 2000
+    max_corrupt_fraction: float = 0.01
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion_mnist"
+    root: str = "data"
+    format: str = "native"
+    split_family: str = "builtin"
+    split: str = "default"
+    split_file: str | None = None
+    known: list[int] | None = None
+    unknown: list[int] | None = None
+    unknown_dataset: str | None = None
+    ood: list[OodSetConfig] = field(default_factory=list)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+    image_size: int = 28
+    in_chans: int = 1
+    mean: list[float] = field(default_factory=lambda: [0.5])
+    std: list[float] = field(default_factory=lambda: [0.25])
+    train_augment: str = "cssr"
+    manual_contrast: bool = True
+    test_resize: int | None = None
+    val_fraction: float = 0.1
+    train_per_class: int | None = None
+    test_per_class: int | None = None
+    stats_per_class: int | None = None
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    num_workers: int = 2
+    download: bool = False
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "osr_cnn"
+    pretrained: bool = False
+    pretrained_file: str | None = None
+    head: str = "rcssr"
+    latent_dim: int = 64
+    gamma: float | None = None
+    distance: str = "l1"
+    hidden_layers: list[int] = field(default_factory=list)
+    projection_dim: int | None = None
+    clamp: float = 100.0
+    freeze_backbone: bool = False
+    class_chunk: int | None = None
+    sync_bn: bool = False
+    channels_last: bool = False
+    compile: bool = False
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 0.4
+    scale_lr_by_batch: bool = False
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    grad_clip: float | None = None
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "multistep"
+    epochs: int = 200
+    warmup_epochs: float = 0.0
+    milestones: list[float] = field(default_factory=lambda: [120.0, 190.0])
+    gamma: float = 0.1
+    min_lr: float = 0.0
+
+
+@dataclass
+class EvalConfig:
+    test_interval: int = 1
+    score: str = "auto"
+    baselines: list[str] = field(default_factory=lambda: ["msp", "mls", "energy"])
+    tpr: float = 0.95
+    select_best_by: str = "val_acc"
+
+
+@dataclass
+class TrackingConfig:
+    wandb: bool = True
+    project: str = "cssr-dist"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    log_every: int = 50
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    output_dir: str = "runs"
+    method: str = "cssr"
+    seed: int = 0
+    mixed_precision: str = "no"
+    deterministic: bool = False
+    keep_last: int = 2
+    checkpoint_every_steps: int = 0
+    max_steps: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.format": ("native", "shards"),
+    "data.split_family": ("builtin", "cssr", "arpl", "none"),
+    "data.train_augment": ("cssr", "flip_crop", "imagenet", "none"),
+    "model.head": ("linear", "pcssr", "rcssr"),
+    "model.distance": ("l1", "l2"),
+    "optim.name": ("sgd", "adamw"),
+    "schedule.kind": ("multistep", "cosine", "constant"),
+    "run.method": ("cssr", "cssr_ft"),
+    "run.mixed_precision": ("no", "fp16", "bf16"),
+    "eval.select_best_by": ("val_acc", "val_loss", "last"),
+}
+
+
+# ---------------------------------------------------------------- type checking
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check (and minimally convert, e.g. int -> float) `value` against the annotation `tp`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, where)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0] if errors else ConfigError(f"{key}: invalid value {value!r} {where}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{key}' must be a list, got {value!r} {where}")
+        return [_coerce(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}' must be a mapping, got {value!r} {where}")
+        return _build(tp, value, key, where)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # `split: 0` in YAML names the ARPL split "0"
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"'{key}' must be true or false, got {value!r} {where}")
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"'{key}' must be an integer, got {value!r} {where}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"'{key}' must be {_type_name(tp)}, got {value!r} {where}")
+    return value
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
+    prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown config key '{key}' {where}{hint}")
+
+
+def _build(cls: type, data: dict, prefix: str, where: str) -> Any:
+    hints = _field_types(cls)
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in hints:
+            raise _unknown_key(key, list(hints), where)
+        kwargs[name] = _coerce(value, hints[name], key, where)
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------- YAML + inherit
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML config, resolving `inherit:` (a path or list of paths, relative to the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}; pass an existing YAML, e.g. configs/smoke.yaml")
+    resolved = path.resolve()
+    if resolved in _seen:
+        raise ConfigError(f"config inheritance cycle at {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"invalid YAML in {path}{line}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping at top level")
+    parents = data.pop("inherit", None) or []
+    merged: dict = {}
+    for parent in [parents] if isinstance(parents, str) else parents:
+        merged = _deep_merge(merged, load_yaml_tree(path.parent / parent, _seen + (resolved,)))
+    return _deep_merge(merged, data)
+
+
+def parse_override(text: str, sep: str = "=") -> tuple[str, Any]:
+    """`a.b=value` -> ('a.b', parsed value); values are YAML scalars/lists (`[1,2]`, `null`)."""
+    if sep not in text:
+        raise ConfigError(f"override '{text}' is not of the form key{sep}value (e.g. schedule.epochs{sep}5)")
+    key, raw = text.split(sep, 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def apply_override(tree: dict, key: str, value: Any) -> dict:
+    """Set a dotted key inside a nested dict (validated later against the schema)."""
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{key}': '{part}' is not a section")
+    node[parts[-1]] = value
+    return tree
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks that the type system cannot express."""
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"choose one of {', '.join(choices)}"
+            raise ConfigError(f"'{key}' = {value!r} is not valid; {hint}")
+    if cfg.data.batch_size < 1 or cfg.data.eval_batch_size < 1:
+        raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction = {cfg.data.val_fraction} must be in [0, 1)")
+    if cfg.schedule.epochs < 1:
+        raise ConfigError(f"schedule.epochs = {cfg.schedule.epochs} must be >= 1")
+    if cfg.eval.test_interval < 0:
+        raise ConfigError("eval.test_interval must be >= 0 (0 = evaluate at the end only)")
+    if len(cfg.data.mean) != len(cfg.data.std):
+        raise ConfigError("data.mean and data.std must have the same length")
+    return cfg
+
+
+def build_config(tree: dict, where: str = "") -> Config:
+    return validate(_build(Config, tree, "", where))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Config from an optional YAML file plus `key=value` overrides, validated."""
+    tree = load_yaml_tree(path) if path else {}
+    for text in overrides:
+        key, value = parse_override(text)
+        apply_override(tree, key, value)
+    where = f"(in {path} or overrides)" if path else "(in overrides)"
+    return build_config(tree, where)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,583 @@
+"""Streaming open-set batches from WebDataset shards to every rank and worker.
+
+Why a loader of our own around webdataset's pieces (`gopen` URLs, key grouping, shuffle
+buffer, batching) instead of `wds.WebDataset` + `accelerator.prepare`:
+
+* Accelerate would read on rank 0 and dispatch (crash/hang with iterable data sets), so
+  these loaders split by rank THEMSELVES and must never go through `accelerator.prepare`.
+* Training: every rank yields the same number of full batches (the `with_epoch` idea:
+  an endless per-worker stream cut at `index counts / world size`), else DDP hangs.
+* Evaluation: shard i goes to rank `i % world`, then worker; every sample is seen exactly
+  once across ranks and workers, and batches carry sample ids to de-duplicate/join by.
+* Decoding is explicit: image bytes through PIL, `.cls` as an ASCII int. Members that
+  webdataset would unpickle (`.pyd`, `.pickle`) or that we do not know are refused.
+* Corrupt samples are skipped and counted; above `max_corrupt_fraction` the run stops.
+* Shard files are closed (no ResourceWarning), including when an epoch stops mid-shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import logging
+import os
+import random
+import re
+import tarfile
+import traceback
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import PIL.Image
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+from webdataset.tariterators import group_by_keys
+
+from ..errors import DataError
+from .shard_index import ALLOWED_EXTS, IMAGE_EXTS, ShardIndex, local_path, read_index, read_labels, shard_urls
+from .shard_tar import open_tar_stream, tar_members
+
+log = logging.getLogger(__name__)
+
+# A worker stops early (instead of at the end of the epoch) once it has this many samples
+# and too many were corrupt: enough to not stop on the first bad file of a tiny shard.
+EARLY_CHECK_MIN_SAMPLES = 1000
+MAX_LOGGED_CORRUPT = 5
+# Seed offsets: each random choice of a run independent but reproducible.
+SEED_TRAIN_SUBSET, SEED_VAL, SEED_STATS, SEED_TEST = 101, 202, 303, 404
+
+
+# ---------------------------------------------------------------- rank / world
+def dist_info() -> tuple[int, int]:
+    """(rank, world size): torch.distributed if initialised, else env RANK/WORLD_SIZE, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+# ---------------------------------------------------------------- decoding
+class CorruptSample(Exception):
+    """A sample that cannot be used (bad image, no label, ...): skipped and counted."""
+
+
+def check_members(sample: dict, url: str) -> None:
+    """Refuse members we would not decode: never unpickle, never guess (hard error, not a skip)."""
+    for key in sample:
+        if key.startswith("__"):
+            continue
+        if key not in ALLOWED_EXTS:
+            raise DataError(f"shard {url} sample {sample.get('__key__')!r} has a '.{key}' member; cssr-dist only "
+                            f"reads {', '.join(ALLOWED_EXTS)} and never unpickles - rebuild with tools/make_shards.py")
+
+
+def parse_id(sample: dict) -> int:
+    key = str(sample.get("__key__", ""))
+    if not re.fullmatch(r"\d+", key.rsplit("/", 1)[-1]):
+        raise CorruptSample(f"key {key!r} is not an integer sample id")
+    return int(key.rsplit("/", 1)[-1])
+
+
+def parse_label(sample: dict) -> int:
+    if "cls" not in sample:
+        raise CorruptSample("no .cls label")
+    try:
+        return int(sample["cls"].decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise CorruptSample(f".cls is not an integer ({sample['cls'][:20]!r})") from None
+
+
+def decode_image(sample: dict, mode: str | None) -> PIL.Image.Image:
+    """The sample's image, fully decoded (truncated files fail here, not later in a transform)."""
+    members = [k for k in IMAGE_EXTS if k in sample]
+    if len(members) != 1:
+        raise CorruptSample(f"expected one image member, found {members or 'none'}")
+    try:
+        image = PIL.Image.open(io.BytesIO(sample[members[0]]))
+        image.load()
+        return image.convert(mode) if mode and image.mode != mode else image
+    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as err:
+        raise CorruptSample(f"image does not decode ({type(err).__name__}: {err})") from None
+
+
+# ---------------------------------------------------------------- reading tar shards
+def _tar_files(url: str, on_tar_error: Callable[[str, Exception], None]) -> Iterator[dict]:
+    """Members of one shard as webdataset file dicts; the stream is always closed."""
+    try:
+        stream = wds.gopen(url)
+    except OSError as err:
+        raise DataError(f"cannot open shard {url}: {err}; check the shard location (index base_url)") from None
+    try:
+        for name, data in tar_members(open_tar_stream(stream, url)):
+            if "/" not in name and name.startswith("__") and name.endswith("__"):
+                continue  # archive-level metadata, as webdataset skips it
+            yield {"fname": name, "data": data, "__url__": url}
+    except (tarfile.TarError, OSError, EOFError, ValueError) as err:
+        on_tar_error(url, err)
+    finally:
+        try:
+            stream.close()  # a `pipe:` reports its command's failure here
+        except OSError as err:
+            on_tar_error(url, err)
+
+
+def iter_shard(url: str, on_tar_error: Callable[[str, Exception], None]) -> Iterator[dict]:
+    """Samples (member dicts grouped by key) of one shard."""
+    files = _tar_files(url, on_tar_error)
+    try:
+        yield from group_by_keys(files, handler=lambda err: on_tar_error(url, err) or True)
+    finally:
+        files.close()
+
+
+def collate(samples: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch's default_collate: in a worker it stacks straight into shared memory (no extra copy)."""
+    images, labels, ids = default_collate(samples)
+    return images, labels.to(torch.int64), ids.to(torch.int64)
+
+
+# ---------------------------------------------------------------- shard assignment
+def assigned_shards(order: list[int], rank: int, world: int, worker: int, workers: int) -> list[int]:
+    """Shards of one (rank, worker): split by node, then by worker (webdataset's convention)."""
+    return order[rank::world][worker::workers]
+
+
+def effective_workers(num_shards: int, world: int, workers: int, what: str) -> int:
+    """Workers that can each own >= 1 shard; with fewer shards than ranks it cannot work at all."""
+    slots = max(1, workers)
+    if num_shards >= world * slots:
+        return workers
+    if num_shards < world:
+        raise DataError(f"{what} has {num_shards} shards but {world} ranks x {slots} workers need at least "
+                        f"{world * slots} (never fewer than {world}); re-run tools/make_shards.py with a smaller "
+                        "--samples-per-shard, or use fewer ranks")
+    reduced = num_shards // world
+    warnings.warn(f"{what}: {num_shards} shards < {world} ranks x {slots} workers; using {reduced} workers per rank "
+                  f"(make >= {world * slots} shards to use all)", stacklevel=2)
+    return reduced
+
+
+# ---------------------------------------------------------------- the streaming data set
+@dataclass
+class StreamPlan:
+    """What one loader streams; arrays are indexed by sample id."""
+
+    name: str
+    urls: list[str]
+    starts: np.ndarray  # first id of each shard (ids are consecutive within and across shards)
+    keep: np.ndarray  # bool: yielded by this loader
+    original: np.ndarray  # original label (-1 = OOD) from the index's labels file
+    table: np.ndarray  # original label -> open-set label (0..K-1 or -1)
+    image_mode: str | None
+
+    def kept_in_shard(self, shard: int) -> int:
+        end = self.starts[shard + 1] if shard + 1 < len(self.starts) else len(self.keep)
+        return int(self.keep[self.starts[shard]:end].sum())
+
+
+class ShardStream(IterableDataset):
+    """Batches `(images, labels, ids)` of one rank; splits shards over DataLoader workers itself."""
+
+    def __init__(self, plan: StreamPlan, transform: Callable | None, *, batch_size: int, training: bool,
+                 rank: int, world_size: int, num_workers: int, seed: int, shuffle_buffer: int = 2000,
+                 max_corrupt_fraction: float = 0.01) -> None:
+        super().__init__()
+        self.plan, self.transform, self.batch_size, self.training = plan, transform, batch_size, training
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle_buffer, self.max_corrupt_fraction = shuffle_buffer, max_corrupt_fraction
+        self.num_workers = effective_workers(len(plan.urls), world_size, num_workers, f"shard set '{plan.name}'")
+        self.epoch = 0  # start epoch of the training stream (set_epoch on resume reseeds it)
+        self._live: Iterator | None = None
+        # [worker, (seen, corrupt)] in shared memory: workers count, the main process reads
+        self.stats = torch.zeros(max(1, self.num_workers), 2, dtype=torch.int64).share_memory_()
+        self.total_samples = int(plan.keep.sum())
+        self.batches_per_worker = self._train_batches_per_worker() if training else None
+
+    # -- sizes known before streaming
+    def worker_samples(self, worker: int, rank: int | None = None) -> int:
+        rank = self.rank if rank is None else rank
+        shards = assigned_shards(list(range(len(self.plan.urls))), rank, self.world_size, worker, self.slots)
+        return sum(self.plan.kept_in_shard(s) for s in shards)
+
+    def batches_of_rank(self, rank: int) -> int:
+        """Evaluation batches rank `rank` yields: ranks differ, so gather once at the end (or pad)."""
+        if self.training:
+            return self.num_batches
+        return sum(-(-self.worker_samples(w, rank) // self.batch_size) for w in range(self.slots))
+
+    @property
+    def slots(self) -> int:
+        return max(1, self.num_workers)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank yields per epoch (evaluation: exact unless shards are corrupt)."""
+        if self.training:
+            return self.num_batches * self.batch_size
+        return sum(self.worker_samples(w) for w in range(self.slots))
+
+    @property
+    def num_batches(self) -> int:
+        if self.training:
+            return self.batches_per_worker * self.slots
+        return self.batches_of_rank(self.rank)
+
+    def _train_batches_per_worker(self) -> int:
+        per_rank = self.total_samples // (self.world_size * self.batch_size)
+        per_worker = per_rank // self.slots
+        if per_worker < 1:
+            raise DataError(f"shard set '{self.plan.name}' has {self.total_samples} training samples: too few for "
+                            f"{self.world_size} ranks x {self.slots} workers x batch {self.batch_size}; lower "
+                            "data.batch_size or data.num_workers")
+        return per_worker
+
+    # -- counting corrupt samples
+    def _corrupt(self, worker: int, reason: str, url: str, key: Any, count: int = 1) -> None:
+        self.stats[worker, 0] += count
+        self.stats[worker, 1] += count
+        seen, bad = int(self.stats[worker, 0]), int(self.stats[worker, 1])
+        if bad <= MAX_LOGGED_CORRUPT:
+            log.warning("skipping %d corrupt sample(s) in %s (key %s): %s", count, url, key, reason)
+        if seen >= EARLY_CHECK_MIN_SAMPLES and bad > self.max_corrupt_fraction * seen:
+            raise DataError(too_corrupt_message(self.plan.name, seen, bad, self.max_corrupt_fraction))
+
+    # -- the sample stream: raw (cheap checks) -> [shuffle raw bytes] -> decode + transform -> batch
+    def _shard_raw(self, shard: int, worker: int) -> Iterator[tuple[dict, int]]:
+        """(member dict, id) of this loader's samples in one shard; each is yielded or counted corrupt."""
+        plan, url = self.plan, self.plan.urls[shard]
+        start = int(plan.starts[shard])
+        end = int(plan.starts[shard + 1]) if shard + 1 < len(plan.starts) else len(plan.keep)
+        expected, got, errors = plan.kept_in_shard(shard), 0, []
+        with contextlib.closing(iter_shard(url, lambda u, e: errors.append(e))) as samples:
+            for sample in samples:
+                check_members(sample, url)
+                try:
+                    sid = parse_id(sample)
+                    if not start <= sid < end:
+                        raise CorruptSample(f"id {sid} is outside this shard's ids [{start}, {end}); index and "
+                                            "shards do not match")
+                except CorruptSample as err:
+                    self._corrupt(worker, str(err), url, sample.get("__key__"))
+                    continue
+                if plan.keep[sid]:
+                    got += 1
+                    yield sample, sid
+        if got < expected:
+            reason = f"truncated or unreadable shard ({errors[0]})" if errors else "shard ended early"
+            self._corrupt(worker, f"{reason}: {expected - got} of {expected} samples missing", url, "-",
+                          expected - got)
+
+    def _raw(self, shards: list[int], worker: int) -> Iterator[tuple[dict, int]]:
+        for shard in shards:
+            if self.plan.kept_in_shard(shard) == 0:
+                continue  # nothing of this loader's role in it: do not even open it
+            with contextlib.closing(self._shard_raw(shard, worker)) as samples:
+                yield from samples
+
+    def _endless_raw(self, worker: int, epoch: int) -> Iterator[tuple[dict, int]]:
+        """Training: passes over this worker's shards, re-permuted each pass (same order on every rank)."""
+        empty_passes = 0
+        for cycle in itertools.count():
+            order = np.random.default_rng([self.seed, epoch, cycle]).permutation(len(self.plan.urls)).tolist()
+            shards = assigned_shards(order, self.rank, self.world_size, worker, self.slots)
+            produced = 0
+            with contextlib.closing(self._raw(shards, worker)) as samples:
+                for item in samples:
+                    produced += 1
+                    yield item
+            empty_passes = 0 if produced else empty_passes + 1
+            if empty_passes > max(10, len(self.plan.urls)):
+                raise DataError(f"shard set '{self.plan.name}': rank {self.rank} worker {worker} read no usable "
+                                f"training sample in {empty_passes} passes; check the shards with make_shards "
+                                "--verify-only")
+
+    def _decoded(self, raw: Iterator[tuple[dict, int]], worker: int) -> Iterator[tuple[Any, int, int]]:
+        """(transformed image, open-set label, id); corrupt samples are counted and skipped."""
+        plan = self.plan
+        for sample, sid in raw:
+            try:
+                original = parse_label(sample)
+                if original != plan.original[sid]:
+                    raise CorruptSample(f"label {original} differs from the index's {plan.original[sid]}")
+                image = decode_image(sample, plan.image_mode)
+            except CorruptSample as err:
+                self._corrupt(worker, str(err), sample.get("__url__", "?"), sample.get("__key__"))
+                continue
+            self.stats[worker, 0] += 1
+            label = int(plan.table[original]) if original >= 0 else -1
+            yield (self.transform(image) if self.transform else image), label, sid
+
+    def _batches(self, worker: int, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Training: one endless stream; evaluation: one pass. Closes its shard when closed."""
+        if self.training:
+            stages = [self._endless_raw(worker, epoch)]
+            if self.shuffle_buffer > 1:  # shuffle encoded bytes: decode only what is yielded, keep memory small
+                rng = random.Random(f"{self.seed}-{epoch}-{self.rank}-{worker}")
+                shuffle = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)
+                stages.append(shuffle(stages[-1]))
+        else:
+            shards = assigned_shards(list(range(len(self.plan.urls))), self.rank, self.world_size, worker, self.slots)
+            stages = [self._raw(shards, worker)]
+        stages.append(self._decoded(stages[-1], worker))
+        stages.append(wds.batched(self.batch_size, collation_fn=collate, partial=not self.training)(stages[-1]))
+        try:
+            yield from stages[-1]
+        finally:
+            for stage in reversed(stages):  # closes the open shard even when stopped mid-shard
+                stage.close()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        if not self.training:
+            with contextlib.closing(self._batches(worker, 0)) as batches:
+                yield from batches
+            return
+        # with_epoch: an epoch is the next `batches_per_worker` batches of a stream that lives
+        # on (persistent workers / num_workers=0), so the shuffle buffer is neither refilled
+        # nor thrown away at every epoch boundary
+        if self._live is None:
+            self._live = self._batches(worker, self.epoch)
+        yield from itertools.islice(self._live, self.batches_per_worker)
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.close()
+            self._live = None
+
+
+def too_corrupt_message(name: str, seen: int, bad: int, limit: float) -> str:
+    return (f"shard set '{name}': {bad} of {seen} samples corrupt ({bad / max(seen, 1):.1%} > "
+            f"data.shards.max_corrupt_fraction={limit}); check the shards with tools/make_shards.py --verify-only")
+
+
+# ---------------------------------------------------------------- the loader
+_WRAPPED = re.compile(r"(?:[\w.]*DataError): (.*)$")
+
+
+class ShardLoader:
+    """A DataLoader over a `ShardStream` that knows its length and its corrupt-sample counts.
+
+    Not for `accelerator.prepare`: it already yields this rank's share (`sharded = True`).
+    """
+
+    sharded = True
+
+    def __init__(self, stream: ShardStream, seed: int = 0) -> None:
+        self.dataset, self.seed = stream, seed
+        self.batch_size = stream.batch_size
+        self._loader: DataLoader | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Seed the training stream for a run resumed at `epoch`; call before the first iteration."""
+        self.dataset.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.dataset.num_batches
+
+    def batches_per_rank(self) -> list[int]:
+        """Batches of every rank (equal in training; in evaluation they may differ)."""
+        return [self.dataset.batches_of_rank(r) for r in range(self.dataset.world_size)]
+
+    @property
+    def num_samples(self) -> int:
+        return self.dataset.num_samples
+
+    def corrupt_counts(self) -> tuple[int, int]:
+        """(samples seen, samples corrupt) summed over workers, all epochs so far."""
+        seen, bad = self.dataset.stats.sum(0).tolist()
+        return int(seen), int(bad)
+
+    def _data_loader(self) -> DataLoader:
+        stream = self.dataset
+        generator = torch.Generator().manual_seed(hash((self.seed, stream.rank, stream.epoch)) & 0x7FFFFFFF)
+        # training workers persist so that their stream (and shuffle buffer) continues across epochs
+        return DataLoader(stream, batch_size=None, num_workers=stream.num_workers, generator=generator,
+                          pin_memory=torch.cuda.is_available(),
+                          persistent_workers=stream.training and stream.num_workers > 0)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        stream = self.dataset
+        if stream.training:
+            if self._loader is None:
+                self._loader = self._data_loader()
+            loader = self._loader
+        else:
+            loader = self._data_loader()
+        batches, failure = iter(loader), None
+        try:
+            yield from batches
+        except DataError as err:  # from a worker: keep the one line, drop the worker traceback
+            lines = [ln for ln in str(err).splitlines() if ln.strip()]
+            match = _WRAPPED.search(lines[-1]) if lines else None
+            failure = match.group(1) if match else str(err)
+            traceback.clear_frames(err.__traceback__)  # break the frame cycle holding the worker iterator
+            self._loader = None
+        finally:
+            del batches, loader  # shut non-persistent workers down now, not when a traceback is collected
+        if failure is not None:
+            raise DataError(failure)  # outside `except`: no chained context keeps the workers alive
+        seen, bad = self.corrupt_counts()
+        if bad > stream.max_corrupt_fraction * seen:
+            raise DataError(too_corrupt_message(stream.plan.name, seen, bad, stream.max_corrupt_fraction))
+        if bad:
+            log.warning("shard set '%s': skipped %d corrupt of %d samples so far", stream.plan.name, bad, seen)
+
+    def close(self) -> None:
+        """Stop persistent workers and close the open shard of the training stream."""
+        self._loader = None
+        self.dataset.close()
+
+
+# ---------------------------------------------------------------- plans from the config
+@dataclass
+class ShardSet:
+    """An opened index: counts and labels, ready to make plans from."""
+
+    index: ShardIndex
+    index_file: Any
+    urls: list[str]
+    starts: np.ndarray
+    labels: np.ndarray
+
+    @classmethod
+    def open(cls, spec: str | None, root: str, what: str) -> ShardSet:
+        if not spec:
+            raise DataError(f"data.format=shards needs {what}; set it to a prefix made by tools/make_shards.py")
+        index, path = read_index(spec, root)
+        labels = read_labels(index, path)
+        starts = np.concatenate([[0], np.cumsum([s.samples for s in index.shards])[:-1]]).astype(np.int64)
+        urls = shard_urls(index, path)
+        missing = [u for u in urls if local_path(u) is not None and not os.path.isfile(local_path(u))]
+        if missing:
+            raise DataError(f"{len(missing)} of {len(urls)} shards listed in {path} are missing (e.g. {missing[0]}); "
+                            "copy them next to the index or set its base_url")
+        return cls(index, path, urls, starts, labels)
+
+    def plan(self, name: str, keep: np.ndarray, table: np.ndarray) -> StreamPlan:
+        return StreamPlan(name, self.urls, self.starts, keep, self.labels, table, self.index.image_mode)
+
+    def split_validation(self, known: np.ndarray, fraction: float, seed: int,
+                         stratified: Callable) -> tuple[np.ndarray, np.ndarray]:
+        """(train ids, val ids) of the known training samples.
+
+        Whole shards go to validation when the shards are class-mixed (written shuffled) and
+        there are enough of them: validation then reads `fraction` of the shards instead of
+        every training shard each time, and training never reads validation samples.
+        Otherwise a stratified per-sample slice (`stratified`, as in the native format).
+        """
+        n = len(self.index.shards)
+        n_val = int(round(n * fraction))
+        if fraction <= 0 or self.index.made_with.get("seed") is None or not 1 <= n_val < n:
+            return stratified(known, self.labels, fraction, seed)
+        val_shards = np.random.default_rng(seed).choice(n, n_val, replace=False)
+        ends = np.append(self.starts[1:], len(self.labels))
+        in_val = np.zeros(len(self.labels), dtype=bool)
+        for shard in val_shards:
+            in_val[self.starts[shard]:ends[shard]] = True
+        return known[~in_val[known]], known[in_val[known]]
+
+
+def _mask(n: int, indices: np.ndarray) -> np.ndarray:
+    keep = np.zeros(n, dtype=bool)
+    keep[indices] = True
+    return keep
+
+
+def _check_same_classes(train: ShardIndex, other: ShardIndex, where: str) -> None:
+    if (train.wnids or train.classes) != (other.wnids or other.classes):
+        raise DataError(f"{where} has other classes than the training shards ({other.num_classes} vs "
+                        f"{train.num_classes}); make it with --classes-from the training index")
+
+
+def _ood_specs(data_cfg: Any, split: Any) -> list[tuple[str, str]]:
+    """(name, shard prefix) per OOD set: data.ood entries, then the split's own OOD sets by name."""
+    specs = []
+    for i, entry in enumerate(data_cfg.ood):
+        name = entry.name or entry.source
+        if not entry.shards:
+            raise DataError(f"data.ood[{i}] ('{name}') has no 'shards' prefix; data.format=shards needs one "
+                            "(tools/make_shards.py --source ood ...)")
+        specs.append((name, entry.shards))
+    named = {n for n, _ in specs}
+    specs += [(n, n) for n in getattr(split, "ood_datasets", ()) if n not in named]
+    return specs
+
+
+def build_shard_loaders(data_cfg: Any, split: Any, train_transform: Callable, test_transform: Callable, seed: int,
+                        *, rank: int | None = None, world_size: int | None = None,
+                        num_workers: int | None = None) -> dict[str, Any]:
+    """Loaders of a `data.format: shards` run: train, val, train_eval, test, ood{name}, metadata.
+
+    rank/world_size default to `dist_info()`; pass them to build another rank's view
+    (tests). One training shard set serves train, val (a seeded stratified slice of the
+    known training samples) and train_eval; labels follow `split.label_map`.
+    """
+    from .open_set import per_class_subset, role_keep_and_labels, train_val_split
+
+    if getattr(split, "unknown_dataset", None):
+        raise DataError(f"split '{split.name}' takes unknowns from a second data set ({split.unknown_dataset}); "
+                        "data.format=shards does not support that - use data.format=native")
+    auto_rank, auto_world = dist_info()
+    rank = auto_rank if rank is None else rank
+    world = auto_world if world_size is None else world_size
+    workers = data_cfg.num_workers if num_workers is None else num_workers
+    if not 0 <= rank < world:
+        raise DataError(f"rank {rank} is not in 0..{world - 1} (world size {world}); check RANK / WORLD_SIZE")
+    cfg = data_cfg.shards
+    train_set = ShardSet.open(cfg.train, data_cfg.root, "data.shards.train")
+    test_set = ShardSet.open(cfg.test, data_cfg.root, "data.shards.test")
+    _check_same_classes(train_set.index, test_set.index, str(test_set.index_file))
+    num_original = train_set.index.num_classes
+    table = split.label_map(num_original)
+
+    keep, _ = role_keep_and_labels(train_set.labels, split, "train", num_original)
+    known = per_class_subset(train_set.labels, data_cfg.train_per_class, seed + SEED_TRAIN_SUBSET,
+                             indices=np.flatnonzero(keep))
+    train_idx, val_idx = train_set.split_validation(known, data_cfg.val_fraction, seed + SEED_VAL, train_val_split)
+    if len(train_idx) == 0:
+        raise DataError(f"no training samples of the known classes in {train_set.index_file}")
+    stats_idx = per_class_subset(train_set.labels, data_cfg.stats_per_class, seed + SEED_STATS, indices=train_idx)
+    test_keep, _ = role_keep_and_labels(test_set.labels, split, "test", num_original)
+    test_idx = per_class_subset(test_set.labels, data_cfg.test_per_class, seed + SEED_TEST,
+                                indices=np.flatnonzero(test_keep))
+
+    common = dict(rank=rank, world_size=world, num_workers=workers, seed=seed,
+                  shuffle_buffer=cfg.shuffle_buffer, max_corrupt_fraction=cfg.max_corrupt_fraction)
+
+    def loader(shard_set: ShardSet, name: str, idx: np.ndarray, training: bool,
+               labels: np.ndarray = table) -> ShardLoader:
+        plan = shard_set.plan(name, _mask(len(shard_set.labels), idx), labels)
+        transform = train_transform if training else test_transform
+        batch = data_cfg.batch_size if training else data_cfg.eval_batch_size
+        return ShardLoader(ShardStream(plan, transform, batch_size=batch, training=training, **common), seed)
+
+    ood, ood_counts = {}, {}
+    for name, spec in _ood_specs(data_cfg, split):
+        ood_set = ShardSet.open(spec, data_cfg.root, f"the shards of OOD set '{name}'")
+        idx = per_class_subset(ood_set.labels, data_cfg.test_per_class, seed + SEED_TEST)
+        all_unknown = np.full(max(ood_set.index.num_classes, int(ood_set.labels.max()) + 1, 1), -1)
+        ood[name] = loader(ood_set, name, idx, False, all_unknown)  # unknown whatever the shards say
+        ood_counts[name] = len(idx)
+
+    names = train_set.index.classes
+    return {
+        "train": loader(train_set, "train", train_idx, True),
+        "val": loader(train_set, "val", val_idx, False) if len(val_idx) else None,
+        "train_eval": loader(train_set, "train_eval", stats_idx, False),
+        "test": loader(test_set, "test", test_idx, False),
+        "ood": ood,
+        "metadata": {
+            "num_classes": len(split.known),
+            "class_names": [names[k] for k in split.known],
+            "counts": {"train": len(train_idx), "val": len(val_idx), "train_eval": len(stats_idx),
+                       "test": len(test_idx), "test_unknown": int((table[test_set.labels[test_idx]] < 0).sum()),
+                       "ood": ood_counts},
+            "index": {"train": str(train_set.index_file), "test": str(test_set.index_file)},
+            "rank": rank,
+            "world_size": world,
+        },
+    }

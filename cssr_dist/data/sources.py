@@ -1,0 +1,207 @@
+"""Raw data sets on disk -> `Dataset` of (PIL.Image, original_label), with `.targets` and `.classes`.
+
+Each format is read directly (not through torchvision's dataset classes) so that small
+test files in the official layouts load through the same code as the real data, without
+torchvision's checksum checks; torchvision is used only to download when
+`data.download` is true. Labels are the ORIGINAL ones (torchvision order; sorted wnids
+for Tiny-ImageNet / ImageNet); mapping to open-set labels is `OpenSetDataset`'s job.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ..errors import DataError
+from . import builtin_data
+from .splits import is_ood_name
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+SOURCES = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "tinyimagenet", "imagenet", "imagefolder", "oodfolder")
+
+
+class ArraySource(Dataset):
+    """Images held in memory as uint8 [N,H,W] (grey) or [N,H,W,3] (RGB)."""
+
+    def __init__(self, name: str, images: np.ndarray, targets: np.ndarray, classes: list[str]) -> None:
+        self.name = name
+        self.images = images
+        self.targets = np.asarray(targets, dtype=np.int64)
+        self.classes = list(classes)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(self.images[index]), int(self.targets[index])
+
+
+class FileSource(Dataset):
+    """Images read from files on demand (Tiny-ImageNet, ImageFolder, OOD folders), as RGB."""
+
+    def __init__(self, name: str, paths: list[Path] | list[str], targets: np.ndarray, classes: list[str]) -> None:
+        self.name = name
+        self.paths = [str(p) for p in paths]  # str, not Path: smaller when copied to workers
+        self.targets = np.asarray(targets, dtype=np.int64)
+        self.classes = list(classes)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        with Image.open(self.paths[index]) as img:
+            return img.convert("RGB"), int(self.targets[index])
+
+
+def _missing(what: str, path: Path, how: str) -> DataError:
+    return DataError(f"{what} not found: {path} is missing; {how}")
+
+
+# ---------------------------------------------------------------- CIFAR-10 / CIFAR-100 (python pickles)
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as fh:
+        raw = pickle.load(fh, encoding="latin1")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
+
+
+def _cifar(name: str, root: Path, train: bool, download: bool) -> ArraySource:
+    ten = name == "cifar10"
+    folder = root / ("cifar-10-batches-py" if ten else "cifar-100-python")
+    files = ([f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]) if ten else ["train" if train else "test"]
+    meta = folder / ("batches.meta" if ten else "meta")
+    if download and not all((folder / f).is_file() for f in [*files, meta.name]):
+        builtin_data.torchvision_download("CIFAR10" if ten else "CIFAR100", root, train=train)
+    images, labels = [], []
+    for file in files:
+        if not (folder / file).is_file():
+            raise _missing(name.upper(), folder / file, "set data.download=true or extract the python version of the archive into data.root")
+        batch = _unpickle(folder / file)
+        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(batch["labels" if ten else "fine_labels"])
+    classes = _unpickle(meta)["label_names" if ten else "fine_label_names"] if meta.is_file() else []
+    data = np.concatenate(images).transpose(0, 2, 3, 1).copy()
+    return ArraySource(name, data, np.asarray(labels), classes or [str(i) for i in range(10 if ten else 100)])
+
+
+# ---------------------------------------------------------------- SVHN (.mat)
+def _svhn(root: Path, train: bool, download: bool) -> ArraySource:
+    path = root / ("train_32x32.mat" if train else "test_32x32.mat")
+    if not path.is_file() and download:
+        builtin_data.torchvision_download("SVHN", root, train=train)
+    if not path.is_file():
+        raise _missing("SVHN", path, "set data.download=true or put train_32x32.mat / test_32x32.mat in data.root")
+    from scipy.io import loadmat
+
+    mat = loadmat(str(path))
+    images = np.ascontiguousarray(np.transpose(mat["X"], (3, 0, 1, 2)), dtype=np.uint8)
+    labels = mat["y"].astype(np.int64).reshape(-1)
+    labels[labels == 10] = 0  # the .mat files label digit 0 as 10 (torchvision does the same fix)
+    return ArraySource("svhn", images, labels, [str(i) for i in range(10)])
+
+
+# ---------------------------------------------------------------- MNIST / Fashion-MNIST (idx)
+def _mnist_like(name: str, root: Path, train: bool, download: bool) -> ArraySource:
+    if name == "mnist":
+        images, labels = builtin_data.load_mnist(root, train, download)
+        return ArraySource(name, images, labels, builtin_data.MNIST_CLASSES)
+    images, labels = builtin_data.load_fashion_mnist(root, train, download)
+    return ArraySource(name, images, labels, builtin_data.FASHION_MNIST_CLASSES)
+
+
+# ---------------------------------------------------------------- folders
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMG_EXTENSIONS
+
+
+def _class_folder(name: str, folder: Path, how: str) -> FileSource:
+    """torchvision ImageFolder layout: folder/<class>/**/<image>, classes sorted by name."""
+    if not folder.is_dir():
+        raise _missing(name, folder, how)
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    if not classes:
+        raise DataError(f"{name}: no class folders in {folder}; expected {folder}/<class>/<image> (use source 'oodfolder' for a flat folder)")
+    paths, targets = [], []
+    for label, cls in enumerate(classes):
+        files = sorted(p for p in (folder / cls).rglob("*") if _is_image(p))
+        paths.extend(files)
+        targets.extend([label] * len(files))
+    if not paths:
+        raise DataError(f"{name}: no images ({', '.join(IMG_EXTENSIONS)}) under {folder}")
+    return FileSource(name, paths, np.asarray(targets), classes)
+
+
+def _image_folder(name: str, root: Path, train: bool) -> FileSource:
+    """`root/train|val/<class>/` when those exist (ImageNet layout), else `root/<class>/`."""
+    sub = root / ("train" if train else "val")
+    folder = sub if sub.is_dir() or name == "imagenet" else root
+    return _class_folder(name, folder, f"put the images in {root}/{{train,val}}/<class>/ (ImageFolder layout)")
+
+
+def _tiny_root(root: Path) -> Path:
+    return root / "tiny-imagenet-200" if (root / "tiny-imagenet-200").is_dir() else root
+
+
+def _tinyimagenet(root: Path, train: bool) -> FileSource:
+    base = _tiny_root(root)
+    how = "download tiny-imagenet-200.zip and extract it into data.root"
+    if not (base / "train").is_dir():
+        raise _missing("Tiny-ImageNet", root / "tiny-imagenet-200" / "train", how)
+    wnids = sorted(d.name for d in (base / "train").iterdir() if d.is_dir())
+    if train:
+        return _class_folder("tinyimagenet", base / "train", how)
+    notes = base / "val" / "val_annotations.txt"
+    if not notes.is_file():
+        raise _missing("Tiny-ImageNet validation labels", notes, how)
+    index = {w: i for i, w in enumerate(wnids)}
+    paths, targets = [], []
+    for line in sorted(notes.read_text().splitlines()):
+        if not line.strip():
+            continue
+        file, wnid = line.split("\t")[:2]
+        if wnid not in index:
+            raise DataError(f"{notes}: class {wnid} of {file} has no folder in {base / 'train'}")
+        paths.append(base / "val" / "images" / file)
+        targets.append(index[wnid])
+    return FileSource("tinyimagenet", paths, np.asarray(targets), wnids)
+
+
+def _ood_folder(name: str, root: Path) -> FileSource:
+    """Every image under root, recursively, sorted by path; all unknown (label -1)."""
+    if not root.is_dir():
+        raise _missing(f"OOD set '{name}'", root, f"put its images under {root} or set the data.ood entry's root")
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and _is_image(p))
+    if not paths:
+        raise DataError(f"OOD set '{name}': no images ({', '.join(IMG_EXTENSIONS)}) under {root}")
+    return FileSource(name, paths, np.full(len(paths), -1, dtype=np.int64), [])
+
+
+# ---------------------------------------------------------------- entry point
+_BUILDERS: dict[str, Callable[[Path, bool, bool], Dataset]] = {
+    "mnist": lambda r, t, d: _mnist_like("mnist", r, t, d),
+    "fashion_mnist": lambda r, t, d: _mnist_like("fashion_mnist", r, t, d),
+    "cifar10": lambda r, t, d: _cifar("cifar10", r, t, d),
+    "cifar100": lambda r, t, d: _cifar("cifar100", r, t, d),
+    "svhn": _svhn,
+    "tinyimagenet": lambda r, t, d: _tinyimagenet(r, t),
+    "imagenet": lambda r, t, d: _image_folder("imagenet", r, t),
+    "imagefolder": lambda r, t, d: _image_folder("imagefolder", r, t),
+}
+
+
+def build_source(name: str, root: str | Path, train: bool, download: bool = False) -> Dataset:
+    """Load data set `name` from `root`; yields (PIL.Image, original_label) and has `.targets`, `.classes`.
+
+    `oodfolder` and any name starting with `ood` (e.g. `oodinaturalist`) is a folder of
+    images that are all unknown (label -1); `train` is ignored for those.
+    """
+    root = Path(root).expanduser()
+    if name == "oodfolder" or is_ood_name(name):
+        return _ood_folder(name, root)
+    if name not in _BUILDERS:
+        raise DataError(f"unknown data source {name!r}; valid: {', '.join(SOURCES)} or ood<name> for an OOD image folder")
+    return _BUILDERS[name](root, train, download)

@@ -1,0 +1,303 @@
+"""Open-set class splits: which original classes are known (and in which order), which are unknown.
+
+One object, `OpenSetSplit`, describes a split whatever its origin: the published split
+families (`splits.json`, shipped inside this package so runs never depend on the
+project's shared folder), explicit `data.known` / `data.unknown` lists, or a split file in
+the CSSR reference format (`exps/<dataset>/spl_<s>.json`) that existing users have.
+Results are only comparable between runs of the same split family, so the split's name
+records the family.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import DataError
+
+#: Number of original classes of the data sets whose class count is fixed.
+NUM_CLASSES: dict[str, int] = {
+    "mnist": 10,
+    "fashion_mnist": 10,
+    "cifar10": 10,
+    "cifar100": 100,
+    "svhn": 10,
+    "tinyimagenet": 200,
+    "imagenet": 1000,
+}
+
+#: Data set names that the CSSR reference split files use.
+REFERENCE_DATASETS = ("cifar10", "cifar100", "svhn", "tinyimagenet", "imagenet", "oodinaturalist", "mnist", "fashion_mnist")
+
+FAMILIES = ("builtin", "cssr", "arpl", "none")
+
+#: Built-in Fashion-MNIST split: T-shirt, Trouser, Pullover, Dress, Coat, Sandal known; Shirt, Sneaker, Bag, Ankle boot unknown.
+FASHION_MNIST_DEFAULT = ((0, 1, 2, 3, 4, 5), (6, 7, 8, 9))
+
+
+def is_ood_name(name: str) -> bool:
+    """OOD-only sets (every image unknown) are named `ood<something>`, as in the reference code."""
+    return name.startswith("ood")
+
+
+@dataclass(frozen=True)
+class OpenSetSplit:
+    """Known classes (ORIGINAL labels, known class i = known[i]) and the unknowns of the test set.
+
+    unknown: original classes whose test images are unknown; None = every non-known class.
+    unknown_dataset: when set (CIFAR+N), unknowns come from that data set's TEST images of the
+    `unknown` classes and the primary data set contributes known classes only.
+    ood_datasets: extra unknown-only sets, each evaluated separately.
+    """
+
+    dataset: str
+    known: tuple[int, ...]
+    unknown: tuple[int, ...] | None = None
+    unknown_dataset: str | None = None
+    ood_datasets: tuple[str, ...] = ()
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "known", tuple(int(k) for k in self.known))
+        if self.unknown is not None:
+            object.__setattr__(self, "unknown", tuple(int(u) for u in self.unknown))
+        object.__setattr__(self, "ood_datasets", tuple(self.ood_datasets))
+        where = f"split '{self.name or self.dataset}'"
+        if not self.known:
+            raise DataError(f"{where} has no known classes; list at least one in data.known")
+        if len(set(self.known)) != len(self.known) or min(self.known) < 0:
+            raise DataError(f"{where}: known classes {list(self.known)} must be distinct non-negative labels")
+        if self.unknown is not None:
+            if len(set(self.unknown)) != len(self.unknown) or (self.unknown and min(self.unknown) < 0):
+                raise DataError(f"{where}: unknown classes {list(self.unknown)} must be distinct non-negative labels")
+            overlap = set(self.known) & set(self.unknown)
+            if self.unknown_dataset is None and overlap:
+                raise DataError(f"{where}: classes {sorted(overlap)} are both known and unknown")
+
+    @property
+    def num_known(self) -> int:
+        return len(self.known)
+
+    def label_of(self, orig: int) -> int:
+        """Open-set label of an original label of the primary data set: 0..K-1, or -1."""
+        try:
+            return self.known.index(int(orig))
+        except ValueError:
+            return -1
+
+    def label_map(self, num_original_classes: int) -> np.ndarray:
+        """int64 lookup table original -> open-set label (-1 for every non-known class)."""
+        if max(self.known) >= num_original_classes:
+            raise DataError(
+                f"split '{self.name}': known class {max(self.known)} does not exist in '{self.dataset}' "
+                f"({num_original_classes} classes); check data.known / the split file"
+            )
+        table = np.full(num_original_classes, -1, dtype=np.int64)
+        table[list(self.known)] = np.arange(len(self.known), dtype=np.int64)
+        return table
+
+    def primary_test_classes(self, num_original_classes: int) -> np.ndarray:
+        """Original classes of the primary data set kept in the test set (known + its unknowns)."""
+        keep = np.zeros(num_original_classes, dtype=bool)
+        keep[list(self.known)] = True
+        if self.unknown_dataset is None:
+            if self.unknown is None:
+                keep[:] = True
+            else:
+                keep[[u for u in self.unknown if u < num_original_classes]] = True
+        return np.flatnonzero(keep)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for the run folder, so a run records exactly which classes it used."""
+        out = asdict(self)
+        out["known"] = list(self.known)
+        out["unknown"] = None if self.unknown is None else list(self.unknown)
+        out["ood_datasets"] = list(self.ood_datasets)
+        return out
+
+
+# ---------------------------------------------------------------- published split families
+@lru_cache(maxsize=1)
+def _splits_table() -> dict:
+    return json.loads(resources.files(__package__).joinpath("splits.json").read_text())
+
+
+def _invalid(what: str, value: object, valid: list[str]) -> DataError:
+    return DataError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
+
+
+def _arpl_index(split: str | int, where: str) -> int:
+    valid = [str(i) for i in range(5)]
+    if str(split) not in valid:
+        raise _invalid(f"split for {where}", split, valid)
+    return int(split)
+
+
+def _pick(table: dict, dataset: str, split: str | int, where: str) -> list[int]:
+    if dataset not in table:
+        raise _invalid(f"dataset for split family '{where}'", dataset, list(table))
+    entry = table[dataset]
+    if isinstance(entry, dict):
+        if str(split) not in entry:
+            raise _invalid(f"split for {where}/{dataset}", split, list(entry))
+        return entry[str(split)]
+    return entry[_arpl_index(split, f"{where}/{dataset}")]
+
+
+def _cssr_split(dataset: str, split: str | int) -> OpenSetSplit:
+    known = _pick(_splits_table()["cssr"]["splits"], dataset, split, "cssr")
+    return OpenSetSplit(dataset, tuple(known), name=f"cssr/{dataset}/{split}")
+
+
+def _arpl_split(dataset: str, split: str | int) -> OpenSetSplit:
+    table = _splits_table()["arpl"]["splits"]
+    plus = {"cifar_plus10": "cifar_plus_10_unknown_cifar100", "cifar_plus50": "cifar_plus_50_unknown_cifar100"}
+    if dataset in plus:
+        i = _arpl_index(split, f"arpl/{dataset}")
+        return OpenSetSplit(
+            "cifar10",
+            tuple(table["cifar_plus_known"][i]),
+            unknown=tuple(table[plus[dataset]][i]),
+            unknown_dataset="cifar100",
+            name=f"arpl/{dataset}/{i}",
+        )
+    valid = {k: v for k, v in table.items() if not k.startswith("cifar_plus")}
+    if dataset not in valid:
+        raise _invalid("dataset for split family 'arpl'", dataset, [*valid, *plus])
+    known = _pick(valid, dataset, split, "arpl")
+    return OpenSetSplit(dataset, tuple(known), name=f"arpl/{dataset}/{split}")
+
+
+def _builtin_split(dataset: str, split: str | int) -> OpenSetSplit:
+    valid_datasets = ["fashion_mnist", "mnist"]
+    if dataset not in valid_datasets:
+        raise _invalid("dataset for split family 'builtin' (use cssr/arpl/none for others)", dataset, valid_datasets)
+    if str(split) != "default":
+        raise _invalid(f"split for builtin/{dataset}", split, ["default"])
+    if dataset == "mnist":
+        known = _splits_table()["arpl"]["splits"]["mnist"][0]
+        return OpenSetSplit("mnist", tuple(known), name="builtin/mnist/default")
+    known, unknown = FASHION_MNIST_DEFAULT
+    return OpenSetSplit("fashion_mnist", known, unknown=unknown, name="builtin/fashion_mnist/default")
+
+
+def all_known_split(dataset: str, num_classes: int | None = None) -> OpenSetSplit:
+    """Every class known (ImageNet fine-tuning): unknowns come only from OOD sets."""
+    n = num_classes if num_classes is not None else NUM_CLASSES.get(dataset)
+    if n is None:
+        raise DataError(
+            f"split family 'none' needs the class count of '{dataset}'; build the source first "
+            f"(the loaders do) or use one of {', '.join(NUM_CLASSES)}"
+        )
+    return OpenSetSplit(dataset, tuple(range(n)), unknown=(), name=f"none/{dataset}")
+
+
+def split_by_name(family: str, dataset: str, split: str | int, num_classes: int | None = None) -> OpenSetSplit:
+    """A published split: family 'cssr' (a-e), 'arpl' (0-4, incl. cifar_plus10/50), 'builtin', 'none'."""
+    if family == "cssr":
+        return _cssr_split(dataset, split)
+    if family == "arpl":
+        return _arpl_split(dataset, split)
+    if family == "builtin":
+        return _builtin_split(dataset, split)
+    if family == "none":
+        return all_known_split(dataset, num_classes)
+    raise _invalid("split family", family, list(FAMILIES))
+
+
+def valid_split_names(family: str, dataset: str) -> list[str]:
+    """Split names accepted by `split_by_name` for a family and data set (for help texts)."""
+    if family == "cssr":
+        return list(_splits_table()["cssr"]["splits"].get(dataset, {}))
+    if family == "arpl":
+        return [str(i) for i in range(5)]
+    if family == "builtin":
+        return ["default"]
+    return []
+
+
+# ---------------------------------------------------------------- reference-format split files
+def _ref_dataset(entry: dict, path: Path) -> str:
+    name = entry.get("dataset")
+    if name not in REFERENCE_DATASETS:
+        raise DataError(f"split file {path}: unknown dataset {name!r}; valid: {', '.join(REFERENCE_DATASETS)}")
+    return name
+
+
+def _known_from_convert(convert: list[int], keep: set[int], path: Path) -> tuple[int, ...]:
+    new_labels = sorted({c for c in convert if c >= 0 and c in keep})
+    if new_labels != list(range(len(new_labels))):
+        raise DataError(f"split file {path}: kept labels {new_labels} are not 0..K-1")
+    known = []
+    for new in new_labels:
+        originals = [i for i, c in enumerate(convert) if c == new]
+        if len(originals) != 1:
+            raise DataError(f"split file {path}: label {new} merges original classes {originals}; one class per label only")
+        known.append(originals[0])
+    return tuple(known)
+
+
+def _parse_reference(data: dict, path: Path) -> OpenSetSplit:
+    train = data["train"]
+    if len(train) != 1:
+        raise DataError(f"split file {path}: needs exactly one 'train' entry, found {len(train)}")
+    dataset = _ref_dataset(train[0], path)
+    convert = [int(c) for c in train[0]["convert_class"]]
+    known = _known_from_convert(convert, {int(k) for k in train[0]["keep_class"]}, path)
+    unknown: tuple[int, ...] | None = ()
+    unknown_dataset, ood = None, []
+    for entry in data.get("test", []):
+        name = _ref_dataset(entry, path)
+        keep = {int(k) for k in entry["keep_class"]}
+        conv = [int(c) for c in entry["convert_class"]]
+        if name == dataset:
+            if conv != convert:
+                raise DataError(f"split file {path}: test convert_class of '{name}' differs from train")
+            unknown = None if -1 in keep else ()
+        elif keep != {-1}:
+            raise DataError(f"split file {path}: test set '{name}' keeps known labels; only the train data set may")
+        elif is_ood_name(name):
+            ood.append(name)
+        elif unknown_dataset is not None:
+            raise DataError(f"split file {path}: two unknown data sets ({unknown_dataset}, {name}); at most one")
+        else:
+            unknown_dataset = name
+            unk = tuple(i for i, c in enumerate(conv) if c == -1)
+            unknown = None if len(unk) == len(conv) else unk
+    if unknown_dataset is not None and any(e.get("dataset") == dataset and -1 in e["keep_class"] for e in data.get("test", [])):
+        raise DataError(f"split file {path}: unknowns from both '{dataset}' and '{unknown_dataset}' are not supported")
+    return OpenSetSplit(dataset, known, unknown, unknown_dataset, tuple(ood), name=f"file/{path.stem}")
+
+
+def split_from_reference_file(path: str | Path) -> OpenSetSplit:
+    """Read a CSSR reference split file: `train`/`test` lists of {dataset, convert_class, keep_class}."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"split file not found: {path}; pass an existing spl_<s>.json via data.split_file")
+    try:
+        data = json.loads(path.read_text())
+        return _parse_reference(data, path)
+    except json.JSONDecodeError as err:
+        raise DataError(f"split file {path} is not valid JSON (line {err.lineno}): {err.msg}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise DataError(f"split file {path} is malformed ({type(err).__name__}: {err}); expected train/test lists of "
+                        "{dataset, convert_class, keep_class}") from None
+
+
+# ---------------------------------------------------------------- from the config
+def resolve_split(data_cfg: Any, num_classes: int | None = None) -> OpenSetSplit:
+    """The run's split: data.split_file > explicit data.known/unknown > data.split_family/data.split."""
+    if data_cfg.split_file:
+        return split_from_reference_file(data_cfg.split_file)
+    if data_cfg.known:
+        unknown = tuple(data_cfg.unknown) if data_cfg.unknown is not None else None
+        return OpenSetSplit(data_cfg.dataset, tuple(data_cfg.known), unknown, data_cfg.unknown_dataset, name=f"custom/{data_cfg.dataset}")
+    if data_cfg.unknown:
+        raise DataError("data.unknown is set but data.known is empty; list the known classes too")
+    return split_by_name(data_cfg.split_family, data_cfg.dataset, data_cfg.split, num_classes)

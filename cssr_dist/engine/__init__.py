@@ -1,0 +1,1 @@
+"""Training engine: schedule, optimizer, checkpoints, preemption, the loop and its assembly."""

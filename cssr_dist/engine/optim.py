@@ -1,0 +1,32 @@
+"""Optimizer construction following the paper's recipes (SGD, momentum 0 by default)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import OptimConfig
+
+
+def base_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """The fine-tuning recipe scales lr linearly with batch (0.4 * batch / 128)."""
+    return cfg.lr * global_batch / 128 if cfg.scale_lr_by_batch else cfg.lr
+
+
+def _fused_ok(params: list[torch.nn.Parameter]) -> bool:
+    return bool(params) and all(p.device.type == "cuda" for p in params)
+
+
+def build_optimizer(params, cfg: OptimConfig, global_batch: int) -> torch.optim.Optimizer:
+    """Only trainable parameters are optimised (a frozen backbone contributes none)."""
+    trainable = [p for p in params if p.requires_grad]
+    lr = base_lr(cfg, global_batch)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(trainable, lr=lr, weight_decay=cfg.weight_decay, fused=_fused_ok(trainable) or None)
+    return torch.optim.SGD(
+        trainable,
+        lr=lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov and cfg.momentum > 0,
+        weight_decay=cfg.weight_decay,
+        fused=_fused_ok(trainable) or None,
+    )

@@ -1,0 +1,1 @@
+"""Evaluation: metrics (pure numpy functions, ``metrics.py``) and the evaluation loop."""

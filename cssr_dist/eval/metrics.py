@@ -1,0 +1,322 @@
+"""Open-set recognition metrics as pure functions on numpy arrays.
+
+Conventions (see docs/architecture.md):
+
+* labels: known classes ``0..K-1``, unknown ``-1``;
+* scores: higher = more likely KNOWN;
+* KNOWN IS THE POSITIVE CLASS unless a name says otherwise. ``aupr_in`` treats known as
+  positive, ``aupr_out`` treats unknown as positive (scores negated), and ``fpr95`` is the
+  fraction of UNKNOWN samples accepted at the threshold that accepts 95% of the KNOWN
+  samples. This is the CSSR reference's convention; OpenOOD reports "FPR@95" with OOD as
+  the positive class, which is a different number. Do not compare the two directly.
+
+Degenerate input: when a metric needs both known and unknown samples and one group is
+empty, or when any score is NaN, the metric is ``float('nan')``; nothing raises. A NaN
+result in a table is then visibly "undefined" instead of a crash at the end of a long run.
+
+Every ranking metric sorts the scores once (O(N log N)) and works on cumulative counts at
+the DISTINCT score values, so tied scores always move together across a threshold. This is
+what makes the numbers equal scikit-learn's (which also collapses ties) and makes OSCR
+exact where the O(N^2) reference loop depends on the order of tied samples.
+
+This module must not import torch.distributed (evaluation gathers first, then calls these).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from cssr_dist.errors import DataError
+
+NAN = float("nan")
+
+__all__ = [
+    "auroc",
+    "aupr_in",
+    "aupr_out",
+    "fpr_at_tpr",
+    "oscr",
+    "closed_set_accuracy",
+    "threshold_at_tpr",
+    "open_set_macro_f1",
+    "per_class_auroc",
+    "compute_metrics",
+    "METRIC_KEYS",
+]
+
+#: Keys of :func:`compute_metrics`, in table order.
+METRIC_KEYS = ("closed_acc", "auroc", "aupr_in", "aupr_out", "fpr95", "oscr", "macro_f1")
+
+
+class _Curve(NamedTuple):
+    """Cumulative counts at each distinct score, thresholds descending.
+
+    ``tp[i]`` / ``fp[i]``: positives / negatives with score >= the i-th largest distinct
+    score. The last entries equal the totals.
+    """
+
+    tp: np.ndarray
+    fp: np.ndarray
+    n_pos: int
+    n_neg: int
+
+
+def _as_1d_float(x: np.ndarray | list, name: str) -> np.ndarray:
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    return arr
+
+
+def _has_nan(*arrays: np.ndarray) -> bool:
+    return any(np.isnan(a).any() for a in arrays)
+
+
+def _curve(pos_scores: np.ndarray, neg_scores: np.ndarray) -> _Curve:
+    """Sort once; cumulative positive/negative counts at distinct thresholds (descending)."""
+    scores = np.concatenate([pos_scores, neg_scores])
+    is_pos = np.concatenate([np.ones(pos_scores.size, bool), np.zeros(neg_scores.size, bool)])
+    order = np.argsort(-scores)  # order within ties is irrelevant: runs are grouped
+    s = scores[order]
+    p = is_pos[order]
+    # last index of each run of equal scores: a threshold only exists between distinct values
+    ends = np.flatnonzero(np.r_[s[1:] != s[:-1], True])
+    tp = np.cumsum(p, dtype=np.int64)[ends]
+    fp = (ends + 1) - tp
+    return _Curve(tp, fp, pos_scores.size, neg_scores.size)
+
+
+def _trapezoid(y: np.ndarray, x: np.ndarray) -> float:
+    """Trapezoid rule (np.trapezoid is numpy>=2 only; the project supports numpy 1.24)."""
+    return float(np.sum(np.diff(x) * (y[1:] + y[:-1])) / 2.0)
+
+
+def _auc_from_curve(c: _Curve) -> float:
+    tpr = np.r_[0.0, c.tp / c.n_pos]
+    fpr = np.r_[0.0, c.fp / c.n_neg]
+    return _trapezoid(tpr, fpr)
+
+
+def _ap_from_curve(c: _Curve) -> float:
+    """Average precision as scikit-learn defines it: sum_n (R_n - R_{n-1}) P_n."""
+    precision = c.tp / (c.tp + c.fp)
+    recall = c.tp / c.n_pos
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def _binary_ready(pos: np.ndarray, neg: np.ndarray) -> bool:
+    return pos.size > 0 and neg.size > 0 and not _has_nan(pos, neg)
+
+
+def auroc(known_scores: np.ndarray, unknown_scores: np.ndarray) -> float:
+    """Area under the ROC curve, known = positive (ties count 1/2, as scikit-learn).
+
+    NaN when either group is empty or a score is NaN.
+    """
+    pos = _as_1d_float(known_scores, "known_scores")
+    neg = _as_1d_float(unknown_scores, "unknown_scores")
+    if not _binary_ready(pos, neg):
+        return NAN
+    return _auc_from_curve(_curve(pos, neg))
+
+
+def aupr_in(known_scores: np.ndarray, unknown_scores: np.ndarray) -> float:
+    """Average precision with KNOWN as the positive class (scikit-learn's definition)."""
+    pos = _as_1d_float(known_scores, "known_scores")
+    neg = _as_1d_float(unknown_scores, "unknown_scores")
+    if not _binary_ready(pos, neg):
+        return NAN
+    return _ap_from_curve(_curve(pos, neg))
+
+
+def aupr_out(known_scores: np.ndarray, unknown_scores: np.ndarray) -> float:
+    """Average precision with UNKNOWN as the positive class: scores are negated."""
+    pos = _as_1d_float(known_scores, "known_scores")
+    neg = _as_1d_float(unknown_scores, "unknown_scores")
+    if not _binary_ready(pos, neg):
+        return NAN
+    return _ap_from_curve(_curve(-neg, -pos))
+
+
+def _fpr_at_tpr_from_curve(c: _Curve, tpr: float) -> float:
+    # first (highest) threshold whose TPR reaches the target, as OpenOOD/sklearn roc_curve
+    idx = int(np.searchsorted(c.tp / c.n_pos, tpr, side="left"))
+    idx = min(idx, c.tp.size - 1)
+    return float(c.fp[idx] / c.n_neg)
+
+
+def fpr_at_tpr(known_scores: np.ndarray, unknown_scores: np.ndarray, tpr: float = 0.95) -> float:
+    """Fraction of UNKNOWN samples accepted at the highest threshold accepting >= tpr of KNOWN.
+
+    Known is the positive class (CSSR convention; OpenOOD's FPR@95 uses OOD as positive).
+    Reported by :func:`compute_metrics` as ``fpr95``. Lower is better.
+    """
+    if not 0.0 < tpr <= 1.0:
+        raise ValueError(f"tpr must be in (0, 1], got {tpr}")
+    pos = _as_1d_float(known_scores, "known_scores")
+    neg = _as_1d_float(unknown_scores, "unknown_scores")
+    if not _binary_ready(pos, neg):
+        return NAN
+    return _fpr_at_tpr_from_curve(_curve(pos, neg), tpr)
+
+
+def oscr(known_scores: np.ndarray, known_correct: np.ndarray, unknown_scores: np.ndarray) -> float:
+    """Open-Set Classification Rate: area under CCR(t) versus FPR(t) (Dhamija et al. 2018).
+
+    For a threshold t, CCR(t) = #{known, correctly classified, score >= t} / #known and
+    FPR(t) = #{unknown, score >= t} / #unknown. The curve has one point per distinct score
+    plus (0, 0) (threshold above every score); the area is the trapezoid rule over it.
+    O(N log N): one sort, cumulative sums at distinct scores (ties move together).
+    NaN when either group is empty or a score is NaN.
+    """
+    pos = _as_1d_float(known_scores, "known_scores")
+    neg = _as_1d_float(unknown_scores, "unknown_scores")
+    correct = np.asarray(known_correct, dtype=bool)
+    if correct.shape != pos.shape:
+        raise ValueError(f"known_correct shape {correct.shape} != known_scores shape {pos.shape}")
+    if not _binary_ready(pos, neg):
+        return NAN
+    # "positives" = known AND correct; known-but-wrong samples count in neither numerator.
+    scores = np.concatenate([pos, neg])
+    cc_w = np.concatenate([correct, np.zeros(neg.size, bool)])
+    fp_w = np.concatenate([np.zeros(pos.size, bool), np.ones(neg.size, bool)])
+    order = np.argsort(-scores)  # order within ties is irrelevant: runs are grouped
+    s = scores[order]
+    ends = np.flatnonzero(np.r_[s[1:] != s[:-1], True])
+    ccr = np.r_[0.0, np.cumsum(cc_w[order], dtype=np.int64)[ends] / pos.size]
+    fpr = np.r_[0.0, np.cumsum(fp_w[order], dtype=np.int64)[ends] / neg.size]
+    return _trapezoid(ccr, fpr)
+
+
+def closed_set_accuracy(preds: np.ndarray, labels: np.ndarray) -> float:
+    """Accuracy on KNOWN samples only (labels >= 0). NaN when there is none."""
+    preds = np.asarray(preds)
+    labels = np.asarray(labels)
+    if preds.shape != labels.shape:
+        raise ValueError(f"preds shape {preds.shape} != labels shape {labels.shape}")
+    known = labels >= 0
+    if not known.any():
+        return NAN
+    return float(np.mean(preds[known] == labels[known]))
+
+
+def threshold_at_tpr(val_known_scores: np.ndarray, tpr: float = 0.95) -> float:
+    """Score threshold that accepts (score >= threshold) at least ``tpr`` of ``val_known_scores``.
+
+    Pass scores of a held-out VALIDATION slice of the known training classes, never test
+    scores: the CSSR reference tunes this threshold on the test set (defect 5 in
+    ALGORITHM.md), which leaks test labels into macro-F1. Returns the largest such
+    threshold, i.e. the ceil(tpr * n)-th largest score. NaN for empty or NaN input.
+    """
+    if not 0.0 < tpr <= 1.0:
+        raise ValueError(f"tpr must be in (0, 1], got {tpr}")
+    s = _as_1d_float(val_known_scores, "val_known_scores")
+    if s.size == 0 or _has_nan(s):
+        return NAN
+    k = max(1, math.ceil(tpr * s.size - 1e-9))  # tolerance: 0.95 * 100 is 95.00000000000001
+    return float(np.sort(s)[s.size - k])
+
+
+def open_set_macro_f1(
+    preds: np.ndarray,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    threshold: float,
+    num_classes: int,
+) -> float:
+    """Macro-F1 over K known classes plus one "unknown" class (index K).
+
+    A sample is predicted unknown when ``score < threshold``, otherwise its closed-set
+    prediction stands; true unknowns (label -1) belong to class K. The average runs over
+    the classes that occur in the truth or the prediction (a class absent from both has an
+    undefined F1), which is scikit-learn's ``f1_score(average="macro")``. Choose the
+    threshold with :func:`threshold_at_tpr` on validation data. NaN for a NaN threshold or
+    empty input.
+    """
+    preds = np.asarray(preds).astype(np.int64)
+    labels = np.asarray(labels).astype(np.int64)
+    s = _as_1d_float(scores, "scores")
+    if not (preds.shape == labels.shape == s.shape):
+        raise ValueError(f"shapes differ: preds {preds.shape}, labels {labels.shape}, scores {s.shape}")
+    if threshold is None or math.isnan(threshold) or s.size == 0 or _has_nan(s):
+        return NAN
+    k = int(num_classes)
+    _check_labels(labels, k)
+    if preds.size and (preds.min() < 0 or preds.max() >= k):
+        raise ValueError(f"predictions must be in [0, {k}), got range [{preds.min()}, {preds.max()}]")
+    y_pred = np.where(s < threshold, k, preds)
+    y_true = np.where(labels < 0, k, labels)
+    tp = np.bincount(y_true[y_true == y_pred], minlength=k + 1)
+    n_pred = np.bincount(y_pred, minlength=k + 1)
+    n_true = np.bincount(y_true, minlength=k + 1)
+    present = (n_pred + n_true) > 0
+    f1 = 2.0 * tp[present] / (n_pred[present] + n_true[present])
+    return float(np.mean(f1))
+
+
+def per_class_auroc(
+    scores: np.ndarray, labels: np.ndarray, original_labels: np.ndarray
+) -> dict[int, float]:
+    """AUROC of ALL known samples versus each unknown ORIGINAL class separately.
+
+    ``labels`` are open-set labels (-1 = unknown); ``original_labels`` are the source data
+    set's class indices of the same samples. Returns ``{original_class: auroc}`` for every
+    original class that occurs among the unknown samples, sorted by class. Shows which
+    unknown classes are hard (e.g. "cat" when "dog" is known). One sort per class.
+    """
+    s = _as_1d_float(scores, "scores")
+    labels = np.asarray(labels)
+    orig = np.asarray(original_labels)
+    if not (s.shape == labels.shape == orig.shape):
+        raise ValueError(f"shapes differ: scores {s.shape}, labels {labels.shape}, original_labels {orig.shape}")
+    known = labels >= 0
+    unknown_orig = orig[~known]
+    unknown_scores = s[~known]
+    return {int(c): auroc(s[known], unknown_scores[unknown_orig == c]) for c in np.unique(unknown_orig)}
+
+
+def _check_labels(labels: np.ndarray, num_classes: int) -> None:
+    if labels.size and (labels.min() < -1 or labels.max() >= num_classes):
+        raise DataError(
+            f"labels must be -1 (unknown) or in [0, {num_classes}) but range over "
+            f"[{labels.min()}, {labels.max()}]; check that the split's known classes match num_classes"
+        )
+
+
+def compute_metrics(
+    scores: np.ndarray,
+    preds: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    threshold: float | None = None,
+) -> dict[str, float]:
+    """All summary metrics for one evaluation set (known test samples + one unknown set).
+
+    ``scores``/``preds``/``labels`` are per sample (labels -1 = unknown). ``threshold`` is
+    the validation threshold for macro-F1 (:func:`threshold_at_tpr`); ``None`` -> NaN
+    macro-F1. Keys: :data:`METRIC_KEYS`, values are Python floats (NaN where undefined).
+    The ranking metrics share one sort.
+    """
+    s = _as_1d_float(scores, "scores")
+    preds = np.asarray(preds)
+    labels = np.asarray(labels)
+    if not (s.shape == preds.shape == labels.shape):
+        raise ValueError(f"shapes differ: scores {s.shape}, preds {preds.shape}, labels {labels.shape}")
+    _check_labels(labels, int(num_classes))
+    known = labels >= 0
+    pos, neg = s[known], s[~known]
+    out = dict.fromkeys(METRIC_KEYS, NAN)
+    out["closed_acc"] = closed_set_accuracy(preds, labels)
+    if _binary_ready(pos, neg):
+        c = _curve(pos, neg)
+        out["auroc"] = _auc_from_curve(c)
+        out["aupr_in"] = _ap_from_curve(c)
+        out["fpr95"] = _fpr_at_tpr_from_curve(c, 0.95)
+        out["aupr_out"] = aupr_out(pos, neg)
+        out["oscr"] = oscr(pos, preds[known] == labels[known], neg)
+    if threshold is not None:
+        out["macro_f1"] = open_set_macro_f1(preds, labels, s, threshold, num_classes)
+    return out

@@ -1,0 +1,42 @@
+"""Launch helpers for tests that start real processes (Accelerate launches, train.py)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_env(tmp_path: Path) -> dict[str, str]:
+    """Offline, quiet, and torchelastic's scratch dirs inside tmp_path."""
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1",
+               TMPDIR=str(tmp_path), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return env
+
+
+def launch_train(tmp_path: Path, args: list[str], processes: int = 2, timeout: int = 300,
+                 extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch train.py ...` with N CPU processes over gloo, under a hard timeout."""
+    env = test_env(tmp_path)
+    env.update(extra_env or {})
+    cmd = [str(VENV_BIN / "accelerate"), "launch"]
+    if processes > 1:
+        env["ACCELERATE_USE_CPU"] = "1"
+        cmd += ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+                "--main_process_port", str(free_port())]
+    else:
+        cmd += ["--cpu", "--num_processes", "1", "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train.py"), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,108 @@
+"""Config schema, YAML inheritance, overrides and the reference code's flags."""
+
+from pathlib import Path
+
+import pytest
+
+from cssr_dist.cli import build_parser, config_from_args, main
+from cssr_dist.config import ConfigError, load_config, load_yaml_tree
+
+ROOT = Path(__file__).resolve().parent.parent
+PAPER = [f"configs/{ds}/{m}.yaml" for ds in ("cifar10", "svhn", "tinyimagenet", "cifar_plus10", "cifar_plus50")
+         for m in ("linear", "pcssr", "rcssr")]
+
+
+@pytest.mark.parametrize("path", PAPER + ["configs/smoke.yaml", "configs/fashion_mnist/rcssr.yaml",
+                                          "configs/mnist/rcssr.yaml", "configs/fashion_mnist/linear.yaml"])
+def test_every_config_loads(path):
+    cfg = load_config(ROOT / path)
+    assert cfg.model.head in ("linear", "pcssr", "rcssr")
+    assert cfg.run.name
+
+
+@pytest.mark.parametrize("ds,backbone,size,epochs,milestones", [
+    ("cifar10", "wrn40_4", 32, 200, [120.0, 190.0]),
+    ("svhn", "wrn40_4", 32, 200, [120.0, 190.0]),
+    ("tinyimagenet", "cifar_resnet18", 64, 235, [150.0, 225.0]),
+])
+def test_paper_recipes(ds, backbone, size, epochs, milestones):
+    cfg = load_config(ROOT / f"configs/{ds}/rcssr.yaml")
+    assert (cfg.model.backbone, cfg.data.image_size, cfg.schedule.epochs) == (backbone, size, epochs)
+    assert cfg.schedule.milestones == milestones
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.4, 0.0, 5e-4)
+    assert cfg.data.batch_size == 128 and cfg.model.gamma == 0.1 and cfg.model.latent_dim == 64
+    assert cfg.schedule.warmup_epochs == (1 if ds == "tinyimagenet" else 0)
+
+
+def test_method_heads():
+    assert load_config(ROOT / "configs/cifar10/pcssr.yaml").model.head == "pcssr"
+    lin = load_config(ROOT / "configs/cifar10/linear.yaml").model
+    assert (lin.head, lin.gamma) == ("linear", 1.0)
+
+
+def test_inherit_merges_deeply(tmp_path):
+    (tmp_path / "a.yaml").write_text("data:\n  batch_size: 7\n  root: x\nmodel:\n  head: pcssr\n")
+    (tmp_path / "b.yaml").write_text("inherit: a.yaml\ndata:\n  root: y\n")
+    tree = load_yaml_tree(tmp_path / "b.yaml")
+    assert tree == {"data": {"batch_size": 7, "root": "y"}, "model": {"head": "pcssr"}}
+
+
+def test_inherit_cycle_is_an_error(tmp_path):
+    (tmp_path / "a.yaml").write_text("inherit: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("inherit: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_yaml_tree(tmp_path / "a.yaml")
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["data.batch_size=32", "optim.lr=1", "schedule.milestones=[2,3]", "data.known=null"])
+    assert cfg.data.batch_size == 32 and isinstance(cfg.optim.lr, float) and cfg.schedule.milestones == [2.0, 3.0]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.batchsize=3", "unknown config key 'data.batchsize'.*did you mean 'data.batch_size'"),
+    ("modle.head=rcssr", "unknown config key 'modle'.*did you mean 'model'"),
+    ("model.head=rcsr", "'model.head' = 'rcsr' is not valid; did you mean 'rcssr'"),
+    ("optim.lr=fast", "'optim.lr' must be float"),
+    ("data.val_fraction=1.5", "val_fraction"),
+    ("schedule.epochs", "not of the form key=value"),
+])
+def test_bad_values_give_one_line_errors(override, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(None, [override])
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_key_in_yaml_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  momentun: 0.9\n")
+    with pytest.raises(ConfigError, match=r"optim.momentun.*bad.yaml.*optim.momentum"):
+        load_config(bad)
+
+
+def test_reference_flags_map_onto_config(tmp_path):
+    args = build_parser().parse_args([
+        "--config", str(ROOT / "configs/cifar10/rcssr.yaml"), "--ds", "exps/cifar10/spl_b.json",
+        "--save", "r1", "--method", "cssr_ft", "--configupdate", "optim.lr:0.01,data.batch_size:16",
+        "--test_interval", "5", "schedule.epochs=3"])
+    cfg = config_from_args(args)
+    assert cfg.data.split_file == "exps/cifar10/spl_b.json"
+    assert (cfg.run.name, cfg.run.method, cfg.model.freeze_backbone) == ("r1", "cssr_ft", True)
+    assert (cfg.optim.lr, cfg.data.batch_size, cfg.eval.test_interval, cfg.schedule.epochs) == (0.01, 16, 5, 3)
+
+
+def test_print_config_exits_zero(capsys):
+    assert main(["--config", str(ROOT / "configs/smoke.yaml"), "--print-config", "run.seed=3"]) == 0
+    out = capsys.readouterr().out
+    assert "seed: 3" in out and "name: smoke" in out
+
+
+def test_gpu_flag_is_explained(capsys):
+    assert main(["--gpu", "0", "--print-config"]) == 0
+    assert "Accelerate chooses devices" in capsys.readouterr().err
+
+
+def test_cli_error_is_one_line(capsys):
+    assert main(["--print-config", "model.head=foo"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: 'model.head'")

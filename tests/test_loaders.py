@@ -1,0 +1,187 @@
+"""Open-set views, stratified subsets, and the assembled data sets / loaders of a run."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from cssr_dist.config import OodSetConfig
+from cssr_dist.data.loaders import build_data, build_datasets, build_loaders
+from cssr_dist.data.open_set import OpenSetConcat, OpenSetDataset, per_class_subset, train_val_split
+from cssr_dist.data.sources import ArraySource
+from cssr_dist.data.splits import OpenSetSplit
+from cssr_dist.errors import DataError
+
+
+def _source(targets, classes=None):
+    targets = np.asarray(targets)
+    images = np.zeros((len(targets), 4, 4), np.uint8) + targets.clip(0)[:, None, None].astype(np.uint8)
+    return ArraySource("fake", images, targets, classes or [f"k{i}" for i in range(int(targets.max()) + 1)])
+
+
+def test_roles_filter_and_label():
+    src = _source([0, 1, 2, 3, 0, 1, 2, 3])
+    split = OpenSetSplit("fake", (2, 0), unknown=(3,))
+    train = OpenSetDataset(src, split, role="train")
+    assert train.indices.tolist() == [0, 2, 4, 6] and train.labels.tolist() == [1, 0, 1, 0]
+    assert train.known_class_names == ["k2", "k0"]
+    test = OpenSetDataset(src, split, role="test")  # class 1 is neither known nor unknown -> dropped
+    assert test.indices.tolist() == [0, 2, 3, 4, 6, 7] and test.labels.tolist() == [1, 0, -1, 1, 0, -1]
+    assert test.unknown_class_names == ["k3"]
+    img, label, sid = test[2]
+    assert (label, sid) == (-1, 3) and int(np.asarray(img).max()) == 3
+    sub = OpenSetDataset(src, split, indices=[1, 2, 3], role="train")  # indices are filtered by role too
+    assert sub.ids.tolist() == [2] and sub.labels.dtype == np.int64
+    assert test.original_labels_of([7, 0, 3]).tolist() == [3, 0, 3]
+    with pytest.raises(DataError, match="do not belong"):
+        test.original_labels_of([1])
+    with pytest.raises(DataError, match="role"):
+        OpenSetDataset(src, split, role="holdout")
+
+
+def test_unknown_and_ood_roles_and_concat():
+    split = OpenSetSplit("a", (0, 1), unknown=(5, 6), unknown_dataset="b")
+    primary = OpenSetDataset(_source([0, 1, 2, 3]), split, role="test")
+    assert primary.indices.tolist() == [0, 1]  # CIFAR+N: the primary set gives known classes only
+    other = OpenSetDataset(_source([4, 5, 6, 7, 5]), split, role="unknown", id_offset=4)
+    assert other.ids.tolist() == [5, 6, 8] and other.labels.tolist() == [-1, -1, -1]
+    both = OpenSetConcat([primary, other])
+    assert len(both) == 5 and both.labels.tolist() == [0, 1, -1, -1, -1]
+    assert [both[i][2] for i in range(5)] == [0, 1, 5, 6, 8]
+    assert both.original_labels_of([8, 0]).tolist() == [5, 0]
+    ood = OpenSetDataset(_source([-1, -1, -1], ["x"]), split, role="ood")
+    assert ood.labels.tolist() == [-1, -1, -1]
+    with pytest.raises(DataError, match="unlabelled"):
+        OpenSetDataset(_source([-1, -1], ["x"]), split, role="test")
+    with pytest.raises(DataError, match="overlap"):
+        OpenSetConcat([primary, primary])
+
+
+def test_per_class_subset_is_seeded_and_capped():
+    targets = np.repeat(np.arange(4), 10)
+    a = per_class_subset(targets, 3, seed=0)
+    assert np.bincount(targets[a]).tolist() == [3, 3, 3, 3] and np.all(np.diff(a) > 0)
+    assert np.array_equal(a, per_class_subset(targets, 3, seed=0))
+    assert not np.array_equal(a, per_class_subset(targets, 3, seed=1))
+    assert per_class_subset(targets, None, seed=0).tolist() == list(range(40))
+    b = per_class_subset(targets, 50, seed=0, indices=np.arange(0, 40, 2))
+    assert b.tolist() == list(range(0, 40, 2))
+
+
+def test_train_val_split_disjoint_stratified():
+    targets = np.repeat(np.arange(5), [100, 50, 20, 2, 1])
+    known = np.flatnonzero(targets != 4)
+    train, val = train_val_split(known, targets, 0.1, seed=0)
+    assert np.intersect1d(train, val).size == 0
+    assert np.array_equal(np.sort(np.concatenate([train, val])), known)
+    assert np.bincount(targets[val], minlength=5).tolist() == [10, 5, 2, 1, 0]
+    assert np.array_equal(val, train_val_split(known, targets, 0.1, seed=0)[1])
+    assert not np.array_equal(val, train_val_split(known, targets, 0.1, seed=1)[1])
+    assert train_val_split(known, targets, 0.0, seed=0)[1].size == 0
+
+
+def test_build_datasets_fashion_mnist(data_cfg):
+    cfg = data_cfg(train_per_class=20, test_per_class=10, stats_per_class=5, val_fraction=0.25)
+    bundle = build_datasets(cfg, seed=0)
+    assert bundle.num_classes == 6 and bundle.class_names[:2] == ["T-shirt/top", "Trouser"]
+    assert len(bundle.train) == 6 * 15 and len(bundle.val) == 6 * 5 and len(bundle.train_eval) == 6 * 5
+    assert set(bundle.train.labels.tolist()) == set(range(6))
+    assert np.intersect1d(bundle.train.ids, bundle.val.ids).size == 0
+    assert set(bundle.train_eval.ids.tolist()) <= set(bundle.train.ids.tolist())
+    assert bundle.summary()["test_known"] == 60 and bundle.summary()["test_unknown"] == 40
+    assert set(bundle.test.original_labels[bundle.test.labels < 0].tolist()) == {6, 7, 8, 9}
+    x, y, i = bundle.train_eval[0]
+    assert x.shape == (1, 28, 28) and x.abs().max() <= 2.0 + 1e-6  # test transform: no contrast factor
+    assert np.array_equal(build_datasets(cfg, seed=0).val.ids, bundle.val.ids)
+
+
+def test_cifar_plus10_bundle(tmp_path, tiny, data_cfg):
+    tiny.cifar(tmp_path, per_class=2)
+    tiny.cifar(tmp_path, hundred=True, per_class=3)
+    cfg = data_cfg(root=str(tmp_path), dataset="cifar_plus10", split_family="arpl", split="0",
+                   image_size=32, in_chans=3, mean=[0.5] * 3, std=[0.25] * 3, val_fraction=0.0)
+    bundle = build_datasets(cfg, seed=0)
+    assert bundle.split.known == (4, 7, 9, 1) and bundle.val is None
+    assert len(bundle.train) == 4 * 10 and bundle.class_names == ["c10_4", "c10_7", "c10_9", "c10_1"]
+    test = bundle.test
+    assert (test.labels >= 0).sum() == 4 * 2 and (test.labels < 0).sum() == 10 * 3
+    assert len(np.unique(test.ids)) == len(test) and test.ids.min() >= 0
+    unknown_orig = test.original_labels[test.labels < 0]
+    assert sorted(set(unknown_orig.tolist())) == sorted([30, 25, 1, 9, 8, 0, 46, 52, 49, 71])
+    assert bundle.original_class_names[30] == "c100_30"
+    loaders = build_loaders(bundle, cfg, seed=0)
+    ids = torch.cat([b[2] for b in loaders.test])
+    assert sorted(ids.tolist()) == sorted(test.ids.tolist())
+
+
+def test_ood_sets_from_config_and_split_file(tmp_path, tiny, data_cfg):
+    for sub in ("train", "val"):
+        for c in ("n1", "n2", "n3"):
+            tiny.images(tmp_path / sub / c, [f"{i}.png" for i in range(4)], size=20)
+    tiny.images(tmp_path / "oodinaturalist" / "x", ["a.png", "b.png"], size=24)
+    tiny.images(tmp_path / "textures", ["t.png"], size=40)
+    spec = {"train": [{"dataset": "imagenet", "convert_class": [0, 1, 2], "keep_class": [0, 1, 2]}],
+            "test": [{"dataset": "imagenet", "convert_class": [0, 1, 2], "keep_class": [0, 1, 2]},
+                     {"dataset": "oodinaturalist", "convert_class": [-1, -1, -1], "keep_class": [-1]}]}
+    (tmp_path / "spl.json").write_text(json.dumps(spec))
+    cfg = data_cfg(root=str(tmp_path), split_file=str(tmp_path / "spl.json"), image_size=16, in_chans=3,
+                   mean=[0.5] * 3, std=[0.25] * 3, train_augment="imagenet", val_fraction=0.25, batch_size=4,
+                   ood=[OodSetConfig(name="textures", source="oodfolder", root=str(tmp_path / "textures"))])
+    bundle = build_datasets(cfg, seed=0)
+    assert bundle.num_classes == 3 and list(bundle.ood) == ["textures", "oodinaturalist"]
+    assert len(bundle.ood["oodinaturalist"]) == 2 and bundle.ood["textures"].labels.tolist() == [-1]
+    assert (bundle.test.labels >= 0).all() and len(bundle.test) == 12
+    loaders = build_loaders(bundle, cfg, seed=0)
+    x, y, i = next(iter(loaders.ood["oodinaturalist"]))
+    assert x.shape == (2, 3, 16, 16) and y.tolist() == [-1, -1] and i.dtype == torch.int64
+    x, y, i = next(iter(loaders.train))
+    assert x.shape == (4, 3, 16, 16) and len(loaders.train) == 9 // 4
+
+
+@pytest.fixture
+def small_bundle_cfg(data_cfg):
+    return data_cfg(train_per_class=10, test_per_class=4, val_fraction=0.2, batch_size=16)
+
+
+def test_build_loaders_contract(small_bundle_cfg):
+    cfg = small_bundle_cfg
+    bundle = build_datasets(cfg, seed=0)
+    loaders = build_loaders(bundle, cfg, seed=0)
+    assert len(loaders.train) == len(bundle.train) // 16  # drop_last
+    batches = list(loaders.train)
+    images, labels, ids = batches[0]
+    assert images.shape == (16, 1, 28, 28) and labels.dtype == torch.int64 and ids.dtype == torch.int64
+    first = torch.cat([b[2] for b in batches])
+    second = torch.cat([b[2] for b in build_loaders(bundle, cfg, seed=0).train])
+    assert torch.equal(first, second)  # seeded shuffle
+    assert not torch.equal(first, torch.sort(first).values)
+    test_ids = torch.cat([b[2] for b in loaders.test])
+    assert torch.equal(test_ids, torch.from_numpy(bundle.test.ids))  # not shuffled, complete
+    assert loaders.test.drop_last is False and loaders.num_classes == 6
+
+
+def test_loader_options_and_errors(small_bundle_cfg):
+    cfg = small_bundle_cfg
+    bundle = build_datasets(cfg, seed=0)
+    cfg.num_workers = 1
+    assert build_loaders(bundle, cfg, seed=0).train.persistent_workers is True
+    cfg.batch_size = 1000
+    with pytest.raises(DataError, match="fewer than data.batch_size=1000"):
+        build_loaders(bundle, cfg, seed=0)
+
+
+def test_shards_format_dispatch(monkeypatch, data_cfg):
+    seen = {}
+    fake = types.ModuleType("cssr_dist.data.shards")
+    fake.build_shard_loaders = lambda cfg, split, train_tf, test_tf, seed: seen.update(split=split, seed=seed) or "L"
+    monkeypatch.setitem(sys.modules, "cssr_dist.data.shards", fake)
+    cfg = data_cfg(format="shards", dataset="cifar10", split_family="cssr", split="b")
+    assert build_data(cfg, seed=7) == "L"
+    assert seen["split"].known == (1, 2, 4, 6, 7, 8) and seen["seed"] == 7
+    with pytest.raises(DataError, match="build_data"):
+        build_datasets(cfg, seed=0)

@@ -1,0 +1,64 @@
+"""W&B mode selection and the run folder writers."""
+
+import json
+
+import pytest
+
+from cssr_dist.config import Config
+from cssr_dist.tracking import RunFolder, flatten, wandb_init_kwargs, wandb_mode
+
+
+@pytest.fixture
+def no_wandb_env(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+
+
+def test_offline_without_key(no_wandb_env):
+    assert wandb_mode() == "offline"
+
+
+def test_online_with_key(no_wandb_env, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode() == "online"
+
+
+def test_online_with_netrc_entry(no_wandb_env, tmp_path):
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert wandb_mode() == "online"
+
+
+def test_explicit_mode_wins(no_wandb_env, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode() == "disabled"
+
+
+def test_init_kwargs_resume_same_run(no_wandb_env, tmp_path):
+    cfg = Config()
+    kw = wandb_init_kwargs(cfg, tmp_path, "abc123")
+    assert (kw["id"], kw["resume"], kw["mode"], kw["dir"]) == ("abc123", "allow", "offline", str(tmp_path))
+
+
+def test_flatten_nested_metrics():
+    assert flatten("test", {"auroc": 0.9, "baselines": {"msp": {"auroc": 0.8}}, "skip": [1]}) == {
+        "test/auroc": 0.9, "test/baselines/msp/auroc": 0.8}
+
+
+def test_run_folder_files(tmp_path):
+    cfg = Config()
+    cfg.run.output_dir = str(tmp_path)
+    cfg.run.name = "r"
+    folder = RunFolder(cfg)
+    folder.create()
+    folder.write_config(cfg)
+    folder.append_history({"epoch": 1, "loss": float("nan")})
+    folder.append_history({"epoch": 2, "loss": 0.5})
+    folder.write_summary({"auroc": 0.75})
+    lines = (tmp_path / "r" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [{"epoch": 1, "loss": None}, {"epoch": 2, "loss": 0.5}]
+    assert folder.read_summary() == {"auroc": 0.75}
+    assert "head: rcssr" in (tmp_path / "r" / "config.yaml").read_text()

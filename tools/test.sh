@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Sets up (tools/setup.sh --dev) and runs the whole test suite on CPU, offline.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/setup.sh --dev
+export HF_HUB_OFFLINE=1 WANDB_MODE=offline WANDB_SILENT=true PYTHONUNBUFFERED=1
+exec .venv/bin/python -m pytest -q "$@"
