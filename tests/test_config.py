@@ -106,3 +106,17 @@ def test_cli_error_is_one_line(capsys):
     assert main(["--print-config", "model.head=foo"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: 'model.head'")
+
+
+def test_every_key_is_documented():
+    from cssr_dist.config_help import HELP, _rows
+    from cssr_dist.config import Config
+
+    keys = [row[0] for row in _rows(Config, "")]
+    assert sorted(keys) == sorted(HELP), set(keys) ^ set(HELP)
+
+
+def test_readme_config_reference_is_current():
+    from cssr_dist.config_help import reference_table
+
+    assert reference_table() in (ROOT / "README.md").read_text(), "regenerate README's config reference"

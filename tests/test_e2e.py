@@ -6,13 +6,16 @@ import pytest
 
 from tests.helpers import launch_train
 
+KNOWN = "data.known=[0,1,2,3,4,6]"
 METRICS = ("closed_acc", "auroc", "aupr_in", "aupr_out", "fpr95", "oscr", "macro_f1")
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
-    out = launch_train(tmp, ["--config", "configs/smoke.yaml", f"run.output_dir={tmp / 'runs'}"], processes=2)
+    # Clothes known, shoes and bags unknown: a split where a few steps must already separate
+    # the two (the default split is hard on purpose and needs the full run).
+    out = launch_train(tmp, ["--config", "configs/smoke.yaml", f"run.output_dir={tmp / 'runs'}", KNOWN], processes=2)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return tmp, tmp / "runs" / "smoke", out
 
@@ -26,10 +29,10 @@ def test_two_process_training_learns(smoke_run):
     assert summary["world_size"] == 2
     assert summary["score"] == "integrated"
     assert summary["closed_acc"] > 0.6          # chance is 1/6
-    assert summary["auroc"] > 0.6               # chance is 0.5
+    assert summary["auroc"] > 0.75              # chance is 0.5
     assert set(summary["baselines"]) == {"msp", "mls", "energy"}
     assert all(set(METRICS) <= set(b) for b in summary["baselines"].values())
-    assert set(summary["per_unknown_class_auroc"]) == {"Shirt", "Sneaker", "Bag", "Ankle boot"}
+    assert set(summary["per_unknown_class_auroc"]) == {"Sandal", "Sneaker", "Bag", "Ankle boot"}
     assert summary["num_test_known"] == 600 and summary["num_test_unknown"] == 400
 
 
@@ -37,7 +40,7 @@ def test_two_process_training_learns(smoke_run):
 def test_run_folder_contents(smoke_run):
     _, run_dir, _ = smoke_run
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
-    assert [row["epoch"] for row in history] == [1, 2]
+    assert [row["epoch"] for row in history] == [1, 2, 3]
     assert "test" in history[0] and "val_acc" in history[1]
     assert (run_dir / "config.yaml").is_file() and (run_dir / "metrics.md").read_text().count("| test |") == 4
     assert (run_dir / "checkpoints" / "best" / "weights.safetensors").is_file()
@@ -49,7 +52,7 @@ def test_run_folder_contents(smoke_run):
 @pytest.mark.slow
 def test_eval_only_restores_the_same_metrics_on_one_process(smoke_run):
     tmp, run_dir, _ = smoke_run
-    out = launch_train(tmp, ["--config", "configs/smoke.yaml", f"run.output_dir={tmp / 'runs'}", "--test"],
+    out = launch_train(tmp, ["--config", "configs/smoke.yaml", f"run.output_dir={tmp / 'runs'}", KNOWN, "--test"],
                        processes=1)
     assert out.returncode == 0, out.stderr[-3000:]
     trained = json.loads((run_dir / "summary.json").read_text())

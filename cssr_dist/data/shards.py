@@ -577,6 +577,8 @@ def build_shard_loaders(data_cfg: Any, split: Any, train_transform: Callable, te
                        "test": len(test_idx), "test_unknown": int((table[test_set.labels[test_idx]] < 0).sum()),
                        "ood": ood_counts},
             "index": {"train": str(train_set.index_file), "test": str(test_set.index_file)},
+            "test_original_labels": test_set.labels,  # by sample id: per-unknown-class AUROC
+            "original_class_names": list(test_set.index.classes),
             "rank": rank,
             "world_size": world,
         },

@@ -33,6 +33,8 @@ class TrainerState:
     best_epoch: int | None = None
     wandb_run_id: str | None = None
     finished: bool = False
+    epoch_loss_sum: float = 0.0  # rank-mean loss summed over this epoch's steps so far, so that a
+    epoch_loss_steps: int = 0    # resumed epoch reports the mean over ALL its steps
     history: list[dict] = field(default_factory=list)
 
 

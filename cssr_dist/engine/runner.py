@@ -9,6 +9,7 @@ checkpoint, score statistics included, and evaluates it.
 from __future__ import annotations
 
 import gc
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..config import Config
-from ..data.loaders import build_datasets
+from ..data.loaders import build_data, build_datasets
 from ..errors import DataError
 from ..eval import evaluator as E
 from ..eval.report import metrics_table
@@ -31,7 +32,7 @@ from ..scoring.scores import predict as predict_classes
 from ..scoring.statistics import ScoreStatistics
 from ..tracking import RunFolder, environment_record, new_run_id, wandb_available, wandb_init_kwargs
 from .checkpoint import TrainerState, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint, save_weights
-from .distributed import eval_loader
+from .distributed import SeededSamples, eval_loader, process_group_kwargs, set_epoch
 from .optim import build_optimizer
 from .preemption import Preempted, PreemptionFlag
 from .schedule import build_scheduler
@@ -58,6 +59,7 @@ def build_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
         project_config=ProjectConfiguration(project_dir=str(run_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         step_scheduler_with_optimizer=False,
+        kwargs_handlers=process_group_kwargs(),
     )
 
 
@@ -88,12 +90,35 @@ def _native_eval_data(cfg: Config, bundle, accelerator) -> EvalData:
     )
 
 
+def _shard_eval_data(loaders: dict) -> EvalData:
+    """Shard loaders are split by rank and worker already (and never go through prepare)."""
+    meta = loaders["metadata"]
+    original = meta.get("test_original_labels")
+    return EvalData(
+        val=loaders["val"], train_eval=loaders["train_eval"], test=loaders["test"], ood=loaders["ood"],
+        test_original_of=(lambda ids: original[ids]) if original is not None else None,
+        original_class_names=list(meta.get("original_class_names", [])),
+    )
+
+
 def _train_loader(cfg: Config, bundle) -> DataLoader:
     if len(bundle.train) < cfg.data.batch_size:
         raise DataError(f"training set has {len(bundle.train)} samples, fewer than data.batch_size="
                         f"{cfg.data.batch_size}; lower the batch size or enlarge data.train_per_class")
-    return DataLoader(bundle.train, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
-                      num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
+    return DataLoader(SeededSamples(bundle.train, cfg.run.seed), batch_size=cfg.data.batch_size, shuffle=True,
+                      drop_last=True, num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
+
+
+def compile_or_eager(model: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile with a silent fallback to eager where a graph fails (e.g. no compiler)."""
+    try:
+        import torch._dynamo
+
+        torch._dynamo.config.suppress_errors = True
+        return torch.compile(model)
+    except Exception as err:  # noqa: BLE001 - any backend failure means: run eagerly
+        print(f"warning: torch.compile unavailable ({type(err).__name__}); running eagerly")
+        return model
 
 
 def _feature_channels(model, cfg: Config, device) -> int:
@@ -117,13 +142,20 @@ class Run:
             self.folder.write_config(cfg)
             self.folder.write_environment(environment_record(cfg, acc.num_processes))
         acc.wait_for_everyone()
+        self.shards = cfg.data.format == "shards"
         with acc.main_process_first():
-            self.bundle = build_datasets(cfg.data, cfg.run.seed)
-        self.num_classes = self.bundle.num_classes
+            if self.shards:
+                self.shard_loaders = build_data(cfg.data, cfg.run.seed)
+                self.num_classes = self.shard_loaders["metadata"]["num_classes"]
+            else:
+                self.bundle = build_datasets(cfg.data, cfg.run.seed)
+                self.num_classes = self.bundle.num_classes
         self.model = build_model(cfg.model, self.num_classes, cfg.data.in_chans).to(acc.device)
         if cfg.model.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         channels = _feature_channels(self.model, cfg, acc.device)
+        if cfg.model.compile:
+            self.model = compile_or_eager(self.model)
         self.score = E.primary_score(cfg.model.head, cfg.run.method, cfg.eval.score)
         self.stats = ScoreStatistics(self.num_classes, channels, use_gram=E.needs_statistics(self.score)).to(acc.device)
         self.loss_fn = build_loss(cfg.model.head)
@@ -131,7 +163,15 @@ class Run:
 
     # ------------------------------------------------------------------ data
     def _eval_data(self) -> EvalData:
+        if self.shards:
+            return _shard_eval_data(self.shard_loaders)
         return _native_eval_data(self.cfg, self.bundle, self.accelerator)
+
+    def train_loader(self):
+        """Native loaders are sharded by `accelerator.prepare`; shard loaders by themselves."""
+        if self.shards:
+            return self.shard_loaders["train"]
+        return _train_loader(self.cfg, self.bundle)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, fit_stats: bool = True) -> dict:
@@ -212,9 +252,21 @@ class Run:
         acc = self.accelerator
         acc.wait_for_everyone()
         acc.end_training()
-        self.model = self.stats = self.eval_data = self.bundle = None
+        for loader in (getattr(self, "shard_loaders", None) or {}).values():
+            if hasattr(loader, "close"):
+                loader.close()
+        self.model = self.stats = self.eval_data = self.bundle = self.shard_loaders = None
         acc.free_memory()
         gc.collect()
+
+
+def _resume_position(acc, loader, skip: int):
+    """Continue mid-epoch: the epoch's order is seeded, so skipping reproduces the position."""
+    if not skip:
+        return loader
+    if getattr(loader, "sharded", False):
+        return itertools.islice(iter(loader), skip, None)
+    return acc.skip_first_batches(loader, skip)
 
 
 def _improved(metric: str, value: float | None, best: float | None) -> bool:
@@ -229,10 +281,13 @@ def train(cfg: Config) -> dict:
     """Train (resuming if possible), select by validation, evaluate, write the run folder."""
     run = Run(cfg)
     acc = run.accelerator
-    train_loader = _train_loader(cfg, run.bundle)
+    train_loader = run.train_loader()
     global_batch = cfg.data.batch_size * acc.num_processes
     optimizer = build_optimizer(run.model.parameters(), cfg.optim, global_batch)
-    model, optimizer, train_loader = acc.prepare(run.model, optimizer, train_loader)
+    if run.shards:
+        model, optimizer = acc.prepare(run.model, optimizer)
+    else:
+        model, optimizer, train_loader = acc.prepare(run.model, optimizer, train_loader)
     run.model = model
     scheduler = build_scheduler(optimizer, cfg.schedule, len(train_loader))
     acc.register_for_checkpointing(scheduler, run.stats)
@@ -253,9 +308,8 @@ def train(cfg: Config) -> dict:
     trainer = Trainer(cfg, acc, model, optimizer, scheduler, run.loss_fn, state, preemption, save)
     start = time.time()
     while state.epoch < cfg.schedule.epochs and not state.finished:
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(state.epoch)
-        batches = acc.skip_first_batches(train_loader, state.step_in_epoch) if state.step_in_epoch else train_loader
+        set_epoch(train_loader, state.epoch)
+        batches = _resume_position(acc, train_loader, state.step_in_epoch)
         bar = _progress(acc, cfg, f"epoch {state.epoch + 1}/{cfg.schedule.epochs}", len(train_loader))
         bar.update(state.step_in_epoch)
         result = trainer.train_epoch(batches, bar)

@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""`accelerate launch` for schedulers: requeue exit code, signal forwarding, bounded waits.
+
+    python launchers/launch.py [accelerate launch options] train.py [train.py arguments]
+
+Takes exactly the options of `accelerate launch` and adds what a cluster job needs:
+
+* **Exit code 42 survives.** A preempted worker exits 42 (checkpoint written, please
+  requeue), but torchrun and Accelerate turn any worker failure into exit code 1. Here
+  the root-cause worker's exit code is returned, so Slurm scripts can test for 42.
+* **SIGUSR1 and SIGTERM reach the workers.** torchrun starts its workers in new
+  sessions; USR1 would kill the launcher (default action) and leave orphans. The signals
+  are forwarded to the worker processes, which finish their step, checkpoint and exit 42.
+* **No 300 s exit barrier.** When one node's agent dies, torchrun's exit barrier keeps
+  the others waiting 300 s; here it waits `CSSR_EXIT_BARRIER_TIMEOUT` seconds (60).
+* **Multi-node options from the environment** when not given on the command line:
+  `--machine_rank` from MACHINE_RANK or SLURM_NODEID, `--main_process_ip` from
+  MASTER_ADDR, `--main_process_port` from MASTER_PORT, `--num_machines` from NNODES or
+  SLURM_NNODES (only when the launch is multi-machine, `--num_machines` > 1 or a
+  multi-node config file).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+REQUEUE_EXIT_CODE = 42  # = cssr_dist.engine.preemption.REQUEUE_EXIT_CODE (kept import-free)
+FORWARDED = (signal.SIGUSR1, signal.SIGTERM)
+
+ENV_OPTIONS = (  # accelerate option, environment variables in order of preference
+    ("--machine_rank", ("MACHINE_RANK", "SLURM_NODEID")),
+    ("--main_process_ip", ("MASTER_ADDR",)),
+    ("--main_process_port", ("MASTER_PORT",)),
+    ("--num_machines", ("NNODES", "SLURM_NNODES")),
+)
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of `pid`, from /proc (Linux): torchrun's workers or the single worker."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _forward(signum: int, frame) -> None:  # noqa: ARG001 - signal handler signature
+    for pid in _children(os.getpid()):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def _has(argv: list[str], option: str) -> bool:
+    return any(a == option or a.startswith(option + "=") for a in argv)
+
+
+def _script_index(argv: list[str]) -> int:
+    """Position of the training script: everything after it belongs to train.py."""
+    for i, arg in enumerate(argv):
+        if arg.endswith(".py") and not arg.startswith("-"):
+            return i
+    return len(argv)
+
+
+def _multi_machine(launcher_args: list[str]) -> bool:
+    for i, arg in enumerate(launcher_args):
+        if arg == "--num_machines" and i + 1 < len(launcher_args):
+            return launcher_args[i + 1] != "1"
+        if arg.startswith("--num_machines="):
+            return arg.split("=", 1)[1] != "1"
+        if arg == "--config_file" and i + 1 < len(launcher_args):
+            return "num_machines: 1\n" not in Path(launcher_args[i + 1]).read_text() + "\n"
+    return False
+
+
+def with_env_options(argv: list[str]) -> list[str]:
+    """Add multi-node options from the environment where the command line lacks them."""
+    cut = _script_index(argv)
+    launcher, rest = argv[:cut], argv[cut:]
+    if not _multi_machine(launcher):
+        return argv
+    for option, names in ENV_OPTIONS:
+        value = next((os.environ[n] for n in names if os.environ.get(n)), None)
+        if value is not None and not _has(launcher, option):
+            launcher += [option, value]
+    return launcher + rest
+
+
+def _bound_exit_barrier(seconds: float) -> None:
+    """torchrun's agent waits `exit_barrier_timeout` (300 s) for dead peers; make it shorter."""
+    from torch.distributed.elastic.agent.server import local_elastic_agent as lea
+
+    original = lea.LocalElasticAgent.__init__
+
+    def init(self, *args, **kwargs):
+        kwargs.setdefault("exit_barrier_timeout", seconds)
+        original(self, *args, **kwargs)
+
+    lea.LocalElasticAgent.__init__ = init
+
+
+def main(argv: list[str]) -> int:
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    for sig in FORWARDED:  # torchrun replaces the SIGTERM handler with its own forwarding one
+        signal.signal(sig, _forward)
+    _bound_exit_barrier(float(os.environ.get("CSSR_EXIT_BARRIER_TIMEOUT", "60")))
+    args = launch_command_parser().parse_args(with_env_options(argv))
+    try:
+        launch_command(args)
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        if failure.exitcode == REQUEUE_EXIT_CODE:
+            print(f"launch.py: workers stopped for requeue (rank {rank} exit {REQUEUE_EXIT_CODE})", file=sys.stderr)
+            return REQUEUE_EXIT_CODE
+        print(err.format_msg(), file=sys.stderr)
+        print(f"launch.py: rank {rank} failed first (exit code {failure.exitcode})", file=sys.stderr)
+        return 1
+    except subprocess.CalledProcessError as err:  # the one-process launcher
+        return err.returncode if err.returncode > 0 else 128 - err.returncode
+    except SignalException as err:
+        print(f"launch.py: launcher stopped by signal {err.sigval}", file=sys.stderr)
+        return 128 + int(err.sigval)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

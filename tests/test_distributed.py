@@ -1,0 +1,216 @@
+"""Distributed correctness on CPU (gloo): 2 processes must give what 1 process gives.
+
+* evaluation gathers per-sample outputs with their ids and de-duplicates them: the
+  metrics of one checkpoint on 1 and on 2 processes agree to 1e-6;
+* score statistics reduced across ranks equal the single-process ones;
+* 2 processes x batch b follow 1 process x batch 2b step by step;
+* a dying rank brings every rank down quickly, and the log names it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cssr_dist.engine.distributed import gather_by_id, shard_dataset
+from tests.helpers import ROOT, VENV_BIN, free_port, launch_train
+from tests.helpers import test_env as run_env
+
+METRICS = ("closed_acc", "auroc", "aupr_in", "aupr_out", "fpr95", "oscr", "macro_f1", "threshold")
+TINY = ["--config", "configs/smoke.yaml", "data.train_per_class=100", "data.test_per_class=20",
+        "data.stats_per_class=20", "data.batch_size=16", "schedule.epochs=1", "eval.test_interval=0",
+        "run.progress=false"]
+
+
+def leftover_processes(marker: str) -> list[str]:
+    """Command lines of live processes mentioning `marker` (a test's unique run folder)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in text and int(cmdline.parent.name) != os.getpid():
+            found.append(text)
+    return found
+
+
+# ---------------------------------------------------------------- unit level (no processes)
+def test_strided_shards_cover_every_sample_once():
+    for n, world in ((101, 2), (10, 3), (2, 4)):
+        parts = [list(shard_dataset(list(range(n)), r, world)) for r in range(world)]
+        assert sorted(sum(parts, [])) == list(range(n))
+
+
+def test_gather_by_id_removes_duplicates_and_sorts():
+    # e.g. a padded last batch repeating samples 0 and 1 of the set
+    local = {"ids": np.array([4, 0, 2, 0, 1, 1]), "s0": np.array([0.4, 0.0, 0.2, 0.0, 0.1, 0.1]),
+             "labels": np.array([1, 0, -1, 0, 1, 1])}
+    out = gather_by_id(local, world_size=1)
+    assert out["ids"].tolist() == [0, 1, 2, 4]
+    assert out["s0"].tolist() == [0.0, 0.1, 0.2, 0.4] and out["labels"].tolist() == [0, 1, -1, 1]
+
+
+# ---------------------------------------------------------------- one trained checkpoint
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    out = launch_train(tmp, [*TINY, f"run.output_dir={tmp / 'runs'}", "run.name=base"], processes=1)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return tmp
+
+
+def _test_summary(tmp: Path, processes: int) -> dict:
+    out = launch_train(tmp, [*TINY, f"run.output_dir={tmp / 'runs'}", "run.name=base", "--test"],
+                       processes=processes, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads((tmp / "runs" / "base" / "summary_test.json").read_text())
+
+
+@pytest.mark.slow
+def test_checkpoint_metrics_identical_on_one_and_two_processes(trained):
+    one, two = _test_summary(trained, 1), _test_summary(trained, 2)
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert one["num_test_known"] == two["num_test_known"] == 120
+    assert one["num_test_unknown"] == two["num_test_unknown"] == 80
+    for key in METRICS:
+        assert two[key] == pytest.approx(one[key], abs=1e-6), key
+    for name, base in one["baselines"].items():
+        for key in METRICS:
+            assert two["baselines"][name][key] == pytest.approx(base[key], abs=1e-6), (name, key)
+    assert two["per_unknown_class_auroc"] == pytest.approx(one["per_unknown_class_auroc"], abs=1e-6)
+
+
+def _fit_statistics(tmp: Path, processes: int) -> dict[str, torch.Tensor]:
+    out_file = tmp / f"stats_{processes}.safetensors"
+    env = run_env(tmp)
+    cmd = [str(VENV_BIN / "accelerate"), "launch"]
+    if processes > 1:
+        env["ACCELERATE_USE_CPU"] = "1"
+        cmd += ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", str(free_port())]
+    else:
+        cmd += ["--cpu", "--num_processes", "1"]
+    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            str(ROOT / "tests" / "dist_worker.py"), str(out_file), str(tmp / "runs" / "base" / "checkpoints" / "best"),
+            *TINY]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return load_file(str(out_file))
+
+
+@pytest.mark.slow
+def test_score_statistics_reduced_across_ranks_equal_one_process(trained):
+    one, two = _fit_statistics(trained, 1), _fit_statistics(trained, 2)
+    assert (int(one.pop("world_size")), int(two.pop("world_size"))) == (1, 2)
+    assert set(one) == {"proto_sum", "proto_count", "gram_sum", "gram_count", "moments"}
+    assert one["proto_count"].sum() == 101 and (one["proto_count"] > 0).sum() >= 3  # several classes
+    assert one["moments"][:, 0].tolist() == [101.0, 101.0, 101.0]  # s0, s1, s2 counted once each
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-9, atol=1e-9, msg=key)
+
+
+def _weights_after_steps(tmp: Path, name: str, processes: int, batch: int, extra: list[str]) -> tuple[dict, dict]:
+    args = [*TINY, f"run.output_dir={tmp / 'runs'}", f"run.name={name}", f"data.batch_size={batch}",
+            "run.max_steps=4", "eval.select_best_by=last", "data.num_workers=0", *extra]
+    out = launch_train(tmp, args, processes=processes, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp / "runs" / name
+    weights = {k: v for k, v in load_file(str(run / "checkpoints" / "best" / "weights.safetensors")).items()
+               if k.startswith("model.")}
+    return weights, json.loads((run / "history.jsonl").read_text().splitlines()[0])
+
+
+@pytest.mark.slow
+def test_two_ranks_of_batch_b_follow_one_rank_of_batch_2b(tmp_path):
+    """The same 4 SGD steps (momentum, lr scaled by the global batch, warm-up) on the same images.
+
+    Equivalence needs rank-invariant forward passes: torch's SyncBatchNorm is GPU-only, so on
+    CPU the backbone is frozen (its BatchNorm in eval mode, as in fine-tuning) and the head,
+    which has no BatchNorm, trains. Augmentation stays ON (flip + crop): every sample draws
+    its own seed, so ranks see the very images one process sees.
+    Tolerance: float32 sums in another order (one mean over 32 vs the mean of two means
+    over 16, all-reduced): observed differences ~1e-7, allowed 1e-5 relative.
+    """
+    frozen = ["model.freeze_backbone=true"]
+    w1, h1 = _weights_after_steps(tmp_path, "one_by_32", 1, 32, frozen)
+    w2, h2 = _weights_after_steps(tmp_path, "two_by_16", 2, 16, frozen)
+    assert h1["step"] == h2["step"] == 4
+    assert h2["train_loss"] == pytest.approx(h1["train_loss"], rel=1e-5)
+    assert h2["lr"] == pytest.approx(h1["lr"], rel=1e-12)
+    head = [k for k in w1 if k.startswith("model.head.")]
+    assert head and set(w1) == set(w2)
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], rtol=1e-5, atol=1e-6, msg=key)
+    # the head did train: 4 steps moved its weights away from the seed's initialisation
+    w0, _ = _weights_after_steps(tmp_path, "seed_only", 1, 32, [*frozen, "optim.lr=0.0"])
+    assert max((w1[k] - w0[k]).abs().max().item() for k in head) > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="SyncBatchNorm needs 2 CUDA devices (torch has no CPU SyncBatchNorm)")
+def test_two_gpus_with_sync_bn_follow_one_gpu_of_batch_2b(tmp_path):  # pragma: no cover - GPU machines only
+    sync = ["model.sync_bn=true"]
+    env = {"CUDA_VISIBLE_DEVICES": "0,1"}
+    w1, h1 = _gpu_run(tmp_path, "one", 1, 32, sync, env)
+    w2, h2 = _gpu_run(tmp_path, "two", 2, 16, sync, env)
+    assert h2["train_loss"] == pytest.approx(h1["train_loss"], rel=1e-4)
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def _gpu_run(tmp: Path, name: str, processes: int, batch: int, extra: list[str], env: dict) -> tuple[dict, dict]:
+    args = [*TINY, f"run.output_dir={tmp / 'runs'}", f"run.name={name}", f"data.batch_size={batch}",
+            "run.max_steps=4", "eval.select_best_by=last", *extra]
+    cmd = [str(VENV_BIN / "accelerate"), "launch", "--num_processes", str(processes), "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    if processes > 1:
+        cmd.insert(2, "--multi_gpu")
+    full_env = {**run_env(tmp), **env}
+    out = subprocess.run([*cmd, str(ROOT / "train.py"), *args], cwd=ROOT, env=full_env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp / "runs" / name
+    weights = load_file(str(run / "checkpoints" / "best" / "weights.safetensors"))
+    return ({k: v for k, v in weights.items() if k.startswith("model.")},
+            json.loads((run / "history.jsonl").read_text().splitlines()[0]))
+
+
+# ---------------------------------------------------------------- failure without hangs
+@pytest.mark.slow
+def test_a_dying_rank_brings_every_rank_down_within_60_s(tmp_path):
+    """CSSR_FAIL_* test hook: rank 1 is SIGKILLed before step 3; rank 0 waits in a collective."""
+    env = {**run_env(tmp_path), "ACCELERATE_USE_CPU": "1", "CSSR_FAIL_RANK": "1", "CSSR_FAIL_STEP": "3",
+           "CSSR_FAIL_MODE": "kill"}
+    marker = str(tmp_path / "runs")
+    cmd = [sys.executable, str(ROOT / "launchers" / "launch.py"), "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+           "--dynamo_backend", "no", str(ROOT / "train.py"), *TINY, f"run.output_dir={marker}", "run.name=dies"]
+    log_path = tmp_path / "launch.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline, failed_at = time.monotonic() + 180, None
+            while proc.poll() is None and time.monotonic() < deadline:
+                if failed_at is None and "CSSR_FAIL test hook" in log_path.read_text():
+                    failed_at = time.monotonic()
+                time.sleep(0.1)
+            rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log_path.read_text()
+    assert failed_at is not None, text[-3000:]
+    assert rc == 1, text[-3000:]
+    assert time.monotonic() - failed_at < 60
+    assert "rank 1 fails at step 3" in text
+    assert "launch.py: rank 1 failed first (exit code -9)" in text
+    assert not leftover_processes(marker)

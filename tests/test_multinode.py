@@ -1,0 +1,88 @@
+"""Multi-node on one machine: two Accelerate "machines" on loopback, 2 CPU processes each.
+
+Both launches run what a cluster node runs: launchers/launch.py with
+launchers/multi_node.yaml, the machine rank, rendezvous address/port and node count taken
+from the environment (MACHINE_RANK, MASTER_ADDR, MASTER_PORT, NNODES), 4 processes in all.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, free_port
+from tests.helpers import test_env as run_env
+from tests.test_distributed import leftover_processes
+
+TINY = ["--config", "configs/smoke.yaml", "data.train_per_class=50", "data.test_per_class=20",
+        "data.stats_per_class=20", "data.batch_size=16", "schedule.epochs=1", "eval.test_interval=0",
+        "run.progress=false"]
+MACHINES, PER_MACHINE = 2, 2
+
+
+def launch_machines(tmp: Path, name: str, extra_env: dict[str, str] | None = None,
+                    timeout: float = 240) -> tuple[list[tuple[int, str, float]], float | None]:
+    """Start both machines at once, poll them; [(return code, log, end time)], time of the
+    CSSR_FAIL hook's message (None if none). Times in seconds from the start."""
+    port = free_port()
+    procs = []
+    for rank in range(MACHINES):
+        env = {**run_env(tmp), "ACCELERATE_USE_CPU": "1", "MACHINE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "NNODES": str(MACHINES), **(extra_env or {})}
+        cmd = [sys.executable, str(ROOT / "launchers" / "launch.py"), "--config_file",
+               str(ROOT / "launchers" / "multi_node.yaml"), "--num_processes", str(MACHINES * PER_MACHINE),
+               "--mixed_precision", "no", str(ROOT / "train.py"), *TINY, f"run.output_dir={tmp / 'runs'}",
+               f"run.name={name}"]
+        log = tmp / f"{name}.machine{rank}.log"
+        with open(log, "w") as fh:
+            procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT), log))
+    start, ended, failed_at = time.monotonic(), {}, None
+    try:
+        while len(ended) < len(procs) and time.monotonic() - start < timeout:
+            for i, (proc, log) in enumerate(procs):
+                if i not in ended and proc.poll() is not None:
+                    ended[i] = time.monotonic() - start
+                if failed_at is None and "CSSR_FAIL test hook" in log.read_text():
+                    failed_at = time.monotonic() - start
+            time.sleep(0.1)
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert len(ended) == len(procs), f"a machine was still running after {timeout} s"
+    return [(proc.returncode, log.read_text(), ended[i]) for i, (proc, log) in enumerate(procs)], failed_at
+
+
+@pytest.mark.slow
+def test_two_machines_train_and_evaluate(tmp_path):
+    results, _ = launch_machines(tmp_path, "two_nodes")
+    for rank, (rc, log, _) in enumerate(results):
+        assert rc == 0, f"machine {rank}:\n{log[-3000:]}"
+    run = tmp_path / "runs" / "two_nodes"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == MACHINES * PER_MACHINE
+    assert summary["num_test_known"] == 120 and summary["num_test_unknown"] == 80  # each sample once
+    assert 0.0 <= summary["auroc"] <= 1.0 and 0.0 <= summary["closed_acc"] <= 1.0
+    assert json.loads((run / "environment.json").read_text())["world_size"] == 4
+    history = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in history] == [1]  # one writer (global rank 0), not one per machine
+    assert (run / "checkpoints" / "best" / "weights.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_rank_dying_on_one_machine_stops_both_machines_within_60_s(tmp_path):
+    """Global rank 3 (machine 1, local rank 1) exits abruptly at step 3 (CSSR_FAIL_* test hook)."""
+    results, failed_at = launch_machines(tmp_path, "dies", {"CSSR_FAIL_RANK": "3", "CSSR_FAIL_STEP": "3",
+                                                            "CSSR_FAIL_MODE": "exit"})
+    (rc0, log0, t0), (rc1, log1, t1) = results
+    assert rc0 != 0 and rc1 != 0, (log0[-2000:], log1[-2000:])
+    assert "rank 3 fails at step 3" in log1
+    assert "launch.py: rank 3 failed first (exit code 13)" in log1  # the machine that lost the rank says which
+    assert "launch.py: rank" in log0 and "failed first" in log0    # the other one reports its own ranks' failure
+    assert failed_at is not None and max(t0, t1) - failed_at < 60  # no 300 s barrier, no 30 min timeout
+    assert not leftover_processes(str(tmp_path / "runs"))
