@@ -201,6 +201,8 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         return _build(tp, value, key, where)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is str and isinstance(value, bool) and key == "run.mixed_precision" and not value:
+        return "no"  # YAML 1.1 reads a bare `no` as false
     if tp is str and isinstance(value, int) and not isinstance(value, bool):
         return str(value)  # `split: 0` in YAML names the ARPL split "0"
     if tp is bool and not isinstance(value, bool):

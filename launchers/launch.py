@@ -13,6 +13,11 @@ Takes exactly the options of `accelerate launch` and adds what a cluster job nee
   are forwarded to the worker processes, which finish their step, checkpoint and exit 42.
 * **No 300 s exit barrier.** When one node's agent dies, torchrun's exit barrier keeps
   the others waiting 300 s; here it waits `CSSR_EXIT_BARRIER_TIMEOUT` seconds (60).
+* **No litter.** torchrun leaves an empty `torchelastic_*` folder in TMPDIR per launch
+  (W&B two more); here TMPDIR points to a private folder for the launch, removed at the
+  end. It is made under TMPDIR when that path is short, else under /tmp: DataLoader
+  workers pass tensors through Unix sockets in TMPDIR, whose paths may not exceed 107
+  bytes ("AF_UNIX path too long", after which the loader waits for ever).
 * **Multi-node options from the environment** when not given on the command line:
   `--machine_rank` from MACHINE_RANK or SLURM_NODEID, `--main_process_ip` from
   MASTER_ADDR, `--main_process_port` from MASTER_PORT, `--num_machines` from NNODES or
@@ -23,9 +28,11 @@ Takes exactly the options of `accelerate launch` and adds what a cluster job nee
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REQUEUE_EXIT_CODE = 42  # = cssr_dist.engine.preemption.REQUEUE_EXIT_CODE (kept import-free)
@@ -109,7 +116,24 @@ def _bound_exit_barrier(seconds: float) -> None:
     lea.LocalElasticAgent.__init__ = init
 
 
+MAX_TMP_BASE = 50  # + /cssr-launch-XXXXXXXX/pymp-XXXXXXXX/listener-XXXXXXXX must stay < 108
+
+
+def _scratch_base() -> str:
+    base = os.environ.get("TMPDIR") or "/tmp"
+    return base if len(base) <= MAX_TMP_BASE and os.path.isdir(base) else "/tmp"
+
+
 def main(argv: list[str]) -> int:
+    scratch = tempfile.mkdtemp(prefix="cssr-launch-", dir=_scratch_base())
+    os.environ["TMPDIR"] = tempfile.tempdir = scratch  # torchrun's and the workers' temporary files
+    try:
+        return _launch(argv)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _launch(argv: list[str]) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

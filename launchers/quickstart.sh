@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 bash tools/setup.sh
 export HF_HUB_OFFLINE=1
 # No W&B key here means offline W&B files under runs/<name>/wandb (sync later with `wandb sync`).
-exec .venv/bin/accelerate launch --config_file launchers/cpu_1proc.yaml train.py "$@"
+exec .venv/bin/accelerate launch --config_file launchers/cpu_1proc.yaml --num_cpu_threads_per_process "$(nproc)" train.py "$@"

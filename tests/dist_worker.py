@@ -12,6 +12,7 @@ strided shards + `fit_statistics` with all-reduce. Saves them from the main proc
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -34,7 +35,7 @@ def main(out: str, weights: str, overrides: list[str]) -> None:
     acc = Accelerator(cpu=True)
     bundle = build_datasets(cfg.data, cfg.run.seed)
     model = build_model(cfg.model, bundle.num_classes, cfg.data.in_chans)
-    tensors, _ = load_weights(__import__("pathlib").Path(weights))
+    tensors, _ = load_weights(Path(weights))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     model.to(acc.device).eval()
     data = Subset(bundle.train_eval, range(NUM_SAMPLES))

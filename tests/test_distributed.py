@@ -28,7 +28,7 @@ from tests.helpers import test_env as run_env
 METRICS = ("closed_acc", "auroc", "aupr_in", "aupr_out", "fpr95", "oscr", "macro_f1", "threshold")
 TINY = ["--config", "configs/smoke.yaml", "data.train_per_class=100", "data.test_per_class=20",
         "data.stats_per_class=20", "data.batch_size=16", "schedule.epochs=1", "eval.test_interval=0",
-        "run.progress=false"]
+        "run.progress=false", "tracking.log_every=10"]
 
 
 def leftover_processes(marker: str) -> list[str]:
@@ -210,7 +210,95 @@ def test_a_dying_rank_brings_every_rank_down_within_60_s(tmp_path):
     text = log_path.read_text()
     assert failed_at is not None, text[-3000:]
     assert rc == 1, text[-3000:]
+    print(f"all ranks down {time.monotonic() - failed_at:.1f} s after the failure")
     assert time.monotonic() - failed_at < 60
     assert "rank 1 fails at step 3" in text
     assert "launch.py: rank 1 failed first (exit code -9)" in text
     assert not leftover_processes(marker)
+
+
+@pytest.mark.slow
+def test_a_hung_rank_is_cut_off_by_the_process_group_timeout(tmp_path):
+    """Rank 1 sleeps for ever (and ignores SIGTERM) at step 3. Rank 0's collective gives up after
+    CSSR_DIST_TIMEOUT_S=10 s; torchrun then SIGTERMs rank 1 and SIGKILLs it 30 s later."""
+    env = {**run_env(tmp_path), "ACCELERATE_USE_CPU": "1", "CSSR_FAIL_RANK": "1", "CSSR_FAIL_STEP": "3",
+           "CSSR_FAIL_MODE": "hang", "CSSR_DIST_TIMEOUT_S": "10"}
+    marker = str(tmp_path / "runs")
+    cmd = [sys.executable, str(ROOT / "launchers" / "launch.py"), "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+           "--dynamo_backend", "no", str(ROOT / "train.py"), *TINY, f"run.output_dir={marker}", "run.name=hangs"]
+    log_path = tmp_path / "launch.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline, hung_at = time.monotonic() + 240, None
+            while proc.poll() is None and time.monotonic() < deadline:
+                if hung_at is None and "CSSR_FAIL test hook" in log_path.read_text():
+                    hung_at = time.monotonic()
+                time.sleep(0.1)
+            rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log_path.read_text()
+    assert hung_at is not None and rc == 1, text[-3000:]
+    print(f"all ranks down {time.monotonic() - hung_at:.1f} s after the hang")
+    assert time.monotonic() - hung_at < 60
+    # gloo's collective timeout on rank 0: "Timed out waiting 10000ms ..." or "Application timeout caused pair closure"
+    assert "Timed out waiting 10000ms" in text or "Application timeout" in text, text[-4000:]
+    assert "rank      : 1 (local_rank: 1)" in text and "(SIGKILL)" in text, text[-4000:]
+    assert not leftover_processes(marker)
+
+
+def test_process_group_timeout_from_the_environment(monkeypatch):
+    from cssr_dist.engine.distributed import process_group_kwargs
+    from cssr_dist.errors import ConfigError
+
+    monkeypatch.delenv("CSSR_DIST_TIMEOUT_S", raising=False)
+    assert process_group_kwargs() == []
+    monkeypatch.setenv("CSSR_DIST_TIMEOUT_S", "90")
+    (handler,) = process_group_kwargs()
+    assert handler.timeout.total_seconds() == 90
+    monkeypatch.setenv("CSSR_DIST_TIMEOUT_S", "ten")
+    with pytest.raises(ConfigError, match="CSSR_DIST_TIMEOUT_S='ten' is not a positive number of seconds"):
+        process_group_kwargs()
+
+
+def test_seeded_samples_make_augmentation_a_function_of_the_sample():
+    """The same (seed, epoch, index) gives the same random draws whatever was drawn before."""
+    from cssr_dist.engine.distributed import SeededSamples
+
+    class Noise(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, index):
+            return torch.rand(3)
+
+    data = SeededSamples(Noise(), seed=0)
+    first = data[5]
+    torch.rand(100)                       # other consumers of the global RNG in between
+    assert torch.equal(data[5], first)
+    assert not torch.equal(data[4], first)
+    data.set_epoch(1)
+    assert not torch.equal(data[5], first)  # a new epoch, new augmentations
+    torch.manual_seed(3)
+    expected = torch.rand(1)
+    torch.manual_seed(3)
+    data[2]
+    assert torch.equal(torch.rand(1), expected)  # the global RNG stream is left untouched
+
+
+def test_imagenet_config_carries_the_fine_tuning_recipe():
+    """configs/imagenet/rcssr.yaml, what slurm/imagenet_rcssr.sh runs by default (ALGORITHM.md §5)."""
+    from cssr_dist.cli import config_from_args, parse
+
+    cfg = config_from_args(parse(["--config", "configs/imagenet/rcssr.yaml"]))
+    assert (cfg.data.format, cfg.data.shards.train, cfg.data.shards.test) == ("shards", "imagenet-train", "imagenet-val")
+    assert (cfg.data.image_size, cfg.data.test_resize, cfg.data.train_augment) == (224, 256, "imagenet")
+    assert cfg.data.mean == [0.485, 0.456, 0.406] and cfg.data.std == [0.229, 0.224, 0.225]
+    assert (cfg.model.backbone, cfg.model.pretrained, cfg.model.head, cfg.model.latent_dim) == ("resnet50", True, "rcssr", 16)
+    assert cfg.run.method == "cssr_ft" and cfg.model.freeze_backbone
+    assert (cfg.optim.lr, cfg.optim.scale_lr_by_batch, cfg.optim.weight_decay) == (0.4, True, 1e-4)
+    assert (cfg.schedule.epochs, cfg.schedule.warmup_epochs, cfg.schedule.milestones) == (4, 1.0, [3.0])
+    assert cfg.eval.score == "s0"

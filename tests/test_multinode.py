@@ -21,7 +21,7 @@ from tests.test_distributed import leftover_processes
 
 TINY = ["--config", "configs/smoke.yaml", "data.train_per_class=50", "data.test_per_class=20",
         "data.stats_per_class=20", "data.batch_size=16", "schedule.epochs=1", "eval.test_interval=0",
-        "run.progress=false"]
+        "run.progress=false", "tracking.log_every=10"]
 MACHINES, PER_MACHINE = 2, 2
 
 
@@ -84,5 +84,65 @@ def test_a_rank_dying_on_one_machine_stops_both_machines_within_60_s(tmp_path):
     assert "rank 3 fails at step 3" in log1
     assert "launch.py: rank 3 failed first (exit code 13)" in log1  # the machine that lost the rank says which
     assert "launch.py: rank" in log0 and "failed first" in log0    # the other one reports its own ranks' failure
-    assert failed_at is not None and max(t0, t1) - failed_at < 60  # no 300 s barrier, no 30 min timeout
+    assert failed_at is not None
+    print(f"machines down {t0 - failed_at:.1f} s / {t1 - failed_at:.1f} s after the failure")
+    assert max(t0, t1) - failed_at < 60  # no 300 s barrier, no 30 min timeout
     assert not leftover_processes(str(tmp_path / "runs"))
+
+
+def _launch_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cssr_launch", ROOT / "launchers" / "launch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_launcher_takes_multi_node_options_from_the_environment(monkeypatch):
+    launch = _launch_module()
+    for name in ("MACHINE_RANK", "SLURM_NODEID", "MASTER_ADDR", "MASTER_PORT", "NNODES", "SLURM_NNODES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_NODEID", "3")
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29555")
+    monkeypatch.setenv("SLURM_NNODES", "4")
+    argv = ["--multi_gpu", "--num_machines", "4", "--num_processes", "32", "train.py", "--config", "x.yaml"]
+    assert launch.with_env_options(argv) == [
+        "--multi_gpu", "--num_machines", "4", "--num_processes", "32", "--machine_rank", "3",
+        "--main_process_ip", "10.0.0.1", "--main_process_port", "29555", "train.py", "--config", "x.yaml"]
+    monkeypatch.setenv("MACHINE_RANK", "2")  # MACHINE_RANK wins over SLURM_NODEID; explicit options win over both
+    out = launch.with_env_options(["--config_file", str(ROOT / "launchers" / "multi_node.yaml"),
+                                   "--main_process_port", "1234", "train.py", "--main_process_port=9"])
+    assert out[out.index("--machine_rank") + 1] == "2" and out[out.index("--num_machines") + 1] == "4"
+    assert out.count("--main_process_port") == 1 and out[-1] == "--main_process_port=9"  # train.py's args untouched
+    single = ["--num_processes", "1", "--num_machines", "1", "train.py"]
+    assert launch.with_env_options(single) == single  # one machine: nothing added
+
+
+def test_launcher_config_files_load_with_their_documented_shape():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    expected = {  # file: (distributed type, processes, machines, mixed precision, cpu)
+        "cpu_1proc": ("NO", 1, 1, "no", True), "cpu_2proc": ("MULTI_GPU", 2, 1, "no", True),
+        "gpu_1": ("NO", 1, 1, "bf16", False), "gpu_8": ("MULTI_GPU", 8, 1, "bf16", False),
+        "multi_node": ("MULTI_GPU", 16, 2, "bf16", False),
+    }
+    for name, shape in expected.items():
+        cfg = load_config_from_file(str(ROOT / "launchers" / f"{name}.yaml"))
+        assert (str(cfg.distributed_type).split(".")[-1], cfg.num_processes, cfg.num_machines,
+                cfg.mixed_precision, cfg.use_cpu) == shape, name
+
+
+def test_launcher_scratch_folder_keeps_unix_socket_paths_short(monkeypatch, tmp_path):
+    """DataLoader workers bind Unix sockets under TMPDIR; a long TMPDIR would break (and hang) them."""
+    launch = _launch_module()
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    assert launch._scratch_base() == (str(tmp_path) if len(str(tmp_path)) <= launch.MAX_TMP_BASE else "/tmp")
+    deep = tmp_path / ("d" * 60)
+    deep.mkdir()
+    monkeypatch.setenv("TMPDIR", str(deep))
+    assert launch._scratch_base() == "/tmp"
+    # the longest socket path multiprocessing makes under the private folder fits in sun_path (108 bytes)
+    longest = f"{'x' * launch.MAX_TMP_BASE}/cssr-launch-XXXXXXXX/pymp-XXXXXXXX/listener-XXXXXXXX"
+    assert len(longest.encode()) < 108

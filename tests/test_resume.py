@@ -27,7 +27,8 @@ METRICS = ("closed_acc", "auroc", "aupr_in", "aupr_out", "fpr95", "oscr", "macro
 # 540 training images / batch 16 = 33 steps per epoch; checkpoints every 5 steps.
 TINY = ["--config", "configs/smoke.yaml", "data.train_per_class=100", "data.test_per_class=20",
         "data.stats_per_class=20", "data.batch_size=16", "data.num_workers=0", "run.deterministic=true",
-        "run.checkpoint_every_steps=5", "run.keep_last=2", "run.progress=false", "eval.test_interval=0"]
+        "run.checkpoint_every_steps=5", "run.keep_last=2", "run.progress=false", "eval.test_interval=0",
+        "schedule.epochs=2", "tracking.log_every=10"]
 STEPS_PER_EPOCH = 33
 
 
@@ -164,3 +165,4 @@ def test_sigusr1_checkpoints_exits_42_and_the_rerun_completes(tmp_path):
     assert f"from step_{state['global_step']:09d}" in again.stdout
     summary = json.loads((tmp_path / "runs" / "pre" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["epochs"] == 1
+    assert not list(tmp_path.glob("torchelastic_*")) and not list(tmp_path.glob("cssr-launch-*"))  # TMPDIR clean

@@ -47,7 +47,7 @@ SlurmctldHost=${HOST}(127.0.0.1)
 SlurmctldPort=${PORT}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=${DIR}/munge/munge.socket
+AuthInfo=socket=${DIR}/munge/munge.socket,cred_expire=5
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation=${DIR}/state
@@ -62,7 +62,7 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
 SchedulerType=sched/backfill
-SchedulerParameters=batch_sched_delay=0
+SchedulerParameters=batch_sched_delay=0,sched_interval=2,bf_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 EnforcePartLimits=ALL
@@ -131,8 +131,25 @@ stop_pid() {  # $1 pid file: TERM, wait up to 10 s, then KILL
   rm -f "$1"
 }
 
+cancel_jobs() {  # jobs still running (e.g. a test failed mid-job) must not outlive the cluster
+  pid_alive "$DIR/slurmctld.pid" || return 0
+  local jobs
+  jobs=$(SLURM_CONF=$CONF squeue -h -o %A 2>/dev/null | sort -u | tr '\n' ' ')
+  [[ -n ${jobs// /} ]] || return 0
+  # shellcheck disable=SC2086
+  SLURM_CONF=$CONF scancel --full --signal=KILL $jobs 2>/dev/null || true
+  # shellcheck disable=SC2086
+  SLURM_CONF=$CONF scancel $jobs 2>/dev/null || true
+  for _ in $(seq 100); do
+    [[ -z $(SLURM_CONF=$CONF squeue -h -o %A 2>/dev/null) ]] && return 0
+    sleep 0.2
+  done
+  echo "slurm_cluster.sh: jobs still listed after 20 s: $jobs" >&2
+}
+
 stop() {
   [[ -d $DIR ]] || return 0
+  cancel_jobs
   for node in node1 node2; do stop_pid "$DIR/slurmd.$node.pid"; done
   stop_pid "$DIR/slurmctld.pid"
   stop_pid "$DIR/munge/munged.pid"

@@ -93,6 +93,11 @@ def shard_dataset(dataset: Dataset, rank: int, world_size: int) -> Dataset:
     return Subset(dataset, list(range(rank, len(dataset), world_size)))
 
 
+#: A DataLoader worker that stops delivering (e.g. its feeder thread died) would otherwise
+#: be waited for without end; no healthy batch takes this long.
+WORKER_TIMEOUT_S = 600
+
+
 def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, rank: int, world_size: int) -> DataLoader:
     """A non-shuffled loader over this rank's shard of an evaluation set."""
     return DataLoader(
@@ -102,6 +107,7 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, rank: int, 
         num_workers=num_workers,
         drop_last=False,
         persistent_workers=False,
+        timeout=WORKER_TIMEOUT_S if num_workers > 0 else 0,
     )
 
 

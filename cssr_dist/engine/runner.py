@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..config import Config
 from ..data.loaders import build_data, build_datasets
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..eval import evaluator as E
 from ..eval.report import metrics_table
 from ..models.losses import build_loss
@@ -32,7 +32,7 @@ from ..scoring.scores import predict as predict_classes
 from ..scoring.statistics import ScoreStatistics
 from ..tracking import RunFolder, environment_record, new_run_id, wandb_available, wandb_init_kwargs
 from .checkpoint import TrainerState, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint, save_weights
-from .distributed import SeededSamples, eval_loader, process_group_kwargs, set_epoch
+from .distributed import WORKER_TIMEOUT_S, SeededSamples, eval_loader, process_group_kwargs, set_epoch
 from .optim import build_optimizer
 from .preemption import Preempted, PreemptionFlag
 from .schedule import build_scheduler
@@ -106,7 +106,8 @@ def _train_loader(cfg: Config, bundle) -> DataLoader:
         raise DataError(f"training set has {len(bundle.train)} samples, fewer than data.batch_size="
                         f"{cfg.data.batch_size}; lower the batch size or enlarge data.train_per_class")
     return DataLoader(SeededSamples(bundle.train, cfg.run.seed), batch_size=cfg.data.batch_size, shuffle=True,
-                      drop_last=True, num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
+                      drop_last=True, num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
+                      timeout=WORKER_TIMEOUT_S if cfg.data.num_workers > 0 else 0)
 
 
 def compile_or_eager(model: torch.nn.Module) -> torch.nn.Module:
@@ -150,6 +151,8 @@ class Run:
             else:
                 self.bundle = build_datasets(cfg.data, cfg.run.seed)
                 self.num_classes = self.bundle.num_classes
+        if cfg.model.sync_bn and acc.device.type == "cpu" and acc.num_processes > 1:
+            raise ConfigError("model.sync_bn=true needs GPUs (torch has no CPU SyncBatchNorm); drop it for CPU runs")
         self.model = build_model(cfg.model, self.num_classes, cfg.data.in_chans).to(acc.device)
         if cfg.model.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)

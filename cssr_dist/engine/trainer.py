@@ -101,9 +101,14 @@ class Trainer:
                               "epoch": self.state.epoch}, step=self.state.global_step)
         return value
 
-    def _stop_reason(self) -> str | None:
+    def _max_steps_reached(self) -> bool:
+        """Local integer check (every rank counts the same steps): no collective, no sync."""
         max_steps = self.cfg.run.max_steps
-        if max_steps is not None and self.state.global_step >= max_steps:
+        return max_steps is not None and self.state.global_step >= max_steps
+
+    def _stop_reason(self) -> str | None:
+        """Collective on several ranks (the preemption flag is all-reduced): call on log steps."""
+        if self._max_steps_reached():
             return "max_steps"
         return "preempted" if self.preemption.should_stop(self.accelerator) else None
 
@@ -140,7 +145,10 @@ class Trainer:
             if ckpt_every and self.state.global_step % ckpt_every == 0:
                 self._record_epoch_loss(base, loss_sum, steps)
                 self.on_checkpoint()
-            if self.state.global_step % log_every == 0 or self.cfg.run.max_steps is not None:
+            if self._max_steps_reached():
+                stop = "max_steps"
+                break
+            if self.state.global_step % log_every == 0:
                 stop = self._stop_reason()
                 if stop:
                     break

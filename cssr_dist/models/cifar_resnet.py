@@ -8,8 +8,10 @@ CSSR's Tiny-ImageNet backbone: a 64 px image keeps its resolution through the st
 from __future__ import annotations
 
 import torch
-from torch import nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import nn
+
+from .pooled_classifier import PooledClassifier
 
 __all__ = ["CifarResNet"]
 
@@ -35,7 +37,7 @@ class BasicBlock(nn.Module):
         return self.act(out + shortcut)
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(PooledClassifier, nn.Module):
     """ResNet with a CIFAR stem; `forward_features` returns the layer4 map."""
 
     def __init__(
@@ -56,34 +58,15 @@ class CifarResNet(nn.Module):
             blocks = [BasicBlock(in_ch if j == 0 else width, width, stride if j == 0 else 1) for j in range(depth)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
             in_ch = width
-        self.num_features = in_ch
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.fc = nn.Linear(in_ch, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_classifier(in_ch, num_classes, global_pool)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.bn1(self.conv1(x)))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool:
-            x = x.mean((2, 3))
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _cfg(**kwargs: object) -> dict:

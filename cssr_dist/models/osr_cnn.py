@@ -13,8 +13,10 @@ i.e. ~55 s per 30k images.
 from __future__ import annotations
 
 import torch
-from torch import nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import nn
+
+from .pooled_classifier import PooledClassifier
 
 __all__ = ["OsrCnn"]
 
@@ -27,7 +29,7 @@ def _conv_bn_act(in_ch: int, out_ch: int, stride: int) -> nn.Sequential:
     )
 
 
-class OsrCnn(nn.Module):
+class OsrCnn(PooledClassifier, nn.Module):
     """conv(32) -> conv(32, /2) -> conv(64) -> conv(64, /2) -> conv(128) -> conv(128)."""
 
     def __init__(
@@ -45,33 +47,14 @@ class OsrCnn(nn.Module):
             layers.append(_conv_bn_act(in_ch, width, stride))
             in_ch = width
         self.features = nn.Sequential(*layers)
-        self.num_features = in_ch
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.fc = nn.Linear(in_ch, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_classifier(in_ch, num_classes, global_pool)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
 
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool:
-            x = x.mean((2, 3))
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 default_cfgs = generate_default_cfgs({

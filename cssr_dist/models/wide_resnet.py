@@ -14,8 +14,10 @@ function but do not create the dead BN layer.
 from __future__ import annotations
 
 import torch
-from torch import nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import nn
+
+from .pooled_classifier import PooledClassifier
 
 __all__ = ["WideResNet"]
 
@@ -66,7 +68,7 @@ class WideBasicBlock(nn.Module):
         return residual + self.conv2(out)
 
 
-class WideResNet(nn.Module):
+class WideResNet(PooledClassifier, nn.Module):
     """WRN-depth-widen (FixMatch variant); `forward_features` returns the last feature map."""
 
     def __init__(
@@ -90,10 +92,7 @@ class WideResNet(nn.Module):
         self.block3 = self._stage(n, widths[2], widths[3], 2, drop_rate, activate_before_residual=False)
         self.bn1 = _bn(widths[3])
         self.act = _act()
-        self.num_features = widths[3]
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.fc = nn.Linear(widths[3], num_classes) if num_classes > 0 else nn.Identity()
+        self._init_classifier(widths[3], num_classes, global_pool)
         self._init_weights()
 
     @staticmethod
@@ -117,27 +116,11 @@ class WideResNet(nn.Module):
                 nn.init.xavier_normal_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)
         x = self.block3(self.block2(self.block1(x)))
         return self.act(self.bn1(x))
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool:
-            x = x.mean((2, 3))
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _cfg(**kwargs: object) -> dict:

@@ -1,0 +1,256 @@
+"""The Slurm scripts on a real (throwaway, local) Slurm cluster with two emulated nodes.
+
+tools/slurm_cluster.sh starts slurmctld + two slurmd ("node1", "node2", both this
+machine); the tests submit slurm/imagenet_rcssr.sh (its default ImageNet config, on tiny
+ImageNet-format shards) and slurm/osr_sweep.sh with sbatch exactly as a user would, made
+tiny through overrides and run on CPU (ACCELERATE_USE_CPU=1, no GPUs requested, rendezvous
+on 127.0.0.1 because the node names do not resolve).
+Skipped only when Slurm is not installed (tools/setup.sh --dev installs it; CI runs them).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from cssr_dist.data.make_shards_cli import main as make_shards
+from tests.conftest import write_images
+from tests.helpers import ROOT
+from tests.helpers import test_env as run_env
+
+if not (shutil.which("slurmctld") or Path("/usr/sbin/slurmctld").exists()):
+    pytest.skip("slurmctld is not installed (tools/setup.sh --dev installs slurmctld slurmd slurm-client munge)",
+                allow_module_level=True)
+
+TINY = ["data.train_per_class=100", "data.test_per_class=20", "data.stats_per_class=20", "data.batch_size=16",
+        "schedule.epochs=1", "eval.test_interval=0", "run.progress=false"]
+NO_GPUS = ["--gpus-per-node=0", "--cpus-per-task=1", "--time=15"]
+
+
+def _free_port_triple() -> int:
+    """A base port p with p, p+1, p+2 free (slurmctld and the two slurmd)."""
+    for base in range(16817, 26817, 3):
+        try:
+            socks = []
+            for port in (base, base + 1, base + 2):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no free port triple for the test cluster")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """(tmp dir, environment for sbatch/scontrol and the jobs)."""
+    tmp = tmp_path_factory.mktemp("slurm")
+    cluster_dir = tmp / "cluster"
+    env = {**run_env(tmp), "SLURM_CLUSTER_PORT": str(_free_port_triple())}
+    tool = ["bash", str(ROOT / "tools" / "slurm_cluster.sh")]
+    start = subprocess.run([*tool, "start", str(cluster_dir)], env=env, capture_output=True, text=True, timeout=60)
+    assert start.returncode == 0, start.stdout + start.stderr
+    env.update(SLURM_CONF=str(cluster_dir / "etc" / "slurm.conf"), ACCELERATE_USE_CPU="1", MASTER_ADDR="127.0.0.1",
+               CSSR_ROOT=str(ROOT), CSSR_PYTHON=sys.executable)
+    yield tmp, env
+    subprocess.run([*tool, "stop", str(cluster_dir)], env=env, capture_output=True, timeout=60)
+
+
+def _job_info(env: dict, job_id: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True, timeout=30)
+    return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
+
+
+def _sbatch(env: dict, args: list[str], cwd: Path = ROOT) -> subprocess.Popen:
+    """`sbatch --wait --parsable ...`: prints the job id, returns when the job (all tasks) ended."""
+    return subprocess.Popen(["sbatch", "--wait", "--parsable", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _job_id(proc: subprocess.Popen) -> str:
+    return proc.stdout.readline().strip().split(";")[0]
+
+
+# ---------------------------------------------------------------- imagenet_rcssr.sh: 2 nodes, preempted
+def _tiny_imagenet_shards(root: Path) -> Path:
+    """ImageNet-format shards (imagefolder of wnid folders): 4 classes x 64 train / 8 val images."""
+    for subset, per_class in (("train", 64), ("val", 8)):
+        for c in range(4):
+            write_images(root / subset / f"n{c:08d}", [f"{c}_{i}.png" for i in range(per_class)], size=40,
+                         seed=1000 * c + (0 if subset == "train" else 500))
+    shards = root / "shards"
+    common = ["--dataset", "imagenet", "--workers", "1", "--no-progress"]
+    assert make_shards(["--source", "imagefolder", "--root", str(root / "train"), "--subset", "train",
+                        "--out", str(shards / "imagenet-train"), "--samples-per-shard", "16", *common]) in (0, None)
+    assert make_shards(["--source", "imagefolder", "--root", str(root / "val"), "--subset", "val",
+                        "--classes-from", str(shards / "imagenet-train.json"), "--out", str(shards / "imagenet-val"),
+                        "--samples-per-shard", "8", *common]) in (0, None)
+    return shards
+
+
+@pytest.fixture(scope="module")
+def preempted(cluster):
+    """The DEFAULT config (configs/imagenet/rcssr.yaml: shards, frozen ResNet-50, RCSSR, S0) made tiny
+    by overrides, on 2 nodes x 1 CPU process; USR1 after the first checkpoint; requeue; resume; finish."""
+    tmp, env = cluster
+    shards = _tiny_imagenet_shards(tmp / "imagenet")
+    runs = tmp / "runs"
+    ckpts = runs / "pre" / "checkpoints"
+    tiny = [f"data.root={shards}", "data.known=[0,1,2]", "model.pretrained=false", "data.image_size=32",
+            "data.test_resize=36", "data.batch_size=8", "data.eval_batch_size=16", "data.num_workers=0",
+            'run.mixed_precision="no"', "model.channels_last=false", "schedule.epochs=2",
+            "schedule.warmup_epochs=0.5", "schedule.milestones=[1]", "run.progress=false"]
+    t0 = time.monotonic()
+    proc = _sbatch(env, ["--nodes=2", *NO_GPUS, f"--output={tmp}/slurm-%j.out", "slurm/imagenet_rcssr.sh", *tiny,
+                         f"run.output_dir={runs}", "run.name=pre", "run.checkpoint_every_steps=2",
+                         "tracking.log_every=1"])
+    try:
+        job = _job_id(proc)
+        deadline = time.monotonic() + 240
+        while not list(ckpts.glob("step_*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        signalled = subprocess.run(["scancel", "--signal=USR1", job], env=env, capture_output=True, text=True)
+        rc = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert signalled.returncode == 0, signalled.stderr
+    print(f"preempted job {job}: {time.monotonic() - t0:.1f} s")
+    return dict(rc=rc, job=job, run=runs / "pre", info=_job_info(env, job), tmpdir=Path(env["TMPDIR"]),
+                out=(tmp / f"slurm-{job}.out").read_text(), stderr=proc.stderr.read())
+
+
+@pytest.mark.slow
+def test_preempted_job_is_requeued_once_and_completes(preempted):
+    assert preempted["rc"] == 0, preempted["out"] + preempted["stderr"]
+    assert preempted["info"]["JobState"] == "COMPLETED" and preempted["info"]["ExitCode"] == "0:0"
+    assert preempted["info"]["Restarts"] == "1"
+    out = preempted["out"]
+    assert "2 node(s) x 1 process(es), rendezvous 127.0.0.1:" in out
+    assert f"cssr job {preempted['job']}: preempted, checkpoint written; requeueing (restart 1)" in out
+    assert f"cssr job {preempted['job']} restart 1:" in out
+
+
+@pytest.mark.slow
+def test_requeued_job_resumed_from_the_preemption_checkpoint(preempted):
+    logs = preempted["run"] / "slurm"
+    job = preempted["job"]
+    assert sorted(p.name for p in logs.iterdir()) == [f"{job}.0", f"{job}.1"]  # a log folder per (re)start
+    for attempt in (0, 1):
+        assert sorted(p.name for p in (logs / f"{job}.{attempt}").glob("node*.log")) == ["node0.log", "node1.log"]
+    first, second = (logs / f"{job}.0" / "node0.log").read_text(), (logs / f"{job}.1" / "node0.log").read_text()
+    stopped = re.search(r"preempted at step (\d+); checkpoint written", first)
+    assert stopped, first[-3000:]
+    assert "launch.py: workers stopped for requeue" in first
+    step = int(stopped.group(1))
+    assert f"resuming pre from step_{step:09d} (epoch 0, step {step})" in second
+
+
+@pytest.mark.slow
+def test_requeued_job_wrote_one_complete_run(preempted):
+    run = preempted["run"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["epochs"] == 2 and summary["score"] == "s0"
+    assert summary["num_test_known"] == 24 and summary["num_test_unknown"] == 8  # every val image once
+    config = (run / "config.yaml").read_text()  # the ImageNet recipe, made tiny only where overridden
+    for line in ("method: cssr_ft", "backbone: resnet50", "latent_dim: 16", "freeze_backbone: true",
+                 "format: shards", "train_augment: imagenet", "scale_lr_by_batch: true"):
+        assert line in config, line
+    history = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert history[1]["lr"] == pytest.approx(0.4 * 16 / 128 * 0.1)  # lr x global batch / 128, x0.1 after epoch 1
+    scratch = preempted["tmpdir"]  # the jobs' TMPDIR (inherited from sbatch's environment)
+    assert not list(scratch.glob("torchelastic_*")) and not list(scratch.glob("cssr-launch-*"))  # no litter
+
+
+# ---------------------------------------------------------------- osr_sweep.sh: a job array
+def test_sweep_grid_is_datasets_x_splits_x_methods(cluster):
+    _, env = cluster
+    env = {**env, "SWEEP_DATASETS": "mnist fashion_mnist", "SWEEP_METHODS": "linear rcssr"}
+    listing = subprocess.run(["bash", "slurm/osr_sweep.sh", "--list"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=30)
+    lines = listing.stdout.splitlines()
+    assert lines[:3] == ["0 mnist 0 linear", "1 mnist 0 rcssr", "2 mnist 1 linear"]
+    assert lines[10:12] == ["10 fashion_mnist default linear", "11 fashion_mnist default rcssr"]
+    assert lines[12] == "submit with: sbatch --array=0-11%8 slurm/osr_sweep.sh [key=value ...]"
+
+
+@pytest.mark.slow
+def test_sweep_array_tasks_run_their_combination_in_their_own_folder(cluster):
+    """Tasks 0 and 3 of the grid mnist x {0, 1} x {linear, rcssr}: different splits and methods."""
+    tmp, env = cluster
+    runs = tmp / "sweep"
+    env = {**env, "SWEEP_DATASETS": "mnist", "SWEEP_SPLITS": "0 1", "SWEEP_METHODS": "linear rcssr",
+           "SWEEP_TAG": "t"}
+    proc = _sbatch(env, ["--array=0,3", *NO_GPUS, f"--output={tmp}/sweep-%A_%a.out", "slurm/osr_sweep.sh",
+                         *TINY, "data.train_per_class=30", "data.batch_size=32", f"run.output_dir={runs}"])
+    try:
+        rc = proc.wait(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    logs = "\n".join(p.read_text() for p in sorted(tmp.glob("sweep-*.out")))
+    assert rc == 0, logs[-4000:] + proc.stderr.read()
+    assert "sweep task 0/4: mnist split 0 linear" in logs and "sweep task 3/4: mnist split 1 rcssr" in logs
+    expected = {"t_mnist_linear_0": ("0", "msp"), "t_mnist_rcssr_1": ("1", "integrated")}
+    assert sorted(p.name for p in runs.iterdir()) == sorted(expected)
+    for name, (split, score) in expected.items():
+        summary = json.loads((runs / name / "summary.json").read_text())
+        assert summary["run"] == name and summary["score"] == score and summary["world_size"] == 1
+        config = (runs / name / "config.yaml").read_text()
+        assert re.search(rf"^  split: ['\"]?{split}['\"]?$", config, re.M), config
+
+
+# ---------------------------------------------------------------- failures end the job, without requeue
+@pytest.mark.slow
+def test_a_dying_rank_fails_the_job_within_60_s_without_requeue(cluster):
+    tmp, env = cluster
+    env = {**env, "CSSR_FAIL_RANK": "1", "CSSR_FAIL_STEP": "3", "CSSR_FAIL_MODE": "exit"}
+    run = tmp / "runs" / "dies"
+    proc = _sbatch(env, ["--nodes=2", *NO_GPUS, f"--output={tmp}/slurm-%j.out", "slurm/imagenet_rcssr.sh",
+                         "configs/smoke.yaml", *TINY, f"run.output_dir={tmp / 'runs'}", "run.name=dies"])
+    try:
+        job, failed_at = _job_id(proc), None
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            if failed_at is None and any("CSSR_FAIL test hook" in p.read_text() for p in run.glob("slurm/*/node*.log")):
+                failed_at = time.time()
+            time.sleep(0.2)
+        rc = proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc != 0 and failed_at is not None
+    info = _job_info(env, job)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0"
+    ended = datetime.strptime(info["EndTime"], "%Y-%m-%dT%H:%M:%S").timestamp()  # 1 s resolution
+    print(f"job ended {ended - failed_at:.0f} s after the failure")  # sbatch --wait polls: it returns later
+    assert ended - failed_at < 60
+    node1 = (run / "slurm" / f"{job}.0" / "node1.log").read_text()
+    assert "launch.py: rank 1 failed first (exit code 13)" in node1
+    assert f"failed with exit code 1; see {run}/slurm/{job}.0/node*.log" in (tmp / f"slurm-{job}.out").read_text()
+
+
+@pytest.mark.slow
+def test_a_bad_config_fails_fast_with_one_line(cluster):
+    tmp, env = cluster
+    proc = _sbatch(env, [*NO_GPUS, f"--output={tmp}/bad-%j.out", "slurm/imagenet_rcssr.sh", "configs/smoke.yaml",
+                         "optim.lrr=0.1", f"run.output_dir={tmp / 'runs'}"])
+    job = _job_id(proc)
+    assert proc.wait(timeout=120) == 2
+    out = (tmp / f"bad-{job}.out").read_text()
+    assert "error: unknown config key 'optim.lrr'" in out and "did you mean 'optim.lr'" in out
+    assert not (tmp / "runs" / f"configs_smoke_{job}").exists()
