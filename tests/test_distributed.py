@@ -185,62 +185,50 @@ def _gpu_run(tmp: Path, name: str, processes: int, batch: int, extra: list[str],
 
 
 # ---------------------------------------------------------------- failure without hangs
-@pytest.mark.slow
-def test_a_dying_rank_brings_every_rank_down_within_60_s(tmp_path):
-    """CSSR_FAIL_* test hook: rank 1 is SIGKILLed before step 3; rank 0 waits in a collective."""
+def _launch_with_fault(tmp_path, mode: str, name: str, deadline_s: float, **extra_env: str) -> tuple[int, float | None, str]:
+    """2 CPU ranks with the CSSR_FAIL_* hook on rank 1 at step 3; returns (exit code, when the hook
+    fired (monotonic), log). The launch is killed at `deadline_s` whatever happens."""
     env = {**run_env(tmp_path), "ACCELERATE_USE_CPU": "1", "CSSR_FAIL_RANK": "1", "CSSR_FAIL_STEP": "3",
-           "CSSR_FAIL_MODE": "kill"}
-    marker = str(tmp_path / "runs")
+           "CSSR_FAIL_MODE": mode, **extra_env}
     cmd = [sys.executable, str(ROOT / "launchers" / "launch.py"), "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
-           "--dynamo_backend", "no", str(ROOT / "train.py"), *TINY, f"run.output_dir={marker}", "run.name=dies"]
+           "--dynamo_backend", "no", str(ROOT / "train.py"), *TINY, f"run.output_dir={tmp_path / 'runs'}",
+           f"run.name={name}"]
     log_path = tmp_path / "launch.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            deadline, failed_at = time.monotonic() + 180, None
+            deadline, fault_at = time.monotonic() + deadline_s, None
             while proc.poll() is None and time.monotonic() < deadline:
-                if failed_at is None and "CSSR_FAIL test hook" in log_path.read_text():
-                    failed_at = time.monotonic()
+                if fault_at is None and "CSSR_FAIL test hook" in log_path.read_text():
+                    fault_at = time.monotonic()
                 time.sleep(0.1)
             rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         finally:
             if proc.poll() is None:
                 proc.kill()
-    text = log_path.read_text()
+    return rc, fault_at, log_path.read_text()
+
+
+@pytest.mark.slow
+def test_a_dying_rank_brings_every_rank_down_within_60_s(tmp_path):
+    """CSSR_FAIL_* test hook: rank 1 is SIGKILLed before step 3; rank 0 waits in a collective."""
+    rc, failed_at, text = _launch_with_fault(tmp_path, "kill", "dies", 180)
     assert failed_at is not None, text[-3000:]
     assert rc == 1, text[-3000:]
     print(f"all ranks down {time.monotonic() - failed_at:.1f} s after the failure")
     assert time.monotonic() - failed_at < 60
     assert "rank 1 fails at step 3" in text
     assert "launch.py: rank 1 failed first (exit code -9)" in text
-    assert not leftover_processes(marker)
+    assert not leftover_processes(str(tmp_path / "runs"))
 
 
 @pytest.mark.slow
 def test_a_hung_rank_is_cut_off_by_the_process_group_timeout(tmp_path):
     """Rank 1 sleeps for ever (and ignores SIGTERM) at step 3. Rank 0's collective gives up after
     CSSR_DIST_TIMEOUT_S=10 s; torchrun then SIGTERMs rank 1 and SIGKILLs it 30 s later."""
-    env = {**run_env(tmp_path), "ACCELERATE_USE_CPU": "1", "CSSR_FAIL_RANK": "1", "CSSR_FAIL_STEP": "3",
-           "CSSR_FAIL_MODE": "hang", "CSSR_DIST_TIMEOUT_S": "10"}
+    rc, hung_at, text = _launch_with_fault(tmp_path, "hang", "hangs", 240, CSSR_DIST_TIMEOUT_S="10")
     marker = str(tmp_path / "runs")
-    cmd = [sys.executable, str(ROOT / "launchers" / "launch.py"), "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
-           "--dynamo_backend", "no", str(ROOT / "train.py"), *TINY, f"run.output_dir={marker}", "run.name=hangs"]
-    log_path = tmp_path / "launch.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline, hung_at = time.monotonic() + 240, None
-            while proc.poll() is None and time.monotonic() < deadline:
-                if hung_at is None and "CSSR_FAIL test hook" in log_path.read_text():
-                    hung_at = time.monotonic()
-                time.sleep(0.1)
-            rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    text = log_path.read_text()
     assert hung_at is not None and rc == 1, text[-3000:]
     print(f"all ranks down {time.monotonic() - hung_at:.1f} s after the hang")
     assert time.monotonic() - hung_at < 60
