@@ -142,10 +142,11 @@ class RunFolder:
         with open(self.path / "history.jsonl", "a") as fh:
             fh.write(json.dumps(_json_safe(row)) + "\n")
 
-    def write_summary(self, summary: dict) -> None:
-        tmp = self.path / "summary.json.tmp"
-        tmp.write_text(json.dumps(_json_safe(summary), indent=2))
-        tmp.replace(self.path / "summary.json")
+    def write_summary(self, summary: dict, name: str = "summary.json") -> None:
+        """Atomic (temporary file, then rename); NaN becomes null so the file stays valid JSON."""
+        tmp = self.path / f"{name}.tmp"
+        tmp.write_text(json.dumps(_json_safe(summary), indent=2, default=str))
+        tmp.replace(self.path / name)
 
     def write_table(self, text: str) -> None:
         (self.path / "metrics.md").write_text(text)

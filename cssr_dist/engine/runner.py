@@ -63,18 +63,17 @@ def build_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
     )
 
 
-def _progress(accelerator: Accelerator, cfg: Config, desc: str, total: int | None = None):
-    return tqdm(total=total, desc=desc, disable=not (cfg.run.progress and accelerator.is_local_main_process),
-                leave=False, dynamic_ncols=True)
+def _progress(accelerator: Accelerator, cfg: Config, desc: str, iterable=None, total: int | None = None):
+    """A tqdm bar shown on the local main process only (when run.progress)."""
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True,
+                disable=not (cfg.run.progress and accelerator.is_local_main_process))
 
 
 def _wrap(accelerator, cfg, desc):
     """A progress wrapper for evaluation loops (rank 0 only)."""
-    def wrap(iterable):
-        total = len(iterable) if hasattr(iterable, "__len__") else None
-        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True,
-                    disable=not (cfg.run.progress and accelerator.is_local_main_process))
-    return wrap
+    return lambda iterable: _progress(accelerator, cfg, desc, iterable)
 
 
 def _native_eval_data(cfg: Config, bundle, accelerator) -> EvalData:
@@ -313,7 +312,7 @@ def train(cfg: Config) -> dict:
     while state.epoch < cfg.schedule.epochs and not state.finished:
         set_epoch(train_loader, state.epoch)
         batches = _resume_position(acc, train_loader, state.step_in_epoch)
-        bar = _progress(acc, cfg, f"epoch {state.epoch + 1}/{cfg.schedule.epochs}", len(train_loader))
+        bar = _progress(acc, cfg, f"epoch {state.epoch + 1}/{cfg.schedule.epochs}", total=len(train_loader))
         bar.update(state.step_in_epoch)
         result = trainer.train_epoch(batches, bar)
         bar.close()
@@ -375,7 +374,7 @@ def evaluate_only(cfg: Config) -> dict:
     summary.update({"run": cfg.run.name, "restored_from": str(best), "checkpoint_epoch": meta.get("epoch"),
                     "world_size": run.accelerator.num_processes})
     if run.accelerator.is_main_process:
-        (run.folder.path / "summary_test.json").write_text(__import__("json").dumps(summary, indent=2, default=str))
+        run.folder.write_summary(summary, "summary_test.json")
     run.accelerator.print(metrics_table(summary, cfg.run.name))
     run.close()
     return summary
