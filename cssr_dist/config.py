@@ -156,7 +156,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("native", "shards"),
     "data.split_family": ("builtin", "cssr", "arpl", "none"),
-    "data.train_augment": ("cssr", "flip_crop", "imagenet", "none"),
+    "data.train_augment": ("cssr", "flip_crop", "flip_crop_cutout", "imagenet", "none"),
     "model.head": ("linear", "pcssr", "rcssr"),
     "model.distance": ("l1", "l2"),
     "optim.name": ("sgd", "adamw"),

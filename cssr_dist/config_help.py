@@ -36,7 +36,7 @@ HELP: dict[str, str] = {
     "data.in_chans": "input channels (1 grey, 3 RGB)",
     "data.mean": "normalisation mean per channel (the backbone's own for fine-tuning)",
     "data.std": "normalisation std per channel",
-    "data.train_augment": "cssr (the paper's pool + cutout) | flip_crop | imagenet | none",
+    "data.train_augment": "cssr (the paper's pool + cutout) | flip_crop | flip_crop_cutout (flip, crop, grey cutout of half the side) | imagenet | none",
     "data.manual_contrast": "multiply normalised images by U(0.1, 2) (cssr recipe)",
     "data.test_resize": "resize shorter side to this before the centre crop at test time",
     "data.val_fraction": "fraction of known training images held out for validation (thresholds, best checkpoint)",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -39,4 +40,18 @@ def launch_train(tmp_path: Path, args: list[str], processes: int = 2, timeout: i
     else:
         cmd += ["--cpu", "--num_processes", "1", "--num_machines", "1"]
     cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train.py"), *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_session(cmd, env, timeout)
+
+
+def run_session(cmd: list[str], env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
+    """subprocess.run in a session of its own: on timeout the whole process group is killed,
+    so a hung launch cannot leave its ranks and data workers running under later tests."""
+    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)

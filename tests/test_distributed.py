@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from cssr_dist.engine.distributed import gather_by_id, shard_dataset
-from tests.helpers import ROOT, VENV_BIN, free_port, launch_train
+from tests.helpers import ROOT, VENV_BIN, free_port, launch_train, run_session
 from tests.helpers import test_env as run_env
 
 METRICS = ("closed_acc", "auroc", "aupr_in", "aupr_out", "fpr95", "oscr", "macro_f1", "threshold")
@@ -102,7 +102,7 @@ def _fit_statistics(tmp: Path, processes: int) -> dict[str, torch.Tensor]:
     cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
             str(ROOT / "tests" / "dist_worker.py"), str(out_file), str(tmp / "runs" / "base" / "checkpoints" / "best"),
             *TINY]
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    out = run_session(cmd, env, 180)
     assert out.returncode == 0, out.stderr[-3000:]
     return load_file(str(out_file))
 
@@ -152,7 +152,7 @@ def test_two_ranks_of_batch_b_follow_one_rank_of_batch_2b(tmp_path):
         torch.testing.assert_close(w2[key], w1[key], rtol=1e-5, atol=1e-6, msg=key)
     # the head did train: 4 steps moved its weights away from the seed's initialisation
     w0, _ = _weights_after_steps(tmp_path, "seed_only", 1, 32, [*frozen, "optim.lr=0.0"])
-    assert max((w1[k] - w0[k]).abs().max().item() for k in head) > 1e-3
+    assert max((w1[k] - w0[k]).abs().max().item() for k in head) > 1e-4  # 100x the tolerance above
 
 
 @pytest.mark.slow
@@ -175,8 +175,7 @@ def _gpu_run(tmp: Path, name: str, processes: int, batch: int, extra: list[str],
     if processes > 1:
         cmd.insert(2, "--multi_gpu")
     full_env = {**run_env(tmp), **env}
-    out = subprocess.run([*cmd, str(ROOT / "train.py"), *args], cwd=ROOT, env=full_env, capture_output=True,
-                         text=True, timeout=600)
+    out = run_session([*cmd, str(ROOT / "train.py"), *args], full_env, 600)
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp / "runs" / name
     weights = load_file(str(run / "checkpoints" / "best" / "weights.safetensors"))

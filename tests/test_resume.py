@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from cssr_dist.engine.checkpoint import STATE_FILE, TrainerState, latest_checkpoint, list_checkpoints
-from tests.helpers import ROOT, free_port
+from tests.helpers import ROOT, free_port, run_session
 from tests.helpers import test_env as run_env
 
 METRICS = ("closed_acc", "auroc", "aupr_in", "aupr_out", "fpr95", "oscr", "macro_f1")
@@ -37,8 +37,7 @@ def _train_cmd(tmp: Path, name: str) -> list[str]:
 
 
 def _run(tmp: Path, name: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(_train_cmd(tmp, name), cwd=ROOT, env=run_env(tmp), capture_output=True, text=True,
-                          timeout=timeout)
+    return run_session(_train_cmd(tmp, name), run_env(tmp), timeout)
 
 
 def _kill_after_first_checkpoint(tmp: Path, name: str, timeout: float = 180) -> int:
@@ -160,7 +159,7 @@ def test_sigusr1_checkpoints_exits_42_and_the_rerun_completes(tmp_path):
     assert "checkpoint written, exiting for requeue" in text
     state = json.loads((latest_checkpoint(ckpts) / STATE_FILE).read_text())
     assert 0 < state["step_in_epoch"] < 16 and not state["finished"]  # 540 images / (2 x 16) = 16 steps
-    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    again = run_session(cmd, env, 240)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"from step_{state['global_step']:09d}" in again.stdout
     summary = json.loads((tmp_path / "runs" / "pre" / "summary.json").read_text())

@@ -339,3 +339,28 @@ def test_rank_and_world_size_come_from_the_environment_without_torch_distributed
     assert sorted(collect(loaders["test"])[0]) == [i for s in range(1, 7, 2) for i in range(3 * s, 3 * s + 3)]
     with pytest.raises(DataError, match=r"rank 2 is not in 0..1"):
         build_shard_loaders(config(sets), SPLIT, to_tensor, to_tensor, 0, rank=2)
+
+
+@pytest.mark.parametrize("workers,tail_in_main", [(0, False), (1, True), (1, False), (2, False)])
+def test_uint8_batches_normalised_per_batch_equal_the_per_image_transform(sets, monkeypatch, workers, tail_in_main):
+    """A Compose with ToTensor is cut there (data/batch_transform.py); wherever the batch stage
+    runs (main process or workers) the numbers are those of the whole per-image transform."""
+    from torchvision import transforms as T
+
+    from cssr_dist.data import shards
+
+    monkeypatch.setattr(shards, "main_process_has_a_core", lambda workers: tail_in_main)
+    compose = T.Compose([T.Resize((5, 5)), T.ToTensor(), T.Normalize([0.4, 0.5, 0.6], [0.2, 0.3, 0.25])])
+    cfg = config(sets, num_workers=workers)
+
+    def by_id(transform) -> dict[int, torch.Tensor]:
+        loader = build_shard_loaders(cfg, SPLIT, transform, transform, 0, rank=0, world_size=1)["test"]
+        assert loader.dataset.tail_in_main is (tail_in_main and not isinstance(transform, type(by_id)))
+        return {int(i): x for images, _, ids in loader for x, i in zip(images, ids)}
+
+    split = by_id(compose)
+    whole = by_id(lambda image: compose(image))  # not a Compose: applied whole, per image
+    assert split.keys() == whole.keys() and len(split) == 20
+    for key, image in split.items():
+        assert image.dtype == torch.float32
+        torch.testing.assert_close(image, whole[key], rtol=0, atol=1e-6)

@@ -61,7 +61,7 @@ def test_imagenet_layout_and_ood_folder_train_and_evaluate_from_shards(tmp_path)
         "data.in_chans=3", "data.image_size=32", "data.test_resize=32", "data.mean=[0.5,0.5,0.5]",
         "data.std=[0.25,0.25,0.25]", "data.train_per_class=null", "data.test_per_class=null",
         "data.stats_per_class=null", "data.batch_size=8", "data.eval_batch_size=16", "data.num_workers=1",
-        "data.train_augment=flip_crop", "schedule.epochs=2", "tracking.wandb=false"], processes=1)
+        "data.train_augment=flip_crop", "schedule.epochs=2", "tracking.wandb=false"], processes=2, timeout=150)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     summary = json.loads((tmp_path / "runs" / "in_shards" / "summary.json").read_text())
     assert summary["num_test_known"] == 18 and summary["num_test_unknown"] == 6   # every val image once

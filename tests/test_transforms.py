@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -139,6 +141,24 @@ def test_other_recipes(data_cfg):
     cfg = data_cfg(train_augment="none")
     img = _img("L")
     assert torch.equal(build_transform(cfg, train=True)(img), build_transform(cfg, train=False)(img))
+
+
+def test_flip_crop_cutout_paints_one_grey_square(data_cfg):
+    """The default Fashion-MNIST recipe: on a white image, the only non-white pixels are the cutout."""
+    cfg = data_cfg(image_size=28, train_augment="flip_crop_cutout", in_chans=1, mean=[0.0], std=[1.0])
+    transform = build_transform(cfg, train=True)
+    assert "Cutout(fraction=0.5)" in repr(transform)
+    white = Image.new("L", (28, 28), 255)
+    areas = []
+    for seed in range(20):
+        random.seed(seed), torch.manual_seed(seed)
+        x = transform(white)[0]
+        grey = (x - 127 / 255).abs() < 1e-6
+        assert bool(((x == 1.0) | grey).all())
+        rows, cols = np.flatnonzero(grey.any(1)), np.flatnonzero(grey.any(0))
+        assert grey.sum() == len(rows) * len(cols) and len(rows) <= 15 and len(cols) <= 15
+        areas.append(int(grey.sum()))
+    assert max(areas) >= 14 * 14 and min(areas) < max(areas)  # a full half-side square, clipped at borders
 
 
 def test_bad_settings():

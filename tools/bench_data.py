@@ -40,6 +40,7 @@ from torchvision import datasets  # noqa: E402
 from torchvision import transforms as T  # noqa: E402
 
 from cssr_dist.config import DataConfig  # noqa: E402
+from cssr_dist.data.batch_transform import split_at_to_tensor  # noqa: E402
 from cssr_dist.data.make_shards_cli import ShardOptions, make_shard_set  # noqa: E402
 from cssr_dist.data.shard_sources import list_imagefolder  # noqa: E402
 from cssr_dist.data.shards import build_shard_loaders  # noqa: E402
@@ -182,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeats):  # interleaved, best of N: other load on the machine hits all alike
             runs.setdefault("limit", []).append(bench_limit(blobs, transform))
             runs.setdefault("limit_stack", []).append(bench_limit(blobs, transform, args.batch_size))
+            runs.setdefault("limit_uint8", []).append(bench_limit(blobs, split_at_to_tensor(transform)[0]))
             for workers in args.workers:
                 runs.setdefault(f"folder_w{workers}", []).append(
                     bench_folder(raw, transform, args.batch_size, workers, args.epochs))
@@ -211,6 +213,9 @@ def report(args: argparse.Namespace, results: dict, best: dict) -> dict[str, boo
     stack, stack_cpu = best["limit_stack"]
     print(f"| decode+transform+stack | 1 process | {stack:.1f} | {stack / limit:.2f} | {stack_cpu:.1f} | "
           f"{stack_cpu / limit_cpu:.2f} | |")
+    u8, u8_cpu = best["limit_uint8"]
+    print(f"| decode+crop to uint8 (the shard worker's share; /255 + normalise run per batch) | 1 process | "
+          f"{u8:.1f} | {u8 / limit:.2f} | {u8_cpu:.1f} | {u8_cpu / limit_cpu:.2f} | |")
     met = {"wall": True, "cpu": True}
     for workers in args.workers:
         (folder, folder_cpu) = best[f"folder_w{workers}"]

@@ -112,6 +112,19 @@ def cutout(img: Image.Image, size: int, grey: int = 127) -> Image.Image:
     return out
 
 
+class Cutout:
+    """One grey square of `fraction` x image side per image: the cutout half of the paper's recipe on its own."""
+
+    def __init__(self, fraction: float = 0.5) -> None:
+        self.fraction = fraction
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return cutout(img, int(img.size[0] * self.fraction))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(fraction={self.fraction})"
+
+
 class CssrRandAugment:
     """n ops with replacement from `pool`, magnitude in [1, m-1], each with probability p; then Cutout."""
 

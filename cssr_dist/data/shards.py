@@ -18,6 +18,7 @@ buffer, batching) instead of `wds.WebDataset` + `accelerator.prepare`:
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import itertools
 import logging
@@ -38,6 +39,8 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from webdataset.tariterators import group_by_keys
 
 from ..errors import DataError
+from .batch_transform import BatchTail, main_process_has_a_core, split_at_to_tensor
+from .heap_reuse import keep_freed_memory, worker_init
 from .shard_index import ALLOWED_EXTS, IMAGE_EXTS, ShardIndex, local_path, read_index, read_labels, shard_urls
 from .shard_tar import open_tar_stream, tar_members
 
@@ -133,10 +136,15 @@ def iter_shard(url: str, on_tar_error: Callable[[str, Exception], None]) -> Iter
         files.close()
 
 
-def collate(samples: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """torch's default_collate: in a worker it stacks straight into shared memory (no extra copy)."""
-    images, labels, ids = default_collate(samples)
-    return images, labels.to(torch.int64), ids.to(torch.int64)
+def collate(samples: list[tuple[torch.Tensor, int, int]],
+            batch_transform: BatchTail | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch's default_collate: in a worker it stacks straight into shared memory (no extra copy).
+    With `batch_transform` (uint8 images) the stack is converted into a shared float batch here."""
+    if batch_transform is None:
+        images, labels, ids = default_collate(samples)
+        return images, labels.to(torch.int64), ids.to(torch.int64)
+    images = batch_transform(torch.stack([s[0] for s in samples]))
+    return images, torch.tensor([s[1] for s in samples]), torch.tensor([s[2] for s in samples])
 
 
 # ---------------------------------------------------------------- shard assignment
@@ -185,7 +193,10 @@ class ShardStream(IterableDataset):
                  rank: int, world_size: int, num_workers: int, seed: int, shuffle_buffer: int = 2000,
                  max_corrupt_fraction: float = 0.01) -> None:
         super().__init__()
-        self.plan, self.transform, self.batch_size, self.training = plan, transform, batch_size, training
+        # per image up to uint8 (PIL work), per batch from ToTensor on: see data/batch_transform.py
+        self.transform, self.batch_transform = split_at_to_tensor(transform)
+        self.plan, self.batch_size, self.training = plan, batch_size, training
+        self.tail_in_main = False  # set by ShardLoader: where the batch stage runs
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.max_corrupt_fraction = shuffle_buffer, max_corrupt_fraction
         self.num_workers = effective_workers(len(plan.urls), world_size, num_workers, f"shard set '{plan.name}'")
@@ -322,7 +333,8 @@ class ShardStream(IterableDataset):
             shards = assigned_shards(list(range(len(self.plan.urls))), self.rank, self.world_size, worker, self.slots)
             stages = [self._raw(shards, worker)]
         stages.append(self._decoded(stages[-1], worker))
-        stages.append(wds.batched(self.batch_size, collation_fn=collate, partial=not self.training)(stages[-1]))
+        collation = functools.partial(collate, batch_transform=None if self.tail_in_main else self.batch_transform)
+        stages.append(wds.batched(self.batch_size, collation_fn=collation, partial=not self.training)(stages[-1]))
         try:
             yield from stages[-1]
         finally:
@@ -370,6 +382,9 @@ class ShardLoader:
         self.dataset, self.seed = stream, seed
         self.batch_size = stream.batch_size
         self._loader: DataLoader | None = None
+        # the float stage of the transform (data/batch_transform.py) runs here when this
+        # process has a core of its own (only uint8 crosses from the workers), else in them
+        stream.tail_in_main = stream.batch_transform is not None and main_process_has_a_core(stream.num_workers)
 
     def set_epoch(self, epoch: int) -> None:
         """Seed the training stream for a run resumed at `epoch`; call before the first iteration."""
@@ -396,7 +411,7 @@ class ShardLoader:
         generator = torch.Generator().manual_seed(hash((self.seed, stream.rank, stream.epoch)) & 0x7FFFFFFF)
         # training workers persist so that their stream (and shuffle buffer) continues across epochs
         return DataLoader(stream, batch_size=None, num_workers=stream.num_workers, generator=generator,
-                          pin_memory=torch.cuda.is_available(),
+                          pin_memory=torch.cuda.is_available(), worker_init_fn=worker_init,
                           persistent_workers=stream.training and stream.num_workers > 0)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -408,8 +423,11 @@ class ShardLoader:
         else:
             loader = self._data_loader()
         batches, failure = iter(loader), None
+        tail, pin = (stream.batch_transform if stream.tail_in_main else None), torch.cuda.is_available()
+        keep_freed_memory()  # batches are allocated here too (data/heap_reuse.py)
         try:
-            yield from batches
+            for images, labels, ids in batches:
+                yield (images if tail is None else tail(images, pin_memory=pin)), labels, ids
         except DataError as err:  # from a worker: keep the one line, drop the worker traceback
             lines = [ln for ln in str(err).splitlines() if ln.strip()]
             match = _WRAPPED.search(lines[-1]) if lines else None

@@ -2,9 +2,11 @@
 
 `data.train_augment` picks the training recipe: 'cssr' (ALGORITHM.md section 5 exactly;
 `data.manual_contrast` belongs to it and is ignored by the others), 'flip_crop',
-'imagenet' (fine-tuning) or 'none' (= the test transform). Every pipeline first converts the image
-to the mode that `data.in_chans` asks for, so an OOD folder of RGB photos can be scored
-by a model trained on grey images (and vice versa).
+'flip_crop_cutout' (flip, crop and the recipe's grey cutout without the op pool: the
+built-in Fashion-MNIST default, chosen by docs/recipe_sweep.md), 'imagenet' (fine-tuning)
+or 'none' (= the test transform). Every pipeline first converts the image to the mode
+that `data.in_chans` asks for, so an OOD folder of RGB photos can be scored by a model
+trained on grey images (and vice versa).
 
 Horizontal flips are kept for every data set, as in the reference recipe, including the
 grey ones: Fashion-MNIST's classes (clothes, shoes, bags) are mirror-symmetric, and the
@@ -19,7 +21,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from ..errors import ConfigError
-from .cssr_augment import CssrRandAugment, ManualContrast
+from .cssr_augment import CssrRandAugment, Cutout, ManualContrast
 
 
 class EnsureMode:
@@ -77,12 +79,14 @@ def build_train_transform(data_cfg: Any) -> T.Compose:
         return T.Compose([*head, ResizeIfNeeded(size), *_flip_crop(size), CssrRandAugment(n=2, m=10), *_normalize(data_cfg), *tail])
     if kind == "flip_crop":
         return T.Compose([*head, ResizeIfNeeded(size), *_flip_crop(size), *_normalize(data_cfg)])
+    if kind == "flip_crop_cutout":
+        return T.Compose([*head, ResizeIfNeeded(size), *_flip_crop(size), Cutout(0.5), *_normalize(data_cfg)])
     if kind == "imagenet":
         resize = round(size * 256 / 224)
         return T.Compose([*head, T.Resize(resize), T.RandomResizedCrop(size, scale=(0.25, 1.0)), T.RandomHorizontalFlip(), *_normalize(data_cfg)])
     if kind == "none":
         return build_test_transform(data_cfg)
-    raise ConfigError(f"data.train_augment = {kind!r} is not valid; choose one of cssr, flip_crop, imagenet, none")
+    raise ConfigError(f"data.train_augment = {kind!r} is not valid; choose one of cssr, flip_crop, flip_crop_cutout, imagenet, none")
 
 
 def build_transform(data_cfg: Any, train: bool) -> T.Compose:

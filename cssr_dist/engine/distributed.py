@@ -79,6 +79,21 @@ class SeededSamples(Dataset):
             generator.set_state(state)
 
 
+def eval_module(accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The bare module for evaluation, with rank 0's buffers on every rank.
+
+    DDP's forward broadcasts buffers (a collective) on every call, so evaluating through
+    the wrapper deadlocks as soon as ranks hold different numbers of evaluation batches
+    (exact sharding, shard sets). The buffers (BatchNorm statistics, which each rank updated
+    with its own last batch) are broadcast once here instead: every rank scores one model.
+    """
+    module = accelerator.unwrap_model(model)
+    if accelerator.num_processes > 1 and torch.distributed.is_initialized():
+        for buffer in module.buffers():
+            torch.distributed.broadcast(buffer.data, src=0)
+    return module
+
+
 def set_epoch(loader, epoch: int) -> None:
     """Position a training loader at `epoch`: its sampler's shuffle and its per-sample seeds."""
     for obj in (loader, getattr(loader, "dataset", None)):

@@ -32,7 +32,7 @@ from ..scoring.scores import predict as predict_classes
 from ..scoring.statistics import ScoreStatistics
 from ..tracking import RunFolder, environment_record, new_run_id, wandb_available, wandb_init_kwargs
 from .checkpoint import TrainerState, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint, save_weights
-from .distributed import WORKER_TIMEOUT_S, SeededSamples, eval_loader, process_group_kwargs, set_epoch
+from .distributed import WORKER_TIMEOUT_S, SeededSamples, eval_loader, eval_module, process_group_kwargs, set_epoch
 from .optim import build_optimizer
 from .preemption import Preempted, PreemptionFlag
 from .schedule import build_scheduler
@@ -177,7 +177,7 @@ class Run:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, fit_stats: bool = True) -> dict:
-        acc, cfg, model = self.accelerator, self.cfg, self.model
+        acc, cfg, model = self.accelerator, self.cfg, eval_module(self.accelerator, self.model)
         data = self.eval_data
         if fit_stats and E.needs_statistics(self.score):
             E.fit_statistics(model, data.train_eval, self.stats, cfg.model.head, acc, _wrap(acc, cfg, "statistics"))
@@ -204,7 +204,7 @@ class Run:
         """Accuracy and loss on the validation slice of known classes (model selection)."""
         if self.eval_data.val is None:
             return {}
-        acc, model = self.accelerator, self.model
+        acc, model = self.accelerator, eval_module(self.accelerator, self.model)
         model.eval()
         correct = torch.zeros((), device=acc.device)
         loss_sum = torch.zeros((), device=acc.device)
