@@ -196,10 +196,12 @@ class ShardStream(IterableDataset):
         # per image up to uint8 (PIL work), per batch from ToTensor on: see data/batch_transform.py
         self.transform, self.batch_transform = split_at_to_tensor(transform)
         self.plan, self.batch_size, self.training = plan, batch_size, training
-        self.tail_in_main = False  # set by ShardLoader: where the batch stage runs
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.max_corrupt_fraction = shuffle_buffer, max_corrupt_fraction
         self.num_workers = effective_workers(len(plan.urls), world_size, num_workers, f"shard set '{plan.name}'")
+        # the float stage runs in the loader's main process when it has a core of its own
+        # (only uint8 crosses from the workers), else in the workers
+        self.tail_in_main = self.batch_transform is not None and main_process_has_a_core(self.num_workers)
         self.epoch = 0  # start epoch of the training stream (set_epoch on resume reseeds it)
         self._live: Iterator | None = None
         # [worker, (seen, corrupt)] in shared memory: workers count, the main process reads
@@ -382,9 +384,6 @@ class ShardLoader:
         self.dataset, self.seed = stream, seed
         self.batch_size = stream.batch_size
         self._loader: DataLoader | None = None
-        # the float stage of the transform (data/batch_transform.py) runs here when this
-        # process has a core of its own (only uint8 crosses from the workers), else in them
-        stream.tail_in_main = stream.batch_transform is not None and main_process_has_a_core(stream.num_workers)
 
     def set_epoch(self, epoch: int) -> None:
         """Seed the training stream for a run resumed at `epoch`; call before the first iteration."""
