@@ -120,13 +120,15 @@ def augment(x: torch.Tensor, r: Recipe, gen: torch.Generator) -> torch.Tensor:
 
 
 def run_one(r: Recipe, seed: int, data: dict[str, torch.Tensor], device: torch.device, epochs_scale: float) -> dict:
+    from accelerate import Accelerator
+
     from cssr_dist.config import load_config
     from cssr_dist.engine.optim import build_optimizer
     from cssr_dist.engine.schedule import lr_factor_fn
     from cssr_dist.eval import metrics as M
+    from cssr_dist.eval.evaluator import fit_statistics, predict
     from cssr_dist.models.losses import build_loss
     from cssr_dist.models.osr_model import build_model
-    from cssr_dist.scoring.scores import compute_scores, predict
     from cssr_dist.scoring.statistics import ScoreStatistics
 
     root = Path(__file__).resolve().parents[1]
@@ -160,39 +162,30 @@ def run_one(r: Recipe, seed: int, data: dict[str, torch.Tensor], device: torch.d
             step += 1
     train_s = time.perf_counter() - t0
     model.eval()
-
-    def outputs(x: torch.Tensor):
-        with torch.no_grad():
-            return [model(x[i:i + 1000]) for i in range(0, len(x), 1000)]
-
+    with torch.no_grad():
+        channels = model(xtr[:2]).features.shape[1]
+    # statistics and scores through the project's own evaluation path, as train.py computes them
+    acc = Accelerator(cpu=device.type == "cpu")
     sub = torch.cat([torch.nonzero(ytr == c).flatten()[:2000] for c in range(KNOWN)])
-    fit = outputs(xtr[sub])
-    stats = ScoreStatistics(KNOWN, fit[0].features.shape[1], use_gram=True).to(device)
-    for o in fit:
-        stats.update_class_stats(o.features, predict(cfg.model.head, o.logits))
-    for o in fit:
-        s = compute_scores(cfg.model.head, o.features, o.logits, stats)
-        stats.update_moments({k: s[k] for k in stats.score_names})
-
-    def scores(x: torch.Tensor) -> dict[str, np.ndarray]:
-        acc: dict[str, list] = {}
-        for o in outputs(x):
-            for k, v in compute_scores(cfg.model.head, o.features, o.logits, stats).items():
-                acc.setdefault(k, []).append(v.float().cpu() if v.is_floating_point() else v.cpu())
-        return {k: torch.cat(v).numpy() for k, v in acc.items()}
-
-    te = scores(data["xte"])
-    val = scores(xval)
-    yte = data["yte"].cpu().numpy()
-    kn = yte < KNOWN
+    stats = ScoreStatistics(KNOWN, channels, use_gram=True).to(device)
+    fit_statistics(model, batches(xtr[sub], ytr[sub]), stats, cfg.model.head, acc)
+    te = predict(model, batches(data["xte"], data["yte"]), stats, cfg.model.head, acc)
+    val = predict(model, batches(xval, yval), stats, cfg.model.head, acc)
+    kn = te["labels"] < KNOWN
     row = dict(recipe=r.name, seed=seed, epochs=epochs, train_s=round(train_s, 1), steps=total,
-               closed_acc=float((te["pred"][kn] == yte[kn]).mean()),
-               val_acc=float((val["pred"] == yval.cpu().numpy()).mean()))
+               closed_acc=float((te["pred"][kn] == te["labels"][kn]).mean()),
+               val_acc=float((val["pred"] == val["labels"]).mean()))
     for k in SCORES:
         if k in te:
             row[k] = round(M.auroc(te[k][kn], te[k][~kn]), 4)
-            row[k + "_per_class"] = [round(M.auroc(te[k][kn], te[k][yte == c]), 3) for c in range(KNOWN, 10)]
+            row[k + "_per_class"] = [round(M.auroc(te[k][kn], te[k][te["labels"] == c]), 3) for c in range(KNOWN, 10)]
     return row
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, size: int = 1000) -> list[tuple[torch.Tensor, ...]]:
+    """(images, labels, ids) batches, the shape the evaluator's loaders yield."""
+    ids = torch.arange(len(x), device=x.device)
+    return [(x[i:i + size], y[i:i + size], ids[i:i + size]) for i in range(0, len(x), size)]
 
 
 def prepare(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
@@ -207,10 +200,15 @@ def prepare(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, to
                 xte=to_tensor(arrays["xte"], device), yte=torch.from_numpy(arrays["yte"].astype(np.int64)).to(device))
 
 
-def worker(rank: int, args: argparse.Namespace, jobs, results) -> None:
+def set_up(args: argparse.Namespace) -> tuple[torch.device, dict[str, torch.Tensor]]:
+    """Threads, device and the data on it: once per process, shared by all its runs."""
     torch.set_num_threads(max(1, args.threads))
     device = torch.device(args.device)
-    data = prepare(load_arrays(args.npz), device)
+    return device, prepare(load_arrays(args.npz), device)
+
+
+def worker(rank: int, args: argparse.Namespace, jobs, results) -> None:
+    device, data = set_up(args)
     while True:
         job = jobs.get()
         if job is None:
@@ -232,9 +230,7 @@ def record(args: argparse.Namespace, rows: list[dict], row: dict, sink) -> None:
 
 def run_inline(args: argparse.Namespace, todo: list[tuple[Recipe, int]]) -> list[dict]:
     """One process (CPU, or a smoke run): no worker start-up, no pickling."""
-    torch.set_num_threads(max(1, args.threads))
-    device = torch.device(args.device)
-    data = prepare(load_arrays(args.npz), device)
+    device, data = set_up(args)
     rows: list[dict] = []
     start = time.perf_counter()
     with (args.out / "sweep.jsonl").open("a") as sink:
