@@ -177,9 +177,9 @@ def test_loader_options_and_errors(small_bundle_cfg):
 
 def test_shards_format_dispatch(monkeypatch, data_cfg):
     seen = {}
-    fake = types.ModuleType("cssr_dist.data.shards")
+    fake = types.ModuleType("cssr_dist.data.shards.stream")
     fake.build_shard_loaders = lambda cfg, split, train_tf, test_tf, seed: seen.update(split=split, seed=seed) or "L"
-    monkeypatch.setitem(sys.modules, "cssr_dist.data.shards", fake)
+    monkeypatch.setitem(sys.modules, "cssr_dist.data.shards.stream", fake)
     cfg = data_cfg(format="shards", dataset="cifar10", split_family="cssr", split="b")
     assert build_data(cfg, seed=7) == "L"
     assert seen["split"].known == (1, 2, 4, 6, 7, 8) and seen["seed"] == 7

@@ -18,10 +18,10 @@ import pytest
 import scipy.io
 import webdataset as wds
 
-from cssr_dist.data import make_shards_cli
-from cssr_dist.data.make_shards_cli import main, verify_shard_set
-from cssr_dist.data.shard_index import read_index
-from cssr_dist.data.shard_writer import TAR_OVERHEAD
+from cssr_dist.data.shards import cli as make_shards_cli
+from cssr_dist.data.shards.cli import main, verify_shard_set
+from cssr_dist.data.shards.index import read_index
+from cssr_dist.data.shards.writer import TAR_OVERHEAD
 from cssr_dist.data.shards import iter_shard
 
 REPO = Path(__file__).resolve().parents[1]

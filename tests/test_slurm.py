@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from cssr_dist.data.make_shards_cli import main as make_shards
+from cssr_dist.data.shards.cli import main as make_shards
 from tests.conftest import write_images
 from tests.helpers import ROOT
 from tests.helpers import test_env as run_env

@@ -198,7 +198,7 @@ def build_loaders(bundle: DataBundle, data_cfg: Any, seed: int) -> Loaders:
 def _shard_split(data_cfg: Any) -> OpenSetSplit:
     if not _needs_class_count(data_cfg):
         return _split_for(data_cfg, None)
-    from .shard_index import read_index
+    from .shards.index import read_index
 
     index, _ = read_index(data_cfg.shards.train or "", data_cfg.root)
     return _split_for(data_cfg, index.num_classes)
@@ -211,7 +211,7 @@ def build_data(data_cfg: Any, seed: int) -> Loaders:
     split = _shard_split(data_cfg)
     train_tf, test_tf = build_transform(data_cfg, train=True), build_transform(data_cfg, train=False)
     try:
-        from .shards import build_shard_loaders
+        from .shards.stream import build_shard_loaders
     except ImportError as err:
         raise DataError(f"data.format=shards needs cssr_dist.data.shards.build_shard_loaders, which is not available ({err})") from None
     return build_shard_loaders(data_cfg, split, train_tf, test_tf, seed)

@@ -19,8 +19,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import DataError
-from .shard_writer import Record
+from ...errors import DataError
+from .writer import Record
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 WNID = re.compile(r"^n\d{8}$")
@@ -254,7 +254,7 @@ def list_filelist(list_file: str | Path, root: str | Path | None, dataset: str, 
 
 def list_torchvision(name: str, root: str | Path, train: bool) -> Listing:
     """A torchvision-format set through the project's `build_source` (images re-encoded as PNG)."""
-    from .sources import build_source
+    from ..sources import build_source
 
     source = build_source(name, str(root), train)
     targets = [int(t) for t in source.targets]

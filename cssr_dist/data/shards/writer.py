@@ -18,8 +18,8 @@ from typing import Iterable, NamedTuple
 import PIL.Image
 import webdataset as wds
 
-from ..errors import DataError
-from .shard_index import KEY_FORMAT, ShardInfo
+from ...errors import DataError
+from .index import KEY_FORMAT, ShardInfo
 
 TAR_OVERHEAD = 3 * 512  # header blocks + padding per member, roughly, for byte planning
 

@@ -38,11 +38,11 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.tariterators import group_by_keys
 
-from ..errors import DataError
-from .batch_transform import BatchTail, main_process_has_a_core, split_at_to_tensor
-from .heap_reuse import keep_freed_memory, worker_init
-from .shard_index import ALLOWED_EXTS, IMAGE_EXTS, ShardIndex, local_path, read_index, read_labels, shard_urls
-from .shard_tar import open_tar_stream, tar_members
+from ...errors import DataError
+from ..batch_transform import BatchTail, main_process_has_a_core, split_at_to_tensor
+from ..heap_reuse import keep_freed_memory, worker_init
+from .index import ALLOWED_EXTS, IMAGE_EXTS, ShardIndex, local_path, read_index, read_labels, shard_urls
+from .tar import open_tar_stream, tar_members
 
 log = logging.getLogger(__name__)
 
@@ -533,7 +533,7 @@ def build_shard_loaders(data_cfg: Any, split: Any, train_transform: Callable, te
     (tests). One training shard set serves train, val (a seeded stratified slice of the
     known training samples) and train_eval; labels follow `split.label_map`.
     """
-    from .open_set import per_class_subset, role_keep_and_labels, train_val_split
+    from ..open_set import per_class_subset, role_keep_and_labels, train_val_split
 
     if getattr(split, "unknown_dataset", None):
         raise DataError(f"split '{split.name}' takes unknowns from a second data set ({split.unknown_dataset}); "

@@ -28,10 +28,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from .. import __version__
-from ..errors import CssrError, DataError
-from . import shard_sources as src
-from .shard_index import (
+from ... import __version__
+from ...errors import CssrError, DataError
+from . import listings as src
+from .index import (
     ShardIndex,
     ShardInfo,
     index_path,
@@ -44,7 +44,7 @@ from .shard_index import (
     write_index,
     write_labels,
 )
-from .shard_writer import EncodeOptions, Record, encode_bytes, encode_pil, make_sample, plan_shards, write_shard
+from .writer import EncodeOptions, Record, encode_bytes, encode_pil, make_sample, plan_shards, write_shard
 
 SOURCES = ("torchvision", "imagefolder", "flat", "tinyimagenet", "ood", "filelist")
 
@@ -81,7 +81,7 @@ _MEMORY_SOURCES: dict[tuple, Any] = {}
 
 def _memory_source(spec: tuple[str, str, bool]) -> Any:
     if spec not in _MEMORY_SOURCES:
-        from .sources import build_source
+        from ..sources import build_source
 
         _MEMORY_SOURCES[spec] = build_source(*spec)
     return _MEMORY_SOURCES[spec]
@@ -223,7 +223,7 @@ def make_shard_set(listing: src.Listing, out: str | os.PathLike, opts: ShardOpti
 
 # ---------------------------------------------------------------- verification
 def _verify_task(task: tuple[str, int, int, np.ndarray, str | None]) -> tuple[list[int], list[str]]:
-    from .shards import CorruptSample, check_members, decode_image, iter_shard, parse_id, parse_label
+    from .stream import CorruptSample, check_members, decode_image, iter_shard, parse_id, parse_label
 
     url, start, expected, labels, mode = task
     ids, problems, errors = [], [], []

@@ -25,7 +25,7 @@ from urllib.request import url2pathname
 
 import numpy as np
 
-from ..errors import DataError
+from ...errors import DataError
 
 INDEX_FORMAT = "cssr-dist-shards"
 INDEX_VERSION = 1
