@@ -19,127 +19,135 @@ import yaml
 from .errors import ConfigError
 
 
+def option(help: str, default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING) -> Any:
+    """A config field with its one-line meaning beside it (read by `config_help`), so the
+    documentation cannot drift from the schema."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class OodSetConfig:
     """An extra unknown-only evaluation set, reported separately (e.g. ImageNet vs iNaturalist)."""
 
-    name: str = ""
-    source: str = "imagefolder"
-    root: str = ""
-    shards: str | None = None
+    name: str = option("name of the OOD set in reports (default: the source)", "")
+    source: str = option("on-disk format of the set (imagefolder, ood folder, a built-in data set)", "imagefolder")
+    root: str = option("folder of the set (default: data.root/<name>)", "")
+    shards: str | None = option("shard prefix of the set (data.format=shards)", None)
 
 
 @dataclass
 class ShardsConfig:
     """WebDataset shard prefixes (a prefix `p` means `p.json` index + the shards it lists)."""
 
-    train: str | None = None
-    test: str | None = None
-    shuffle_buffer: int = 2000
-    max_corrupt_fraction: float = 0.01
+    train: str | None = option('shard index prefix of the training set (data.format=shards)', None)
+    test: str | None = option('shard index prefix of the test set', None)
+    shuffle_buffer: int = option('samples in the streaming shuffle buffer', 2000)
+    max_corrupt_fraction: float = option('stop when more than this fraction of samples fail to decode', 0.01)
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "fashion_mnist"
-    root: str = "data"
-    format: str = "native"
-    split_family: str = "builtin"
-    split: str = "default"
-    split_file: str | None = None
-    known: list[int] | None = None
-    unknown: list[int] | None = None
-    unknown_dataset: str | None = None
-    ood: list[OodSetConfig] = field(default_factory=list)
-    shards: ShardsConfig = field(default_factory=ShardsConfig)
-    image_size: int = 28
-    in_chans: int = 1
-    mean: list[float] = field(default_factory=lambda: [0.5])
-    std: list[float] = field(default_factory=lambda: [0.25])
-    train_augment: str = "cssr"
-    manual_contrast: bool = True
-    test_resize: int | None = None
-    val_fraction: float = 0.1
-    train_per_class: int | None = None
-    test_per_class: int | None = None
-    stats_per_class: int | None = None
-    batch_size: int = 128
-    eval_batch_size: int = 256
-    num_workers: int = 2
-    download: bool = False
+    dataset: str = option('fashion_mnist, mnist, cifar10, cifar100, svhn, cifar_plus10, cifar_plus50, tinyimagenet, imagenet, imagefolder', "fashion_mnist")
+    root: str = option('data root holding the data set in its usual on-disk layout', "data")
+    format: str = option('native (files on disk) | shards (WebDataset, see docs/shards.md)', "native")
+    split_family: str = option('builtin | cssr (reference splits a-e) | arpl (ARPL/Vaze splits 0-4) | none (all known)', "builtin")
+    split: str = option('split name within the family', "default")
+    split_file: str | None = option('reference-format split file (exps/<ds>/spl_<s>.json); overrides the family', None)
+    known: list[int] | None = option('explicit known original labels (known class i = known[i])', None)
+    unknown: list[int] | None = option('explicit unknown original labels (default: every other class)', None)
+    unknown_dataset: str | None = option('data set the unknowns come from when not data.dataset (CIFAR+N: cifar100)', None)
+    ood: list[OodSetConfig] = option('extra OOD sets [{name, source, root, shards}] reported separately', factory=list)
+    shards: ShardsConfig = option("WebDataset shard prefixes and stream settings", factory=ShardsConfig)
+    image_size: int = option('network input size (pixels)', 28)
+    in_chans: int = option('input channels (1 grey, 3 RGB)', 1)
+    mean: list[float] = option("normalisation mean per channel (the backbone's own for fine-tuning)", factory=lambda: [0.5])
+    std: list[float] = option('normalisation std per channel', factory=lambda: [0.25])
+    train_augment: str = option("cssr (the paper's pool + cutout) | flip_crop | flip_crop_cutout (flip, crop, grey cutout of half the side) | imagenet | none", "cssr")
+    manual_contrast: bool = option('multiply normalised images by U(0.1, 2) (cssr recipe)', True)
+    test_resize: int | None = option('resize shorter side to this before the centre crop at test time', None)
+    val_fraction: float = option('fraction of known training images held out for validation (thresholds, best checkpoint)', 0.1)
+    train_per_class: int | None = option('cap of training images per known class (subsets)', None)
+    test_per_class: int | None = option('cap of test images per class', None)
+    stats_per_class: int | None = option('cap of training images per class used for score statistics', None)
+    batch_size: int = option('training batch per process', 128)
+    eval_batch_size: int = option('evaluation batch per process', 256)
+    num_workers: int = option('DataLoader workers per process', 2)
+    download: bool = option('allow torchvision downloads when files are missing', False)
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = "osr_cnn"
-    pretrained: bool = False
-    pretrained_file: str | None = None
-    head: str = "rcssr"
-    latent_dim: int = 64
-    gamma: float | None = None
-    distance: str = "l1"
-    hidden_layers: list[int] = field(default_factory=list)
-    projection_dim: int | None = None
-    clamp: float = 100.0
-    freeze_backbone: bool = False
-    class_chunk: int | None = None
-    sync_bn: bool = False
-    channels_last: bool = False
-    compile: bool = False
+    backbone: str = option('timm model name (ours: osr_cnn, wrn40_4, wrn28_2, cifar_resnet18, cifar_resnet34)', "osr_cnn")
+    pretrained: bool = option('load pretrained weights (timm; from the local HF cache when offline)', False)
+    pretrained_file: str | None = option('local weights file for the backbone', None)
+    head: str = option('linear | pcssr | rcssr', "rcssr")
+    latent_dim: int = option('auto-encoder latent size L', 64)
+    gamma: float | None = option('logit scale (default 0.1 for CSSR, 1.0 linear)', None)
+    distance: str = option('l1 (paper) | l2 (closed form)', "l1")
+    hidden_layers: list[int] = option('hidden sizes of each class auto-encoder (default none)', factory=list)
+    projection_dim: int | None = option('1x1 conv + BN + LeakyReLU projection before the heads (fine-tuning)', None)
+    clamp: float = option('logits are clamped to [-clamp, clamp]', 100.0)
+    freeze_backbone: bool = option('backbone in eval mode without gradients (cssr_ft)', False)
+    class_chunk: int | None = option('classes per chunk in the CSSR L1 kernel (default: sized for cache)', None)
+    sync_bn: bool = option('SyncBatchNorm across ranks', False)
+    channels_last: bool = option('channels-last memory format', False)
+    compile: bool = option('torch.compile the model (falls back to eager when unavailable)', False)
 
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"
-    lr: float = 0.4
-    scale_lr_by_batch: bool = False
-    momentum: float = 0.0
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    grad_clip: float | None = None
+    name: str = option('sgd | adamw', "sgd")
+    lr: float = option('base learning rate', 0.4)
+    scale_lr_by_batch: bool = option('lr x global_batch / 128 (fine-tuning recipe)', False)
+    momentum: float = option('SGD momentum (paper: 0)', 0.0)
+    nesterov: bool = option('Nesterov momentum', False)
+    weight_decay: float = option('weight decay', 5e-4)
+    grad_clip: float | None = option('clip gradient norm (off when null)', None)
 
 
 @dataclass
 class ScheduleConfig:
-    kind: str = "multistep"
-    epochs: int = 200
-    warmup_epochs: float = 0.0
-    milestones: list[float] = field(default_factory=lambda: [120.0, 190.0])
-    gamma: float = 0.1
-    min_lr: float = 0.0
+    kind: str = option('multistep | cosine | constant, set per iteration', "multistep")
+    epochs: int = option('training epochs', 200)
+    warmup_epochs: float = option('linear warm-up length in epochs (fractions allowed)', 0.0)
+    milestones: list[float] = option('multistep: epochs where lr is multiplied by schedule.gamma', factory=lambda: [120.0, 190.0])
+    gamma: float = option('multistep decay factor', 0.1)
+    min_lr: float = option('cosine floor as a fraction of the base lr', 0.0)
 
 
 @dataclass
 class EvalConfig:
-    test_interval: int = 1
-    score: str = "auto"
-    baselines: list[str] = field(default_factory=lambda: ["msp", "mls", "energy"])
-    tpr: float = 0.95
-    select_best_by: str = "val_acc"
+    test_interval: int = option('full test evaluation every N epochs (0: at the end only)', 1)
+    score: str = option('auto | s0 | s1 | s2 | integrated | msp | mls | energy', "auto")
+    baselines: list[str] = option('scores reported beside the primary one', factory=lambda: ["msp", "mls", "energy"])
+    tpr: float = option('TPR (on validation knowns) that sets the macro-F1 threshold', 0.95)
+    select_best_by: str = option("val_acc | val_loss | last: which checkpoint is 'best' (never test metrics)", "val_acc")
 
 
 @dataclass
 class TrackingConfig:
-    wandb: bool = True
-    project: str = "cssr-dist"
-    entity: str | None = None
-    group: str | None = None
-    tags: list[str] = field(default_factory=list)
-    log_every: int = 50
+    wandb: bool = option('log to W&B through Accelerate (offline without an API key)', True)
+    project: str = option('W&B project', "cssr-dist")
+    entity: str | None = option('W&B entity', None)
+    group: str | None = option('W&B group (e.g. a sweep)', None)
+    tags: list[str] = option('W&B tags', factory=list)
+    log_every: int = option('log (and check preemption) every N steps', 50)
 
 
 @dataclass
 class RunConfig:
-    name: str = "default"
-    output_dir: str = "runs"
-    method: str = "cssr"
-    seed: int = 0
-    mixed_precision: str = "no"
-    deterministic: bool = False
-    keep_last: int = 2
-    checkpoint_every_steps: int = 0
-    max_steps: int | None = None
-    progress: bool = True
+    name: str = option('run folder name under run.output_dir (also the W&B run name)', "default")
+    output_dir: str = option('where run folders live', "runs")
+    method: str = option('cssr: train from scratch; cssr_ft: fine-tune a head on a frozen pretrained backbone', "cssr")
+    seed: int = option('global seed (Python, NumPy, torch, sampler)', 0)
+    mixed_precision: str = option('no | fp16 | bf16 (Accelerate autocast)', "no")
+    deterministic: bool = option('deterministic torch algorithms (tests, exact resume)', False)
+    keep_last: int = option('number of step checkpoints kept', 2)
+    checkpoint_every_steps: int = option('also checkpoint every N optimizer steps (0: end of epoch only)', 0)
+    max_steps: int | None = option('stop after N optimizer steps (smoke tests, benchmarks)', None)
+    progress: bool = option('progress bars on rank 0', True)
 
 
 @dataclass
