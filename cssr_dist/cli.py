@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .config import Config, apply_override, build_config, dump_yaml, load_yaml_tree, parse_override
-from .errors import CssrError
+from .errors import ConfigError, CssrError
 
 GPU_NOTE = ("note: --gpu is ignored: Accelerate chooses devices (use `accelerate launch --gpu_ids 0,1` "
             "or CUDA_VISIBLE_DEVICES)")
@@ -23,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. schedule.epochs=5")
     p.add_argument("--config", help="YAML config (may `inherit` others); default: built-in Fashion-MNIST RCSSR")
-    p.add_argument("--ds", help="reference-format split file (exps/<dataset>/spl_<s>.json)")
+    p.add_argument("--ds", help="reference-format split file (exps/<dataset>/spl_<s>.json); without --config it "
+                   "selects configs/<dataset>/<model.head, default rcssr>.yaml")
     p.add_argument("--save", help="run name: results go to <run.output_dir>/<name>/")
     p.add_argument("--method", choices=["cssr", "cssr_ft"], help="cssr: from scratch; cssr_ft: fine-tune a frozen pretrained backbone")
     p.add_argument("--test", action="store_true", help="restore the run's best checkpoint and evaluate it")
@@ -37,11 +39,34 @@ def build_parser() -> argparse.ArgumentParser:
 DEFAULT_CONFIG = "configs/fashion_mnist/rcssr.yaml"
 
 
+def config_for_split_file(split_file: str, head: str, configs_dir: Path) -> Path:
+    """`exps/<dataset>/spl_a.json` -> configs/<dataset>/<head>.yaml: a reference user who gives
+    only --ds must get that data set's recipe, not the Fashion-MNIST defaults."""
+    dataset = Path(split_file).parent.name
+    path = configs_dir / dataset / f"{head}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--ds {split_file} without --config: no config {path} for data set '{dataset}' and "
+                          f"model.head '{head}'; pass --config configs/<dataset>/<method>.yaml")
+    return path
+
+
+def _head_override(args: argparse.Namespace) -> str:
+    """model.head from the overrides or --configupdate (last wins), else rcssr."""
+    head = "rcssr"
+    items = [parse_override(i, sep=":") for i in (args.configupdate or "").split(",") if i]
+    items += [parse_override(i) for i in args.overrides]
+    for key, value in items:
+        if key == "model.head":
+            head = str(value)
+    return head
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """Merge YAML, reference flags and overrides (later wins) into a validated Config."""
-    from pathlib import Path
-
     path = args.config
+    if path is None and args.ds:
+        path = str(config_for_split_file(args.ds, _head_override(args), Path(__file__).resolve().parent.parent / "configs"))
+        print(f"note: --ds without --config: using {Path(path).relative_to(Path(path).parents[2])}", file=sys.stderr)
     if path is None:
         default = Path(__file__).resolve().parent.parent / DEFAULT_CONFIG
         path = str(default) if default.is_file() else None
@@ -67,7 +92,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides before and after flags (--test a=1)
     if args.gpu is not None:
         print(GPU_NOTE, file=sys.stderr)
     return args
@@ -80,12 +105,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(dump_yaml(cfg), end="")
             return 0
-        from .engine.preemption import REQUEUE_EXIT_CODE, Preempted
+        from .engine.preemption import REQUEUE_EXIT_CODE, Preempted, mark_preempted
         from .engine.runner import evaluate_only, train
 
         try:
             evaluate_only(cfg) if args.test else train(cfg)
         except Preempted:
+            mark_preempted()
             return REQUEUE_EXIT_CODE
     except CssrError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -35,6 +35,7 @@ class OodSetConfig:
     source: str = option("on-disk format of the set (imagefolder, ood folder, a built-in data set)", "imagefolder")
     root: str = option("folder of the set (default: data.root/<name>)", "")
     shards: str | None = option("shard prefix of the set (data.format=shards)", None)
+    group: str = option("near | far: the OOD group whose mean the set joins in reports (OpenOOD's grouping)", "far")
 
 
 @dataclass
@@ -45,6 +46,8 @@ class ShardsConfig:
     test: str | None = option('shard index prefix of the test set', None)
     shuffle_buffer: int = option('samples in the streaming shuffle buffer', 2000)
     max_corrupt_fraction: float = option('stop when more than this fraction of samples fail to decode', 0.01)
+    allow_url_schemes: bool = option("let an index's base_url use pipe:/remote URL schemes (pipe: runs a shell command; trusted indexes only)", False)
+    decode_on: str = option("cpu (PIL in the loader workers) | device (workers ship JPEG bytes; decode, crop, flip, normalise on the GPU: data/device_augment.py)", "cpu")
 
 
 @dataclass
@@ -60,10 +63,10 @@ class DataConfig:
     unknown_dataset: str | None = option('data set the unknowns come from when not data.dataset (CIFAR+N: cifar100)', None)
     ood: list[OodSetConfig] = option('extra OOD sets [{name, source, root, shards}] reported separately', factory=list)
     shards: ShardsConfig = option("WebDataset shard prefixes and stream settings", factory=ShardsConfig)
-    image_size: int = option('network input size (pixels)', 28)
+    image_size: int | None = option("network input size (pixels); null: the pretrained backbone's (timm), with its test resize", 28)
     in_chans: int = option('input channels (1 grey, 3 RGB)', 1)
-    mean: list[float] = option("normalisation mean per channel (the backbone's own for fine-tuning)", factory=lambda: [0.5])
-    std: list[float] = option('normalisation std per channel', factory=lambda: [0.25])
+    mean: list[float] | None = option("normalisation mean per channel; null: the pretrained backbone's (timm), for train and test", factory=lambda: [0.5])
+    std: list[float] | None = option("normalisation std per channel; null: the pretrained backbone's (timm)", factory=lambda: [0.25])
     train_augment: str = option("cssr (the paper's pool + cutout) | flip_crop | flip_crop_cutout (flip, crop, grey cutout of half the side) | imagenet | none", "cssr")
     manual_contrast: bool = option('multiply normalised images by U(0.1, 2) (cssr recipe)', True)
     test_resize: int | None = option('resize shorter side to this before the centre crop at test time', None)
@@ -71,7 +74,8 @@ class DataConfig:
     train_per_class: int | None = option('cap of training images per known class (subsets)', None)
     test_per_class: int | None = option('cap of test images per class', None)
     stats_per_class: int | None = option('cap of training images per class used for score statistics', None)
-    batch_size: int = option('training batch per process', 128)
+    batch_size: int = option('training batch per process (ignored when data.global_batch_size is set)', 128)
+    global_batch_size: int | None = option('training batch summed over all processes: per process = global / processes (the recipe holds at any process count); null: data.batch_size per process', None)
     eval_batch_size: int = option('evaluation batch per process', 256)
     num_workers: int = option('DataLoader workers per process', 2)
     download: bool = option('allow torchvision downloads when files are missing', False)
@@ -85,15 +89,18 @@ class ModelConfig:
     head: str = option('linear | pcssr | rcssr', "rcssr")
     latent_dim: int = option('auto-encoder latent size L', 64)
     gamma: float | None = option('logit scale (default 0.1 for CSSR, 1.0 linear)', None)
+    gamma_reference_width: int | None = option("CSSR heads: logit scale = gamma x this / C (C = channels the auto-encoders see), so wide backbones keep the 512-channel scale; null: gamma as is", None)
     distance: str = option('l1 (paper) | l2 (closed form)', "l1")
     hidden_layers: list[int] = option('hidden sizes of each class auto-encoder (default none)', factory=list)
     projection_dim: int | None = option('1x1 conv + BN + LeakyReLU projection before the heads (fine-tuning)', None)
     clamp: float = option('logits are clamped to [-clamp, clamp]', 100.0)
     freeze_backbone: bool = option('backbone in eval mode without gradients (cssr_ft)', False)
     class_chunk: int | None = option('classes per chunk in the CSSR L1 kernel (default: sized for cache)', None)
+    l1_kernel: str = option('CSSR L1 distance: auto (chunked; fused on CUDA once measured faster) | chunked | triton (fused kernel, CUDA)', "auto")
     sync_bn: bool = option('SyncBatchNorm across ranks', False)
     channels_last: bool = option('channels-last memory format', False)
     compile: bool = option('torch.compile the model (falls back to eager when unavailable)', False)
+    compile_mode: str = option('torch.compile mode (with model.compile): default | reduce-overhead (CUDA graphs: small, launch-bound steps) | max-autotune | max-autotune-no-cudagraphs', "default")
 
 
 @dataclass
@@ -124,6 +131,10 @@ class EvalConfig:
     baselines: list[str] = option('scores reported beside the primary one', factory=lambda: ["msp", "mls", "energy"])
     tpr: float = option('TPR (on validation knowns) that sets the macro-F1 threshold', 0.95)
     select_best_by: str = option("val_acc | val_loss | last: which checkpoint is 'best' (never test metrics)", "val_acc")
+    protocol: str = option("clean (validation slice, best-by-validation, clean metric definitions) | reference (the paper's: all training images, last epoch, reference AUPR/FPR95, train-transform statistics); see cssr_dist/protocol.py", "clean")
+    stats_transform: str = option("test | train: transform of the training images behind the score statistics (reference: train, the strong augmentation)", "test")
+    recalibrate_bn: bool = option("recompute BatchNorm running statistics on training images (test transforms) before evaluating", False)
+    recalibrate_bn_batches: int | None = option("batches per process for BatchNorm recalibration (null: the whole training set)", None)
 
 
 @dataclass
@@ -148,6 +159,7 @@ class RunConfig:
     checkpoint_every_steps: int = option('also checkpoint every N optimizer steps (0: end of epoch only)', 0)
     max_steps: int | None = option('stop after N optimizer steps (smoke tests, benchmarks)', None)
     progress: bool = option('progress bars on rank 0', True)
+    force_resume: bool = option('resume even when the config differs from the checkpoint (fingerprint): your settings from now on', False)
 
 
 @dataclass
@@ -161,17 +173,24 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
+OOD_GROUPS = ("near", "far")  # data.ood[].group
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("native", "shards"),
     "data.split_family": ("builtin", "cssr", "arpl", "none"),
     "data.train_augment": ("cssr", "flip_crop", "flip_crop_cutout", "imagenet", "none"),
     "model.head": ("linear", "pcssr", "rcssr"),
     "model.distance": ("l1", "l2"),
+    "model.l1_kernel": ("auto", "chunked", "triton"),
+    "model.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    "data.shards.decode_on": ("cpu", "device"),
     "optim.name": ("sgd", "adamw"),
     "schedule.kind": ("multistep", "cosine", "constant"),
     "run.method": ("cssr", "cssr_ft"),
     "run.mixed_precision": ("no", "fp16", "bf16"),
     "eval.select_best_by": ("val_acc", "val_loss", "last"),
+    "eval.protocol": ("clean", "reference"),
+    "eval.stats_transform": ("test", "train"),
 }
 
 
@@ -305,27 +324,46 @@ def apply_override(tree: dict, key: str, value: Any) -> dict:
 def validate(cfg: Config) -> Config:
     """Cross-field checks that the type system cannot express."""
     for key, choices in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = cfg
+        for name in key.split("."):  # data.shards.decode_on: sections nest
+            value = getattr(value, name)
         if value not in choices:
             close = difflib.get_close_matches(str(value), choices, n=1)
             hint = f"did you mean '{close[0]}'?" if close else f"choose one of {', '.join(choices)}"
             raise ConfigError(f"'{key}' = {value!r} is not valid; {hint}")
     if cfg.data.batch_size < 1 or cfg.data.eval_batch_size < 1:
         raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
+    if cfg.data.global_batch_size is not None and cfg.data.global_batch_size < 1:
+        raise ConfigError("data.global_batch_size must be >= 1 (or null: data.batch_size per process)")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction = {cfg.data.val_fraction} must be in [0, 1)")
     if cfg.schedule.epochs < 1:
         raise ConfigError(f"schedule.epochs = {cfg.schedule.epochs} must be >= 1")
     if cfg.eval.test_interval < 0:
         raise ConfigError("eval.test_interval must be >= 0 (0 = evaluate at the end only)")
-    if len(cfg.data.mean) != len(cfg.data.std):
+    if (cfg.data.mean is None) != (cfg.data.std is None):
+        raise ConfigError("data.mean and data.std must both be set or both be null (null: the backbone's own)")
+    for i, entry in enumerate(cfg.data.ood):
+        if entry.group not in OOD_GROUPS:
+            raise ConfigError(f"data.ood[{i}].group = {entry.group!r} is not valid; choose one of {', '.join(OOD_GROUPS)}")
+    if cfg.model.gamma_reference_width is not None and cfg.model.gamma_reference_width < 1:
+        raise ConfigError("model.gamma_reference_width must be a positive channel count (e.g. 512) or null")
+    if cfg.data.mean is not None and len(cfg.data.mean) != len(cfg.data.std):
         raise ConfigError("data.mean and data.std must have the same length")
     return cfg
 
 
 def build_config(tree: dict, where: str = "") -> Config:
-    return validate(_build(Config, tree, "", where))
+    """Schema-checked config with its evaluation protocol applied (eval.protocol), so the
+    saved config.yaml shows the settings the run really used."""
+    from .protocol import apply_protocol  # protocol.py reads this module's schema
+
+    cfg = validate(apply_protocol(validate(_build(Config, tree, "", where))))
+    if cfg.data.mean is None or cfg.data.image_size is None:  # "the backbone's own": ask timm once
+        from .models.backbones import resolve_backbone_data_config
+
+        cfg.data = resolve_backbone_data_config(cfg.model, cfg.data)
+    return validate(cfg)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

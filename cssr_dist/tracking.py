@@ -51,8 +51,35 @@ def wandb_available() -> bool:
     return True
 
 
-def wandb_init_kwargs(cfg: Config, run_dir: Path, run_id: str) -> dict[str, Any]:
-    """Keyword arguments for `wandb.init`, resuming the same W&B run after a restart."""
+def experiment_group(cfg: Config) -> str:
+    """W&B group: one per experiment family (data set x method x protocol), so W&B's grouped
+    view averages a method over its splits and seeds and groups compare methods."""
+    if cfg.tracking.group:
+        return cfg.tracking.group
+    suffix = "" if cfg.eval.protocol == "clean" else f"_{cfg.eval.protocol}"
+    return f"{cfg.data.dataset}_{cfg.model.head}{suffix}"
+
+
+def split_name(cfg: Config) -> str:
+    """The split as reports name it: the split file's stem, or family/split."""
+    if cfg.data.split_file:
+        return Path(cfg.data.split_file).stem
+    return f"{cfg.data.split_family}/{cfg.data.split}"
+
+
+def wandb_tags(cfg: Config) -> list[str]:
+    """Filterable `key:value` tags (data set, split, method, protocol, backbone) + user tags."""
+    tags = [f"dataset:{cfg.data.dataset}", f"split:{split_name(cfg)}", f"method:{cfg.model.head}",
+            f"protocol:{cfg.eval.protocol}", f"backbone:{cfg.model.backbone}", f"seed:{cfg.run.seed}"]
+    return tags + [t for t in cfg.tracking.tags if t not in tags]
+
+
+def wandb_init_kwargs(cfg: Config, run_dir: Path, run_id: str, job_type: str = "train") -> dict[str, Any]:
+    """Keyword arguments for `wandb.init`, resuming the same W&B run after a restart.
+
+    The project is `cfg.tracking.project`, passed by Accelerate's `init_trackers(project, ...)`
+    (so it is not repeated here). `job_type` is "train" or "eval" (evaluation-only runs).
+    """
     return {
         "name": cfg.run.name,
         "id": run_id,
@@ -60,10 +87,88 @@ def wandb_init_kwargs(cfg: Config, run_dir: Path, run_id: str) -> dict[str, Any]
         "dir": str(run_dir),
         "mode": wandb_mode(),
         "entity": cfg.tracking.entity,
-        "group": cfg.tracking.group,
-        "tags": list(cfg.tracking.tags) or None,
+        "group": experiment_group(cfg),
+        "job_type": job_type,
+        "tags": wandb_tags(cfg),
         "settings": {"silent": True},
     }
+
+
+def wandb_config(cfg: Config, world_size: int | None = None) -> dict[str, Any]:
+    """Flat run config for W&B (lists as strings) + git revision, split and world size.
+
+    Only the config schema's values go in: no environment variable is read, so no API key
+    or other secret can reach the W&B config.
+    """
+    from .config import to_dict
+
+    config = {k: (str(v) if isinstance(v, list) else v) for k, v in flatten("", to_dict(cfg)).items()}
+    config.update({"git_revision": git_revision(), "split": split_name(cfg), "world_size": world_size,
+                   "experiment_group": experiment_group(cfg)})
+    return config
+
+
+def _wandb_tracker(accelerator):
+    """Accelerate's W&B tracker when it is active on this process, else None."""
+    if not getattr(accelerator, "is_main_process", False):
+        return None
+    return next((t for t in getattr(accelerator, "trackers", []) if getattr(t, "name", None) == "wandb"), None)
+
+
+def evaluation_payload(summary: dict, scores: dict, labels, prefix: str) -> dict[str, Any]:
+    """W&B values of one evaluation: every numeric metric of `summary` (flattened under
+    `prefix`), one ROC chart with every score (`<prefix>/roc`), a known-vs-unknown histogram
+    per score (`<prefix>/hist/<score>`) and the per-unknown-class AUROC table
+    (`<prefix>/tables/per_unknown_class_auroc`; its values are also scalars)."""
+    import io
+
+    import numpy as np
+    import wandb
+    from PIL import Image
+
+    from .eval import metrics
+    from .eval.plots import histogram_figure, per_class_rows, thin_curve
+
+    labels = np.asarray(labels)
+    known = labels >= 0
+    payload: dict[str, Any] = {k: v for k, v in flatten(prefix, summary).items()
+                               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    xs, ys, names = [], [], []
+    for name, values in scores.items():
+        values = np.asarray(values, dtype=np.float64)
+        fpr, tpr = metrics.roc_points(values[known], values[~known])
+        if fpr.size:
+            fx, fy = thin_curve(fpr, tpr)
+            xs.append(fx.tolist())
+            ys.append(fy.tolist())
+            names.append(name)
+        buf = io.BytesIO()
+        histogram_figure(values, labels, f"{name} ({prefix})").savefig(buf, format="png")
+        buf.seek(0)
+        payload[f"{prefix}/hist/{name}"] = wandb.Image(Image.open(buf), caption=f"{name}: known vs unknown")
+    if names:
+        payload[f"{prefix}/roc"] = wandb.plot.line_series(xs=xs, ys=ys, keys=names, title=f"ROC ({prefix})",
+                                                          xname="FPR")
+    per_class = summary.get("per_unknown_class_auroc")
+    if per_class:
+        payload[f"{prefix}/tables/per_unknown_class_auroc"] = wandb.Table(columns=["unknown_class", "auroc"],
+                                                                  data=[list(r) for r in per_class_rows(per_class)])
+    return payload
+
+
+def log_evaluation(accelerator, summary: dict, scores: dict, labels, step: int | None, prefix: str = "test") -> bool:
+    """Log one evaluation to W&B (metrics, ROC, histograms, per-class table); no-op unless the
+    W&B tracker is active on this process. Returns whether anything was logged.
+
+    `scores` maps a score name (integrated, s0, s1, s2, msp, mls, energy) to its per-sample
+    values aligned with `labels` (-1 = unknown); call once per evaluated set (`prefix`
+    "test", "ood/<name>", ...).
+    """
+    tracker = _wandb_tracker(accelerator)
+    if tracker is None:
+        return False
+    tracker.log(evaluation_payload(summary, scores, labels, prefix), step=step)
+    return True
 
 
 def new_run_id() -> str:
@@ -122,15 +227,145 @@ def environment_record(cfg: Config, world_size: int) -> dict[str, Any]:
     }
 
 
+# Config keys that do not change what is trained (where files are, speed, logging, evaluation):
+# a resume may change them; anything else changes the fingerprint and is refused.
+NOT_FINGERPRINTED = (
+    "run.name", "run.output_dir", "run.progress", "run.keep_last", "run.checkpoint_every_steps", "run.max_steps",
+    "run.force_resume", "run.deterministic", "tracking", "eval", "data.root", "data.num_workers", "data.download",
+    "data.eval_batch_size", "data.shards.train", "data.shards.test", "data.shards.max_corrupt_fraction",
+    "data.shards.allow_url_schemes", "model.compile", "model.channels_last", "model.class_chunk",
+)
+
+
+def config_fingerprint(cfg: Config) -> str:
+    """Hash of the settings that change training (data selection, model, optim, schedule, seed).
+
+    Stored in every checkpoint and in best/, so a resume with other settings is refused
+    instead of mixing two configs in one run. A split file counts by content, not path.
+    """
+    import hashlib
+
+    from .config import to_dict
+
+    tree = to_dict(cfg)
+    for key in NOT_FINGERPRINTED:
+        *parents, leaf = key.split(".")
+        node = tree
+        for name in parents:
+            node = node.get(name, {})
+        node.pop(leaf, None)
+    for entry in tree.get("data", {}).get("ood", []):
+        entry.pop("root", None), entry.pop("shards", None)
+    split_file = cfg.data.split_file
+    if split_file and Path(split_file).is_file():
+        tree["data"]["split_file"] = hashlib.sha256(Path(split_file).read_bytes()).hexdigest()
+    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 class RunFolder:
-    """Writes the files of `runs/<name>/`; only the main process calls the writers."""
+    """The files of `runs/<name>/`: checked before anything is written, never silently overwritten.
+
+    `check_training_start` (every rank, reads only) decides fresh start or resume and refuses
+    what would destroy results; `lock` (main process) keeps a second job out for the run's
+    life; `write_start_records` writes config.yaml/environment.json on a fresh start only.
+    """
+
+    LOCK_FILE = ".lock"
 
     def __init__(self, cfg: Config):
         self.path = Path(cfg.run.output_dir) / cfg.run.name
         self.checkpoints = self.path / "checkpoints"
+        self._lock_fd: int | None = None
 
+    # -- before anything is written
+    def check_training_start(self, cfg: Config, fingerprint: str) -> str:
+        """'fresh' or 'resume'; ConfigError (one line) when starting would overwrite or mix results."""
+        from .engine.checkpoint import (CheckpointUnusable, check_fingerprint, list_checkpoints,
+                                        read_trainer_state)
+        from .errors import ConfigError
+
+        states = []
+        for path in reversed(list_checkpoints(self.checkpoints)):
+            try:
+                states.append((path, read_trainer_state(path)))
+            except CheckpointUnusable:
+                continue
+        if states:
+            path, newest = states[0]
+            check_fingerprint(newest.fingerprint, fingerprint, path, cfg.run.force_resume)
+            if newest.finished and (self.path / "summary.json").is_file():
+                raise ConfigError(f"run folder {self.path} holds a finished run (summary.json); evaluate it with "
+                                  "--test, or choose another run.name")
+            return "resume"
+        trained = [name for name in ("checkpoints/best", "summary.json") if (self.path / name).exists()]
+        if (self.path / "history.jsonl").is_file() and (self.path / "history.jsonl").stat().st_size:
+            trained.append("history.jsonl")
+        if trained:
+            raise ConfigError(f"run folder {self.path} holds a trained run ({', '.join(trained)}) and no checkpoint "
+                              "to resume; choose another run.name, or move that folder away")
+        return "fresh"
+
+    def check_test_start(self) -> Path:
+        """`--test` needs best/; it writes only summary_test.json."""
+        from .errors import DataError
+
+        best = self.checkpoints / "best"
+        if not (best / "weights.safetensors").is_file():
+            raise DataError(f"run folder {self.path} has no best checkpoint ({best}/weights.safetensors); train "
+                            "the run first or pass the right run.name / run.output_dir")
+        return best
+
+    def lock(self) -> None:
+        """Hold an exclusive lock on the run folder until this process ends (main process only).
+
+        flock is released by the kernel when the process dies (kill -9 included), so a stale
+        lock never blocks a requeued job. On NFS it needs a server with locking (NFSv4).
+        """
+        import fcntl
+        import socket
+        import time
+
+        from .errors import ConfigError
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / self.LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
+            os.close(fd)
+            raise ConfigError(f"run folder {self.path} is in use by another job ({holder}); wait for it to end "
+                              "or choose another run.name") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                  .encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    # -- writers (main process)
     def create(self) -> None:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
+
+    def write_start_records(self, cfg: Config, record: dict, kind: str) -> Path:
+        """Fresh start: config.yaml + environment.json. Resume: environment_resume_<N>.json with
+        the config this job ran with (config.yaml stays the one the run was started with)."""
+        self.create()
+        if kind == "fresh":
+            self.write_config(cfg)
+            self.write_environment(record)
+            return self.path / "environment.json"
+        from .config import to_dict
+
+        number = 1
+        while (self.path / f"environment_resume_{number}.json").exists():
+            number += 1
+        target = self.path / f"environment_resume_{number}.json"
+        target.write_text(json.dumps({**record, "config": to_dict(cfg)}, indent=2, default=str))
+        return target
 
     def write_config(self, cfg: Config) -> None:
         (self.path / "config.yaml").write_text(dump_yaml(cfg))
@@ -141,6 +376,13 @@ class RunFolder:
     def append_history(self, row: dict) -> None:
         with open(self.path / "history.jsonl", "a") as fh:
             fh.write(json.dumps(_json_safe(row)) + "\n")
+
+    def rewrite_history(self, rows: list[dict]) -> None:
+        """On resume: history.jsonl = the checkpoint's history (drops rows of epochs after it,
+        written before a preemption, that would otherwise appear twice)."""
+        tmp = self.path / "history.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(_json_safe(row)) + "\n" for row in rows))
+        tmp.replace(self.path / "history.jsonl")
 
     def write_summary(self, summary: dict, name: str = "summary.json") -> None:
         """Atomic (temporary file, then rename); NaN becomes null so the file stays valid JSON."""

@@ -11,6 +11,11 @@ Takes exactly the options of `accelerate launch` and adds what a cluster job nee
 * **SIGUSR1 and SIGTERM reach the workers.** torchrun starts its workers in new
   sessions; USR1 would kill the launcher (default action) and leave orphans. The signals
   are forwarded to the worker processes, which finish their step, checkpoint and exit 42.
+  torchrun's own SIGTERM handling is switched off (`TORCHELASTIC_SIGNALS_TO_HANDLE`): it
+  would stop the agent with exit 143 and SIGKILL workers still writing their checkpoint
+  after 30 s. As a second line, a worker that exits for requeue leaves a marker file in
+  the launch's scratch folder (`CSSR_PREEMPT_MARKER`); whatever way the launch ends, the
+  marker makes this launcher exit 42 (scancel, Slurm preemption, a signal to torchrun).
 * **No 300 s exit barrier.** When one node's agent dies, torchrun's exit barrier keeps
   the others waiting 300 s; here it waits `CSSR_EXIT_BARRIER_TIMEOUT` seconds (60).
 * **No litter.** torchrun leaves an empty `torchelastic_*` folder in TMPDIR per launch
@@ -37,6 +42,10 @@ from pathlib import Path
 
 REQUEUE_EXIT_CODE = 42  # = cssr_dist.engine.preemption.REQUEUE_EXIT_CODE (kept import-free)
 FORWARDED = (signal.SIGUSR1, signal.SIGTERM)
+MARKER_ENV = "CSSR_PREEMPT_MARKER"  # = cssr_dist.engine.preemption.MARKER_ENV
+# signals torchrun's agent turns into "stop, SIGKILL the workers after 30 s, exit 128+N";
+# SIGTERM is left to `_forward` so that the workers checkpoint and exit 42
+TORCHRUN_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
 
 ENV_OPTIONS = (  # accelerate option, environment variables in order of preference
     ("--machine_rank", ("MACHINE_RANK", "SLURM_NODEID")),
@@ -103,14 +112,21 @@ def with_env_options(argv: list[str]) -> list[str]:
     return launcher + rest
 
 
-def _bound_exit_barrier(seconds: float) -> None:
-    """torchrun's agent waits `exit_barrier_timeout` (300 s) for dead peers; make it shorter."""
+def _bound_exit_barrier(seconds: float, shutdown_s: float) -> None:
+    """torchrun's agent waits `exit_barrier_timeout` (300 s) for dead peers; make it shorter.
+    When it does stop workers itself, it gives them `shutdown_s` (torch: 30 s) before SIGKILL,
+    enough to finish a checkpoint."""
+    import inspect
+
     from torch.distributed.elastic.agent.server import local_elastic_agent as lea
 
     original = lea.LocalElasticAgent.__init__
+    has_shutdown = "shutdown_timeout" in inspect.signature(original).parameters
 
     def init(self, *args, **kwargs):
         kwargs.setdefault("exit_barrier_timeout", seconds)
+        if has_shutdown:
+            kwargs.setdefault("shutdown_timeout", int(shutdown_s))
         original(self, *args, **kwargs)
 
     lea.LocalElasticAgent.__init__ = init
@@ -127,8 +143,17 @@ def _scratch_base() -> str:
 def main(argv: list[str]) -> int:
     scratch = tempfile.mkdtemp(prefix="cssr-launch-", dir=_scratch_base())
     os.environ["TMPDIR"] = tempfile.tempdir = scratch  # torchrun's and the workers' temporary files
+    marker = Path(scratch) / "preempted"
+    os.environ[MARKER_ENV] = str(marker)
+    os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", TORCHRUN_SIGNALS)
     try:
-        return _launch(argv)
+        code = _launch(argv)
+        if code != 0 and marker.exists():
+            if code != REQUEUE_EXIT_CODE:
+                print(f"launch.py: a worker stopped for requeue ({marker.read_text().strip()}); exit "
+                      f"{REQUEUE_EXIT_CODE} instead of {code}", file=sys.stderr)
+            return REQUEUE_EXIT_CODE
+        return code
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -140,7 +165,8 @@ def _launch(argv: list[str]) -> int:
 
     for sig in FORWARDED:  # torchrun replaces the SIGTERM handler with its own forwarding one
         signal.signal(sig, _forward)
-    _bound_exit_barrier(float(os.environ.get("CSSR_EXIT_BARRIER_TIMEOUT", "60")))
+    _bound_exit_barrier(float(os.environ.get("CSSR_EXIT_BARRIER_TIMEOUT", "60")),
+                        float(os.environ.get("CSSR_SHUTDOWN_TIMEOUT", "300")))
     args = launch_command_parser().parse_args(with_env_options(argv))
     try:
         launch_command(args)

@@ -112,7 +112,10 @@ print(Path(cfg.run.output_dir, cfg.run.name).resolve())' --config "$config" "run
   if (( rc == REQUEUE_EXIT_CODE )); then
     if (( restart < ${MAX_REQUEUES:-20} )); then
       echo "cssr job ${SLURM_JOB_ID}: preempted, checkpoint written; requeueing (restart $(( restart + 1 )))"
-      scontrol requeue "$SLURM_JOB_ID"
+      # Slurm's own preemption (PreemptMode=REQUEUE) requeues the job itself and then refuses
+      # this one: not an error, the job comes back either way
+      scontrol requeue "$SLURM_JOB_ID" \
+        || echo "cssr job ${SLURM_JOB_ID}: scontrol requeue refused (Slurm is requeueing the preempted job itself)"
     else
       echo "cssr job ${SLURM_JOB_ID}: preempted, but restarted ${restart} times already (MAX_REQUEUES); not requeueing"
     fi

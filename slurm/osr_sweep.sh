@@ -10,8 +10,10 @@
 # Grid (environment): SWEEP_DATASETS (default "cifar10 svhn tinyimagenet"), SWEEP_METHODS
 # (default "linear pcssr rcssr"), SWEEP_SPLITS (default: each data set's own family: a-e for
 # the CSSR splits of cifar10/svhn/tinyimagenet, 0-4 for ARPL ones, "default" for
-# fashion_mnist), SWEEP_TAG (run-name prefix). Task i runs configs/<dataset>/<method>.yaml
-# with data.split=<split> plus the overrides given here. A task resubmitted later resumes
+# fashion_mnist), SWEEP_TAG (run-name prefix), SWEEP_SEEDS (optional: seeds per combination;
+# then run names end in _s<seed>, as tools/sweep.py names them). Task i runs
+# configs/<dataset>/<method>.yaml with data.split=<split> plus the overrides given here.
+# tools/sweep.py --slurm submits only the unfinished tasks of a grid. A task resubmitted later resumes
 # (or, when finished, re-evaluates) its run. Preemption/requeue as in imagenet_rcssr.sh.
 #SBATCH --job-name=cssr-osr-sweep
 #SBATCH --array=0-44%8
@@ -38,12 +40,16 @@ splits_of() {
   esac
 }
 
-grid() {  # one "dataset split method" line per task, in task-index order
-  local ds split method
+grid() {  # one "dataset split method [seed]" line per task, in task-index order
+  local ds split method seed
   for ds in ${SWEEP_DATASETS:-cifar10 svhn tinyimagenet}; do
     for split in $(splits_of "$ds"); do
       for method in ${SWEEP_METHODS:-linear pcssr rcssr}; do
-        echo "$ds $split $method"
+        if [[ -n ${SWEEP_SEEDS:-} ]]; then
+          for seed in $SWEEP_SEEDS; do echo "$ds $split $method $seed"; done
+        else
+          echo "$ds $split $method"
+        fi
       done
     done
   done
@@ -59,11 +65,14 @@ fi
 
 INDEX=${SLURM_ARRAY_TASK_ID:?not an array task: submit with sbatch --array=0-$(( ${#TASKS[@]} - 1 ))}
 (( INDEX < ${#TASKS[@]} )) || { echo "error: array index $INDEX outside the ${#TASKS[@]}-task grid (see --list)" >&2; exit 2; }
-read -r DATASET SPLIT METHOD <<<"${TASKS[$INDEX]}"
+read -r DATASET SPLIT METHOD SEED <<<"${TASKS[$INDEX]}"
 CONFIG=configs/$DATASET/$METHOD.yaml
 [[ -f $ROOT/$CONFIG ]] || { echo "error: no config $CONFIG for task $INDEX" >&2; exit 2; }
-echo "sweep task $INDEX/${#TASKS[@]}: $DATASET split $SPLIT $METHOD"
+echo "sweep task $INDEX/${#TASKS[@]}: $DATASET split $SPLIT $METHOD${SEED:+ seed $SEED}"
 
 # shellcheck source=slurm/job.sh
 source "$ROOT/slurm/job.sh"
-cssr_run_job "${SWEEP_TAG:+${SWEEP_TAG}_}${DATASET}_${METHOD}_${SPLIT}" "$CONFIG" "data.split=$SPLIT" "$@"
+SEED_ARGS=()
+[[ -z $SEED ]] || SEED_ARGS=("run.seed=$SEED")
+cssr_run_job "${SWEEP_TAG:+${SWEEP_TAG}_}${DATASET}_${METHOD}_${SPLIT}${SEED:+_s$SEED}" "$CONFIG" "data.split=$SPLIT" \
+  "${SEED_ARGS[@]}" "$@"

@@ -107,8 +107,8 @@ def test_pretrained_file_by_name_and_by_order(tmp_path):
     torch.save(renamed, path)
     loaded = build_backbone("osr_cnn", pretrained=True, pretrained_file=str(path), in_chans=1)
     assert torch.equal(loaded.model.features[5][1].running_var, source.features[5][1].running_var)
-    with pytest.raises(DataError, match="tensors"):
-        build_backbone("wrn28_2", pretrained=True, pretrained_file=str(path))
+    with pytest.raises(DataError, match=r"tensor _layer0 \(32, 1, 3, 3\) does not fit conv1.weight \(16, 3, 3, 3\)"):
+        build_backbone("wrn28_2", pretrained=True, pretrained_file=str(path))  # the first mismatching pair
     with pytest.raises(DataError, match="does not exist"):
         build_backbone("osr_cnn", pretrained=True, pretrained_file=str(tmp_path / "missing.pth"), in_chans=1)
 
@@ -141,7 +141,7 @@ def model_cfg(**overrides) -> SimpleNamespace:
     cfg = dict(
         backbone="osr_cnn", pretrained=False, pretrained_file=None, head="rcssr", latent_dim=8, gamma=None,
         distance="l1", hidden_layers=[], projection_dim=None, clamp=100.0, freeze_backbone=False,
-        class_chunk=None, sync_bn=False,
+        class_chunk=None, l1_kernel="auto", sync_bn=False,
     )
     cfg.update(overrides)
     return SimpleNamespace(**cfg)
@@ -195,3 +195,41 @@ def test_sync_bn_conversion():
     model = build_model(model_cfg(sync_bn=True, projection_dim=8), 6, 1)
     assert not any(type(m) is nn.BatchNorm2d for m in model.modules())
     assert any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+
+
+def test_cifar_resnet_is_the_reference_network_by_default():
+    """Reference (CSSR methods/resnet.py): LeakyReLU(0.01) in stem and blocks, ReLU after the
+    sum, PyTorch's default init (conv weights U(-1/sqrt(fan_in), 1/sqrt(fan_in)))."""
+    torch.manual_seed(0)
+    model = timm.create_model("cifar_resnet18", num_classes=0).eval()
+    assert isinstance(model.act1, nn.LeakyReLU) and model.act1.negative_slope == 0.01
+    blocks = [m for m in model.modules() if type(m).__name__ == "BasicBlock"]
+    assert len(blocks) == 8
+    assert all(isinstance(b.act, nn.LeakyReLU) and b.act.negative_slope == 0.01 for b in blocks)
+    assert all(type(b.out_act) is nn.ReLU for b in blocks)
+    for conv in (m for m in model.modules() if isinstance(m, nn.Conv2d)):
+        bound = 1.0 / (conv.weight[0].numel() ** 0.5)
+        assert conv.weight.abs().max() <= bound + 1e-7
+        if conv.weight.numel() > 10_000:  # uniform on [-b, b]: std b / sqrt(3)
+            assert conv.weight.std().item() == pytest.approx(bound / 3**0.5, rel=0.05)
+    # the block computes leaky_relu inside, relu outside
+    block = blocks[0]
+    x = torch.randn(2, 64, 8, 8)
+    with torch.no_grad():
+        inner = nn.functional.leaky_relu(block.bn1(block.conv1(x)), 0.01)
+        expected = torch.relu(block.bn2(block.conv2(inner)) + x)
+        assert torch.allclose(block(x.clone()), expected, atol=1e-6)
+        stem = nn.functional.leaky_relu(model.bn1(model.conv1(torch.randn(1, 3, 8, 8))), 0.01)
+        assert (stem < 0).any()  # a ReLU stem would have none
+
+
+def test_cifar_resnet_torchvision_style_option():
+    torch.manual_seed(0)
+    model = timm.create_model("cifar_resnet18", leaky_slope=0, init="kaiming_fan_out")
+    assert not any(isinstance(m, nn.LeakyReLU) for m in model.modules())
+    conv = model.layer4[1].conv2  # 512 -> 512, 3x3: He-normal with fan_out = 4608
+    assert conv.weight.std().item() == pytest.approx((2.0 / 4608) ** 0.5, rel=0.05)
+    reference = timm.create_model("cifar_resnet18")
+    assert set(reference.state_dict()) == set(model.state_dict())  # checkpoints load into either
+    with pytest.raises(ValueError, match="init"):
+        timm.create_model("cifar_resnet18", init="xavier")

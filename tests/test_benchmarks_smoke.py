@@ -53,21 +53,7 @@ def test_quick_train_step_measures_every_variant(tmp_path):
         assert r["images_per_s"] == pytest.approx(r["batch"] / r["step_s"], rel=0.01)
 
 
-@pytest.mark.slow
-def test_gpu_benchmark_code_paths_on_cpu(tmp_path):
-    """--cpu-dry-run runs every GPU section except compile at tiny sizes, without webdataset/wandb."""
-    code = BLOCK_OPTIONAL + "import tools.bench_gpu as b\nsys.exit(b.main(['--cpu-dry-run', '--out', sys.argv[1]]))"
-    proc = run([sys.executable, "-c", code, str(tmp_path / "out")], tmp_path, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    rows = json_rows(proc.stdout)
-    kinds = {r["kind"] for r in rows}
-    assert {"header", "sync_control", "sync_check", "head", "head_speedup", "train_step", "jpeg", "scaling"} <= kinds
-    assert all(r["ok"] for r in rows if r["kind"] == "sync_check")
-    assert not [r for r in rows if "error" in r or r["kind"] == "skipped"]
-    assert {r["impl"] for r in rows if r["kind"] == "head"} == {"chunked", "l2", "loop"}
-    written = (tmp_path / "out" / "gpu_bench.jsonl").read_text().splitlines()
-    assert len(written) == len(rows)
-    assert "## head alone" in (tmp_path / "out" / "gpu_bench.md").read_text()
+# The CPU rehearsal of the whole GPU run: tests/test_gpu_script.py.
 
 
 def test_gpu_benchmark_without_cuda_says_so(tmp_path):
@@ -85,20 +71,3 @@ def test_gpu_run_script_without_cuda_fails_cleanly(tmp_path):
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Traceback" not in proc.stdout + proc.stderr
     assert "no CUDA device" in (tmp_path / "out" / "gpu_bench.log").read_text()
-
-
-@pytest.mark.slow
-def test_recipe_sweep_runs_two_recipes_without_webdataset_or_wandb(tmp_path):
-    """The sweep that chose the default recipe (docs/recipe_sweep.md), shrunk to a few steps on
-    real Fashion-MNIST, with the optional packages blocked as on the lent GPU image."""
-    code = BLOCK_OPTIONAL + ("import runpy; sys.argv = ['recipe_sweep.py', *sys.argv[1:]]\n"
-                             "runpy.run_path('tools/recipe_sweep.py', run_name='__main__')")
-    proc = run([sys.executable, "-c", code, "--out", str(tmp_path / "sweep"), "--device", "cpu", "--only", "base",
-                "cutout_contrast", "--seeds", "0", "--epochs-scale", "0.0015"], tmp_path, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [json.loads(line) for line in (tmp_path / "sweep" / "sweep.jsonl").read_text().splitlines()]
-    assert sorted(r["recipe"] for r in rows) == ["base", "cutout_contrast"]
-    for r in rows:
-        assert r["steps"] == 3 and 0 < r["closed_acc"] <= 1 and 0 <= r["integrated"] <= 1
-        assert len(r["integrated_per_class"]) == 4 and set(r) >= {"s0", "s1", "s2", "msp", "mls", "energy"}
-    assert "| base | 1 |" in (tmp_path / "sweep" / "sweep.md").read_text()

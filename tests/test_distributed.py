@@ -21,11 +21,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cssr_dist.engine.distributed import gather_by_id, shard_dataset
+from cssr_dist.data.run_data import eval_loader
+from cssr_dist.distributed import gather_by_id
 from tests.helpers import ROOT, VENV_BIN, free_port, launch_train, run_session
 from tests.helpers import test_env as run_env
 
-METRICS = ("closed_acc", "auroc", "aupr_in", "aupr_out", "fpr95", "oscr", "macro_f1", "threshold")
+METRICS = ("closed_acc", "auroc", "aupr_in", "aupr_out", "fpr95_known_pos", "fpr95_ood_pos", "oscr", "macro_f1", "threshold")
 TINY = ["--config", "configs/smoke.yaml", "data.train_per_class=100", "data.test_per_class=20",
         "data.stats_per_class=20", "data.batch_size=16", "schedule.epochs=1", "eval.test_interval=0",
         "run.progress=false", "tracking.log_every=10"]
@@ -47,7 +48,7 @@ def leftover_processes(marker: str) -> list[str]:
 # ---------------------------------------------------------------- unit level (no processes)
 def test_strided_shards_cover_every_sample_once():
     for n, world in ((101, 2), (10, 3), (2, 4)):
-        parts = [list(shard_dataset(list(range(n)), r, world)) for r in range(world)]
+        parts = [[int(x) for b in eval_loader(list(range(n)), 3, 0, r, world) for x in b] for r in range(world)]
         assert sorted(sum(parts, [])) == list(range(n))
 
 
@@ -253,7 +254,7 @@ def test_process_group_timeout_from_the_environment(monkeypatch):
 
 def test_seeded_samples_make_augmentation_a_function_of_the_sample():
     """The same (seed, epoch, index) gives the same random draws whatever was drawn before."""
-    from cssr_dist.engine.distributed import SeededSamples
+    from cssr_dist.data.run_data import SeededSamples
 
     class Noise(torch.utils.data.Dataset):
         def __len__(self):
@@ -284,7 +285,7 @@ def test_imagenet_config_carries_the_fine_tuning_recipe():
     assert (cfg.data.format, cfg.data.shards.train, cfg.data.shards.test) == ("shards", "imagenet-train", "imagenet-val")
     assert (cfg.data.image_size, cfg.data.test_resize, cfg.data.train_augment) == (224, 256, "imagenet")
     assert cfg.data.mean == [0.485, 0.456, 0.406] and cfg.data.std == [0.229, 0.224, 0.225]
-    assert (cfg.model.backbone, cfg.model.pretrained, cfg.model.head, cfg.model.latent_dim) == ("resnet50", True, "rcssr", 16)
+    assert (cfg.model.backbone, cfg.model.pretrained, cfg.model.head, cfg.model.latent_dim) == ("resnet18.tv_in1k", True, "rcssr", 16)
     assert cfg.run.method == "cssr_ft" and cfg.model.freeze_backbone
     assert (cfg.optim.lr, cfg.optim.scale_lr_by_batch, cfg.optim.weight_decay) == (0.4, True, 1e-4)
     assert (cfg.schedule.epochs, cfg.schedule.warmup_epochs, cfg.schedule.milestones) == (4, 1.0, [3.0])

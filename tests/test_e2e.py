@@ -7,7 +7,7 @@ import pytest
 from tests.helpers import launch_train
 
 KNOWN = "data.known=[0,1,2,3,4,6]"
-METRICS = ("closed_acc", "auroc", "aupr_in", "aupr_out", "fpr95", "oscr", "macro_f1")
+METRICS = ("closed_acc", "auroc", "aupr_in", "aupr_out", "fpr95_known_pos", "fpr95_ood_pos", "oscr", "macro_f1")
 
 
 @pytest.fixture(scope="module")

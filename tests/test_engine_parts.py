@@ -8,12 +8,13 @@ from accelerate import Accelerator
 
 from cssr_dist.engine.checkpoint import (TrainerState, latest_checkpoint, list_checkpoints, load_checkpoint,
                                          load_weights, save_checkpoint, save_weights)
-from cssr_dist.engine.distributed import gather_by_id, shard_dataset
+from cssr_dist.data.run_data import eval_loader
+from cssr_dist.distributed import gather_by_id
 
 
 def test_shards_cover_exactly_once():
     data = list(range(11))
-    shards = [list(shard_dataset(data, r, 3)) for r in range(3)]
+    shards = [[int(x) for batch in eval_loader(data, 2, 0, r, 3) for x in batch] for r in range(3)]
     assert sorted(sum(shards, [])) == data
     assert [len(s) for s in shards] == [4, 4, 3]
 

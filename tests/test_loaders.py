@@ -1,4 +1,4 @@
-"""Open-set views, stratified subsets, and the assembled data sets / loaders of a run."""
+"""Open-set views, stratified subsets, and `build_run_data`: this rank's share of every set."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cssr_dist.config import OodSetConfig
-from cssr_dist.data.loaders import build_data, build_datasets, build_loaders
+from cssr_dist.data.run_data import build_run_data
 from cssr_dist.data.open_set import OpenSetConcat, OpenSetDataset, per_class_subset, train_val_split
 from cssr_dist.data.sources import ArraySource
 from cssr_dist.data.splits import OpenSetSplit
@@ -85,19 +85,36 @@ def test_train_val_split_disjoint_stratified():
     assert train_val_split(known, targets, 0.0, seed=0)[1].size == 0
 
 
+class _Views:
+    """The open-set views behind a RunData's loaders (single process), for assertions."""
+
+    def __init__(self, data):
+        self.split, self.num_classes = data.meta.split, data.meta.num_classes
+        self.class_names, self.counts = data.meta.class_names, data.meta.counts
+        self.original_class_names = data.meta.original_class_names
+        self.train = data.train.samples.dataset
+        self.val = data.val.dataset if data.val is not None else None
+        self.train_eval, self.test = data.train_eval.dataset, data.test.dataset
+        self.ood = {name: loader.dataset for name, loader in data.ood.items()}
+
+
+def _views(data) -> _Views:
+    return _Views(data)
+
+
 def test_build_datasets_fashion_mnist(data_cfg):
     cfg = data_cfg(train_per_class=20, test_per_class=10, stats_per_class=5, val_fraction=0.25)
-    bundle = build_datasets(cfg, seed=0)
+    bundle = _views(build_run_data(cfg, seed=0))
     assert bundle.num_classes == 6 and bundle.class_names[:2] == ["T-shirt/top", "Trouser"]
     assert len(bundle.train) == 6 * 15 and len(bundle.val) == 6 * 5 and len(bundle.train_eval) == 6 * 5
     assert set(bundle.train.labels.tolist()) == set(range(6))
     assert np.intersect1d(bundle.train.ids, bundle.val.ids).size == 0
     assert set(bundle.train_eval.ids.tolist()) <= set(bundle.train.ids.tolist())
-    assert bundle.summary()["test_known"] == 60 and bundle.summary()["test_unknown"] == 40
+    assert bundle.counts["test_known"] == 60 and bundle.counts["test_unknown"] == 40
     assert set(bundle.test.original_labels[bundle.test.labels < 0].tolist()) == {6, 7, 8, 9}
     x, y, i = bundle.train_eval[0]
     assert x.shape == (1, 28, 28) and x.abs().max() <= 2.0 + 1e-6  # test transform: no contrast factor
-    assert np.array_equal(build_datasets(cfg, seed=0).val.ids, bundle.val.ids)
+    assert np.array_equal(_views(build_run_data(cfg, seed=0)).val.ids, bundle.val.ids)
 
 
 def test_cifar_plus10_bundle(tmp_path, tiny, data_cfg):
@@ -105,7 +122,8 @@ def test_cifar_plus10_bundle(tmp_path, tiny, data_cfg):
     tiny.cifar(tmp_path, hundred=True, per_class=3)
     cfg = data_cfg(root=str(tmp_path), dataset="cifar_plus10", split_family="arpl", split="0",
                    image_size=32, in_chans=3, mean=[0.5] * 3, std=[0.25] * 3, val_fraction=0.0)
-    bundle = build_datasets(cfg, seed=0)
+    data = build_run_data(cfg, seed=0)
+    bundle = _views(data)
     assert bundle.split.known == (4, 7, 9, 1) and bundle.val is None
     assert len(bundle.train) == 4 * 10 and bundle.class_names == ["c10_4", "c10_7", "c10_9", "c10_1"]
     test = bundle.test
@@ -114,8 +132,7 @@ def test_cifar_plus10_bundle(tmp_path, tiny, data_cfg):
     unknown_orig = test.original_labels[test.labels < 0]
     assert sorted(set(unknown_orig.tolist())) == sorted([30, 25, 1, 9, 8, 0, 46, 52, 49, 71])
     assert bundle.original_class_names[30] == "c100_30"
-    loaders = build_loaders(bundle, cfg, seed=0)
-    ids = torch.cat([b[2] for b in loaders.test])
+    ids = torch.cat([b[2] for b in data.test])
     assert sorted(ids.tolist()) == sorted(test.ids.tolist())
 
 
@@ -132,11 +149,12 @@ def test_ood_sets_from_config_and_split_file(tmp_path, tiny, data_cfg):
     cfg = data_cfg(root=str(tmp_path), split_file=str(tmp_path / "spl.json"), image_size=16, in_chans=3,
                    mean=[0.5] * 3, std=[0.25] * 3, train_augment="imagenet", val_fraction=0.25, batch_size=4,
                    ood=[OodSetConfig(name="textures", source="oodfolder", root=str(tmp_path / "textures"))])
-    bundle = build_datasets(cfg, seed=0)
+    loaders = build_run_data(cfg, seed=0)
+    bundle = _views(loaders)
     assert bundle.num_classes == 3 and list(bundle.ood) == ["textures", "oodinaturalist"]
     assert len(bundle.ood["oodinaturalist"]) == 2 and bundle.ood["textures"].labels.tolist() == [-1]
     assert (bundle.test.labels >= 0).all() and len(bundle.test) == 12
-    loaders = build_loaders(bundle, cfg, seed=0)
+    assert loaders.meta.ood_groups == {"textures": "far", "oodinaturalist": "far"}
     x, y, i = next(iter(loaders.ood["oodinaturalist"]))
     assert x.shape == (2, 3, 16, 16) and y.tolist() == [-1, -1] and i.dtype == torch.int64
     x, y, i = next(iter(loaders.train))
@@ -148,40 +166,61 @@ def small_bundle_cfg(data_cfg):
     return data_cfg(train_per_class=10, test_per_class=4, val_fraction=0.2, batch_size=16)
 
 
-def test_build_loaders_contract(small_bundle_cfg):
+def test_run_data_contract(small_bundle_cfg):
     cfg = small_bundle_cfg
-    bundle = build_datasets(cfg, seed=0)
-    loaders = build_loaders(bundle, cfg, seed=0)
+    loaders = build_run_data(cfg, seed=0)
+    bundle = _views(loaders)
     assert len(loaders.train) == len(bundle.train) // 16  # drop_last
     batches = list(loaders.train)
     images, labels, ids = batches[0]
     assert images.shape == (16, 1, 28, 28) and labels.dtype == torch.int64 and ids.dtype == torch.int64
     first = torch.cat([b[2] for b in batches])
-    second = torch.cat([b[2] for b in build_loaders(bundle, cfg, seed=0).train])
+    second = torch.cat([b[2] for b in build_run_data(cfg, seed=0).train])
     assert torch.equal(first, second)  # seeded shuffle
     assert not torch.equal(first, torch.sort(first).values)
+    loaders.train.set_epoch(1)
+    assert not torch.equal(first, torch.cat([b[2] for b in loaders.train]))  # a new order per epoch
+    loaders.train.set_epoch(0)
+    resumed = torch.cat([b[2] for b in loaders.train.iter_from(2)])
+    assert torch.equal(resumed, first[2 * 16:])  # resume mid-epoch at the same position
     test_ids = torch.cat([b[2] for b in loaders.test])
     assert torch.equal(test_ids, torch.from_numpy(bundle.test.ids))  # not shuffled, complete
-    assert loaders.test.drop_last is False and loaders.num_classes == 6
+    assert loaders.test.drop_last is False and loaders.meta.num_classes == 6
+
+
+def test_ranks_share_the_sets_exactly(small_bundle_cfg):
+    """Two ranks: training batches are the single-process global order cut by rank; every
+    evaluation sample is on exactly one rank."""
+    cfg = small_bundle_cfg
+    cfg.batch_size = 8
+    single = build_run_data(cfg, seed=0)
+    ranks = [build_run_data(cfg, seed=0, rank=r, world=2) for r in range(2)]
+    cfg.batch_size = 8
+    assert len(ranks[0].train) == len(ranks[1].train) == len(single.train) // 2
+    one = [b[2] for b in single.train]
+    for r, data in enumerate(ranks):
+        assert all(torch.equal(b[2], one[2 * i + r]) for i, b in enumerate(data.train))
+    test = [torch.cat([b[2] for b in data.test]) for data in ranks]
+    assert sorted(torch.cat(test).tolist()) == sorted(_views(single).test.ids.tolist())
+    assert not set(test[0].tolist()) & set(test[1].tolist())
+    with pytest.raises(DataError, match="rank 2 is not in 0..1"):
+        build_run_data(cfg, seed=0, rank=2, world=2)
 
 
 def test_loader_options_and_errors(small_bundle_cfg):
     cfg = small_bundle_cfg
-    bundle = build_datasets(cfg, seed=0)
     cfg.num_workers = 1
-    assert build_loaders(bundle, cfg, seed=0).train.persistent_workers is True
+    assert build_run_data(cfg, seed=0).train._loader.persistent_workers is True
     cfg.batch_size = 1000
-    with pytest.raises(DataError, match="fewer than data.batch_size=1000"):
-        build_loaders(bundle, cfg, seed=0)
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        build_run_data(cfg, seed=0)
 
 
 def test_shards_format_dispatch(monkeypatch, data_cfg):
     seen = {}
     fake = types.ModuleType("cssr_dist.data.shards.stream")
-    fake.build_shard_loaders = lambda cfg, split, train_tf, test_tf, seed: seen.update(split=split, seed=seed) or "L"
+    fake.shard_run_data = lambda cfg, train_tf, test_tf, seed, rank, world, stats_tf, device, augmented: seen.update(seed=seed, rank=rank) or "R"
     monkeypatch.setitem(sys.modules, "cssr_dist.data.shards.stream", fake)
     cfg = data_cfg(format="shards", dataset="cifar10", split_family="cssr", split="b")
-    assert build_data(cfg, seed=7) == "L"
-    assert seen["split"].known == (1, 2, 4, 6, 7, 8) and seen["seed"] == 7
-    with pytest.raises(DataError, match="build_data"):
-        build_datasets(cfg, seed=0)
+    assert build_run_data(cfg, seed=7, rank=1, world=2) == "R"
+    assert seen == {"seed": 7, "rank": 1}

@@ -14,7 +14,7 @@ from cssr_dist.models import (
     class_log_probs,
     class_probabilities,
     loss_kind_for_head,
-    predict,
+    predicted_class,
     softmax_avg_loss,
 )
 
@@ -78,7 +78,7 @@ def test_predict_and_build_loss_follow_head_kind():
     logits = torch.zeros(2, 3, 2, 2)
     logits[0, 2] = 5.0
     logits[1, 1, 0, 0] = 9.0
-    assert predict(logits, "softmax_avg").tolist() == [2, 1]
+    assert predicted_class(logits, "softmax_avg").tolist() == [2, 1]
     assert loss_kind_for_head("rcssr") == loss_kind_for_head("pcssr") == "softmax_avg"
     assert loss_kind_for_head("linear") == "avg_softmax"
     assert build_loss("pcssr") is softmax_avg_loss and build_loss("linear") is avg_softmax_loss

@@ -186,3 +186,76 @@ def test_metrics_module_does_not_import_torch_distributed():
     names = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
     modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not any("torch" in (x or "") for x in names | modules)
+
+
+# ------------------------------------------------- reference vs clean definitions (issue 11)
+# Hand-computed example: known [4, 3, 2, 1], unknown [3.5, 0.5]. Descending: K U K K K U.
+HAND_K, HAND_U = np.array([4.0, 3.0, 2.0, 1.0]), np.array([3.5, 0.5])
+
+
+def test_aupr_trapezoid_and_average_precision_by_hand():
+    # PR points (recall, precision): (.25, 1) (.25, .5) (.5, 2/3) (.75, .75) (1, .8) (1, 2/3)
+    assert M.aupr_in(HAND_K, HAND_U) == pytest.approx(193 / 240)  # sum dR * P
+    assert M.aupr_in_trapz(HAND_K, HAND_U) == pytest.approx(23 / 30)  # trapezoid from (0, 1)
+    # unknown positive: (.5, 1) (.5, .5) (.5, 1/3) (.5, .25) (1, .4) (1, 1/3)
+    assert M.aupr_out(HAND_K, HAND_U) == pytest.approx(0.7)
+    assert M.aupr_out_trapz(HAND_K, HAND_U) == pytest.approx(0.5 + 0.5 * (0.25 + 0.4) / 2)
+
+
+def test_fpr95_closest_point_versus_first_threshold_by_hand():
+    # 100 known: 94 at 10, 3 at 5, 3 at 1; 4 unknown: 7, 0, 0, 0.
+    # ROC (tpr, fpr): (.94, 0) (.94, .25) (.97, .25) (1, .25) (1, 1)
+    known = np.r_[np.full(94, 10.0), np.full(3, 5.0), np.full(3, 1.0)]
+    unknown = np.array([7.0, 0.0, 0.0, 0.0])
+    assert M.fpr_at_tpr(known, unknown) == pytest.approx(0.25)  # first TPR >= .95 is .97
+    assert M.fpr95_known_pos_closest(known, unknown) == 0.0  # TPR .94 is closest (below .95)
+    # OOD positive: flag scores <= t as unknown; 95% of unknown flagged first at t = 7 where
+    # 6 of 100 known (the 5s and 1s) are flagged too
+    assert M.fpr_at_tpr_ood_pos(known, unknown) == pytest.approx(0.06)
+    labels = np.r_[np.zeros(100, int), -np.ones(4, int)]
+    s = np.r_[known, unknown]
+    clean = M.protocol_metrics(s, np.zeros(104, int), labels, 1, "clean")
+    ref = M.protocol_metrics(s, np.zeros(104, int), labels, 1, "reference")
+    assert clean["fpr95_known_pos"] == pytest.approx(0.25) and clean["fpr95_ood_pos"] == pytest.approx(0.06)
+    assert ref["fpr95_known_pos_closest"] == 0.0
+
+
+@pytest.mark.parametrize("seed,nk,nu,levels", CASES + [(6, 40, 60, 2), (7, 333, 91, 3)])
+def test_reference_definitions_match_the_reference_sklearn_calls(seed, nk, nu, levels):
+    """The reference: auc(recall, precision) of precision_recall_curve; argmin |tpr - .95| of roc_curve."""
+    from sklearn.metrics import auc, precision_recall_curve
+
+    k, u = _data(seed, nk, nu, levels)
+    y = np.r_[np.ones(nk, bool), np.zeros(nu, bool)]
+    s = np.r_[k, u]
+    p, r, _ = precision_recall_curve(y, s)
+    assert M.aupr_in_trapz(k, u) == pytest.approx(auc(r, p), abs=1e-12)
+    p, r, _ = precision_recall_curve(~y, -s)
+    assert M.aupr_out_trapz(k, u) == pytest.approx(auc(r, p), abs=1e-12)
+    fpr, tpr, _ = roc_curve(y, s)  # default drop_intermediate=True, as the reference
+    assert M.fpr95_known_pos_closest(k, u) == pytest.approx(fpr[np.abs(tpr - 0.95).argmin()], abs=1e-12)
+    fpr, tpr, _ = roc_curve(~y, -s, drop_intermediate=False)  # OpenOOD: OOD positive
+    assert M.fpr_at_tpr_ood_pos(k, u) == pytest.approx(fpr[np.argmax(tpr >= 0.95)], abs=1e-12)
+
+
+def test_protocol_metrics_keys_and_not_reported():
+    rng = np.random.default_rng(8)
+    labels = np.r_[rng.integers(0, 3, 90), -np.ones(30, int)]
+    preds = np.maximum(labels, 0)
+    scores = rng.normal(size=120) + (labels >= 0)
+    clean = M.protocol_metrics(scores, preds, labels, 3, "clean", threshold=0.0)
+    assert tuple(clean) == M.CLEAN_METRIC_KEYS
+    old = M.compute_metrics(scores, preds, labels, 3, 0.0)
+    for key in ("closed_acc", "auroc", "aupr_in", "aupr_out", "oscr", "macro_f1"):
+        assert clean[key] == pytest.approx(old[key])
+    assert clean["fpr95_known_pos"] == pytest.approx(old["fpr95"])
+    ref = M.protocol_metrics(scores, preds, labels, 3, "reference", threshold=0.0)
+    assert tuple(ref) == M.REFERENCE_METRIC_KEYS and "macro_f1" not in ref
+    assert "without test data" in M.NOT_REPORTED["reference"]["macro_f1"]
+    both = M.protocol_metrics(scores, preds, labels, 3, "reference", side_by_side=True)
+    assert set(both) == set(M.CLEAN_METRIC_KEYS) | set(M.REFERENCE_METRIC_KEYS)
+    assert both["aupr_in_trapz"] == pytest.approx(ref["aupr_in_trapz"]) and math.isnan(both["macro_f1"])
+    assert all(math.isnan(v) for k, v in M.protocol_metrics(scores[:90], preds[:90], labels[:90], 3,
+                                                            "reference").items() if k != "closed_acc")
+    with pytest.raises(ValueError, match="protocol"):
+        M.protocol_metrics(scores, preds, labels, 3, "paper")

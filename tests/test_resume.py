@@ -23,7 +23,7 @@ from cssr_dist.engine.checkpoint import STATE_FILE, TrainerState, latest_checkpo
 from tests.helpers import ROOT, free_port, run_session
 from tests.helpers import test_env as run_env
 
-METRICS = ("closed_acc", "auroc", "aupr_in", "aupr_out", "fpr95", "oscr", "macro_f1")
+METRICS = ("closed_acc", "auroc", "aupr_in", "aupr_out", "fpr95_known_pos", "fpr95_ood_pos", "oscr", "macro_f1")
 # 540 training images / batch 16 = 33 steps per epoch; checkpoints every 5 steps.
 TINY = ["--config", "configs/smoke.yaml", "data.train_per_class=100", "data.test_per_class=20",
         "data.stats_per_class=20", "data.batch_size=16", "data.num_workers=0", "run.deterministic=true",

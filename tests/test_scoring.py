@@ -129,7 +129,7 @@ def _fake_all_reduce_sum(world: int):
 
 def test_reduce_two_ranks_equals_single_process():
     feats, logits = _batch(2, b=12)
-    preds = S.predict("rcssr", logits)
+    preds = S.Scorer("rcssr", K, C, "s0").classify(logits)
     raw = S.compute_scores("rcssr", feats, logits)
     moments = {"s0": raw["s0"], "s1": raw["mls"], "s2": raw["energy"]}  # any three [B] scores
 
@@ -172,7 +172,7 @@ def test_reduce_two_ranks_equals_single_process():
 def test_state_dict_round_trip_and_dtype_kept():
     feats, logits = _batch(3)
     st = ScoreStatistics(K, C)
-    st.update_class_stats(feats, S.predict("pcssr", logits))
+    st.update_class_stats(feats, S.Scorer("pcssr", K, C, "s0").classify(logits))
     st.update_moments(S.compute_scores("pcssr", feats, logits, st))
     buf = io.BytesIO()
     torch.save(st.state_dict(), buf)
@@ -199,7 +199,7 @@ def test_state_dict_round_trip_and_dtype_kept():
 def test_reset():
     feats, logits = _batch(4)
     st = ScoreStatistics(K, C, use_gram=False)
-    st.update_class_stats(feats, S.predict("rcssr", logits))
+    st.update_class_stats(feats, S.Scorer("rcssr", K, C, "s0").classify(logits))
     st.update_moments({n: torch.ones(8) for n in st.score_names})
     st.reset_("class")
     assert not st.class_stats_ready and st.moments_ready
@@ -240,12 +240,26 @@ def test_head_scores_match_per_sample_loops(kind):
         assert out["s0"].dtype == torch.float64
 
 
-def test_pooled_log_probs_is_stable_for_large_logits():
+def test_msp_is_stable_for_large_logits():
     logits = torch.full((2, K, H, W), -100.0)
     logits[:, 1] = 100.0
-    lp = S.pooled_log_probs("pcssr", logits)
-    assert torch.isfinite(lp).all()
-    assert lp[:, 1].exp().allclose(torch.ones(2))
+    assert torch.allclose(S.msp("pcssr", logits), torch.ones(2, dtype=torch.float64))
+    assert S.Scorer("pcssr", K, C, "msp").classify(logits).tolist() == [1, 1]
+
+
+def test_scorer_fits_only_what_its_primary_score_needs():
+    feats, logits = _batch(3, b=8)
+    batches = lambda: [(feats, logits)]  # noqa: E731
+    plain = S.Scorer("rcssr", K, C, "s0")
+    plain.fit(batches, lambda t: t)
+    assert not plain.stats.class_stats_ready and set(plain(feats, logits)) == {"pred", "s0", "msp", "mls", "energy"}
+    full = S.Scorer("rcssr", K, C, "integrated")
+    full.fit(batches, lambda t: t)
+    scores = full(feats, logits)
+    assert {"s1", "s2", "integrated"} <= set(scores) and scores["integrated"].shape == (8,)
+    assert S.primary_score("linear", "cssr", "auto") == "msp" and S.primary_score("rcssr", "cssr_ft", "auto") == "s0"
+    with pytest.raises(ConfigError, match="score 'nope' is unknown"):
+        S.primary_score("rcssr", "cssr", "nope")
 
 
 def test_pcssr_s0_finite_for_all_zero_features():
@@ -259,7 +273,7 @@ def test_pcssr_s0_finite_for_all_zero_features():
 def test_s1_s2_integrated_match_loops():
     train_f, train_z = _batch(7, b=20)
     st = ScoreStatistics(K, C)
-    st.update_class_stats(train_f, S.predict("rcssr", train_z))
+    st.update_class_stats(train_f, S.Scorer("rcssr", K, C, "s0").classify(train_z))
     train_scores = S.compute_scores("rcssr", train_f, train_z, st)
     assert {"s1", "s2"} <= set(train_scores) and "integrated" not in train_scores
     st.update_moments(train_scores)
@@ -285,7 +299,7 @@ def test_no_gram_integrates_s0_s1():
     feats, logits = _batch(9)
     st = ScoreStatistics(K, C, use_gram=False)
     assert st.score_names == ("s0", "s1")
-    st.update_class_stats(feats, S.predict("pcssr", logits))
+    st.update_class_stats(feats, S.Scorer("pcssr", K, C, "s0").classify(logits))
     st.update_moments(S.compute_scores("pcssr", feats, logits, st))
     out = S.compute_scores("pcssr", feats, logits, st)
     assert "s2" not in out and "integrated" in out

@@ -294,6 +294,7 @@ def test_shards_can_be_read_through_file_and_pipe_urls(sets, tmp_path):
     index = json.loads((sets / "test.json").read_text())
     (tmp_path / "test.labels.npy").write_bytes((sets / "test.labels.npy").read_bytes())
     cfg = config(tmp_path, train="test", test="test", num_workers=2)
+    cfg.shards.allow_url_schemes = True  # pipe: needs the opt-in (tests/test_reliability_shards.py)
     for base in (f"file:{sets}/", f"pipe:cat {sets}/"):
         (tmp_path / "test.json").write_text(json.dumps({**index, "base_url": base}))
         loaders = build_shard_loaders(cfg, SPLIT, to_tensor, to_tensor, 0, rank=0, world_size=1)

@@ -103,7 +103,7 @@ def _tiny_imagenet_shards(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def preempted(cluster):
-    """The DEFAULT config (configs/imagenet/rcssr.yaml: shards, frozen ResNet-50, RCSSR, S0) made tiny
+    """The DEFAULT config (configs/imagenet/rcssr.yaml: shards, frozen ResNet-18, RCSSR, S0) made tiny
     by overrides, on 2 nodes x 1 CPU process; USR1 after the first checkpoint; requeue; resume; finish."""
     tmp, env = cluster
     shards = _tiny_imagenet_shards(tmp / "imagenet")
@@ -112,7 +112,7 @@ def preempted(cluster):
     tiny = [f"data.root={shards}", "data.known=[0,1,2]", "model.pretrained=false", "data.image_size=32",
             "data.test_resize=36", "data.batch_size=8", "data.eval_batch_size=16", "data.num_workers=0",
             'run.mixed_precision="no"', "model.channels_last=false", "schedule.epochs=2",
-            "schedule.warmup_epochs=0.5", "schedule.milestones=[1]", "run.progress=false"]
+            "schedule.warmup_epochs=0.5", "schedule.milestones=[1]", "run.progress=false", "data.ood=[]"]
     t0 = time.monotonic()
     proc = _sbatch(env, ["--nodes=2", *NO_GPUS, f"--output={tmp}/slurm-%j.out", "slurm/imagenet_rcssr.sh", *tiny,
                          f"run.output_dir={runs}", "run.name=pre", "run.checkpoint_every_steps=2",
@@ -166,7 +166,7 @@ def test_requeued_job_wrote_one_complete_run(preempted):
     assert summary["world_size"] == 2 and summary["epochs"] == 2 and summary["score"] == "s0"
     assert summary["num_test_known"] == 24 and summary["num_test_unknown"] == 8  # every val image once
     config = (run / "config.yaml").read_text()  # the ImageNet recipe, made tiny only where overridden
-    for line in ("method: cssr_ft", "backbone: resnet50", "latent_dim: 16", "freeze_backbone: true",
+    for line in ("method: cssr_ft", "backbone: resnet18.tv_in1k", "latent_dim: 16", "freeze_backbone: true",
                  "format: shards", "train_augment: imagenet", "scale_lr_by_batch: true"):
         assert line in config, line
     history = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]

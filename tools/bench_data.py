@@ -37,7 +37,7 @@ import PIL.ImageDraw  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from torchvision import datasets  # noqa: E402
-from torchvision import transforms as T  # noqa: E402
+from torchvision import transforms as tv_transforms  # noqa: E402
 
 from cssr_dist.config import DataConfig  # noqa: E402
 from cssr_dist.data.batch_transform import split_at_to_tensor  # noqa: E402
@@ -49,8 +49,8 @@ from cssr_dist.data.splits import OpenSetSplit  # noqa: E402
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def train_transform(size: int) -> T.Compose:
-    return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+def train_transform(size: int) -> tv_transforms.Compose:
+    return tv_transforms.Compose([tv_transforms.RandomResizedCrop(size), tv_transforms.RandomHorizontalFlip(), tv_transforms.ToTensor(), tv_transforms.Normalize(MEAN, STD)])
 
 
 def fake_photo(rng: np.random.Generator, width: int, height: int) -> PIL.Image.Image:

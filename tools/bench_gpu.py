@@ -1,36 +1,38 @@
-"""GPU benchmarks for a lent H100/H200: training step, CSSR head, host syncs, JPEG decoding.
+"""The prepared GPU run of issue 12 / issue 10 item 8: every figure in one go, under a time budget.
 
-Prints ONE JSON line per measurement (and appends them to OUT/gpu_bench.jsonl), then a
-markdown summary (OUT/gpu_bench.md). Sections, in the order they run (cheap and most
-informative first, so a time budget cuts the expensive ones):
+Prints ONE JSON line per measurement (appended to OUT/gpu_bench.jsonl as they finish) and
+rewrites OUT/gpu_bench.md (summary) and OUT/scaling.md (the scaling arithmetic) after
+every job, so a run killed by its time limit still leaves both. Jobs run cheapest and most
+informative first; one that would overrun the budget is skipped with a JSON line saying
+so; one that fails leaves an error line and the next one runs.
 
-1. sync     : `torch.cuda.set_sync_debug_mode("error")` around the steps of the project's
-              `Trainer.train_epoch` (logging off), after an unguarded warm-up; a control
-              (`.item()` under the guard) proves the guard fires.
-2. head     : CSSR head alone, K=1000, C=512 / 2048, batch 64, 7x7, latent 16, forward +
-              backward, fp32 / bf16: ours (chunked L1), L2 closed form, and the reference
-              per-class loop. Target: ours >= 10x faster than the loop.
-3. train    : full training step images/s (tools/bench_train_step.py's `measure`): WRN-40-4
-              at 32 px batch 128 from scratch, and a frozen timm ResNet-50 (random weights;
-              eval mode, no_grad) + RCSSR head (K=1000, latent 16) at 224 px, each in fp32,
-              bf16, bf16 + channels_last and with the reference loop head.
-4. jpeg     : decoding generated 500x375 JPEGs (q90): torchvision.io.decode_jpeg on the CPU
-              (1 thread) and on the GPU (nvjpeg, batched), each alone and followed by
-              RandomResizedCrop(224) + flip + normalise; PIL decode + the same transform on 1
-              CPU thread (what a loader worker does; docs/benchmarks/data.md measured it on
-              the dev box).
-5. compile  : bf16 + torch.compile (inductor) of both training steps (minutes to compile).
-6. summary  : images/s a node with 8 such GPUs needs from its data path, and the CPU cores
-              that takes at the per-core decode rate just measured (formula in
-              docs/benchmarks/scaling.md).
+1. head    : the CSSR head alone, K=1000, C=2048 and C=512, latent 16, batch 64, 7x7,
+             bf16, forward + backward: chunked vs fused (Triton) vs the per-class loop,
+             through tools/bench_head.py (its own subprocess per configuration).
+2. sync    : `set_sync_debug_mode("error")` around ResNet-50 + RCSSR training steps.
+3. ft      : frozen ResNet-50 and ViT-B/16 (timm `vit_base_patch16_224`, its 14x14
+             patch-token map) with linear, PCSSR (projection 512, latent 32) and RCSSR
+             (latent 16) heads, K=1000, 224 px, batch 64, bf16: training step images/s and
+             peak memory, eager, chunked and fused L1. RANDOM weights (the machine has no
+             network; a step's cost does not depend on the weights).
+4. wrn     : WRN-40-4, 32 px, batch 128: fp32 / bf16 eager, torch.compile default and
+             mode="reduce-overhead" (CUDA graphs).
+5. decode  : JPEG shards written here (stdlib tar, the project's layout and index; no
+             webdataset) read by the project's ShardLoader with `decode_on: device` and
+             decoded + RandomResizedCrop(224) + flip + normalised on the GPU by
+             `DeviceBatchStage`, in a child process pinned to 4 CPU cores (3 loader workers);
+             the CPU path (PIL, project ImageNet transform) on the same 4 cores beside it.
+6. ft_compile: the fine-tuning steps again with torch.compile (minutes of compilation).
+7. scaling : OUT/scaling.md: per-GPU and per-node images/s, CPU cores per node, wall
+             time of one ImageNet-1k fine-tuning epoch on 8 GPUs; targets met or not.
 
-    PYTHONPATH=. bash tools/run_gpu_benchmarks.sh          # the prepared run (~8 min)
-    PYTHONPATH=. python tools/bench_gpu.py --budget-s 480 --out /tmp/gpu
-    PYTHONPATH=. python tools/bench_gpu.py --cpu-dry-run   # tiny sizes on the CPU: checks the code paths
+    bash tools/run_gpu_benchmarks.sh                        # the prepared run (~10 min on an H100)
+    PYTHONPATH=. python tools/bench_gpu.py --budget-s 560 --out /tmp/gpu
+    PYTHONPATH=. python tools/bench_gpu.py --rehearse --out /tmp/r   # tiny sizes on the CPU, same code paths
 
-Imports only torch, torchvision, timm, numpy, PIL (a torchvision dependency), accelerate
-and cssr_dist modules that do not import webdataset / wandb (the GPU image has neither).
-Without a CUDA device it exits with status 2 and one line saying so.
+Imports only torch, torchvision, timm, numpy, PIL, accelerate and cssr_dist modules that
+work without webdataset / wandb (the GPU image has neither). Without a CUDA device (and
+without --rehearse) it exits with status 2 and one line saying so.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ import gc
 import io
 import json
 import os
+import subprocess
 import sys
+import tarfile
 import time
 import traceback
 from dataclasses import replace
@@ -55,19 +59,21 @@ for _path in (ROOT, ROOT / "tools"):  # cssr_dist, and the sibling bench_train_s
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from cssr_dist.models.cssr_head import CSSRHead  # noqa: E402
-from cssr_dist.models.losses import softmax_avg_loss  # noqa: E402
-from bench_train_step import (MODELS, VARIANTS, LoopHead, ModelSpec, build_trainer, error_text,  # noqa: E402
-                                    free_device_memory, make_batches, markdown, measure_or_error, run_steps)
+from bench_train_step import (MODELS, VARIANTS, ModelSpec, build_trainer, error_text, make_batches,  # noqa: E402
+                              markdown, measure_or_error, run_steps)
 
 NO_CUDA_EXIT = 2
 NO_CUDA_MESSAGE = ("bench_gpu: no CUDA device is visible (torch.cuda.is_available() is False); run it on a GPU "
-                   "machine: PYTHONPATH=. bash tools/run_gpu_benchmarks.sh (or --cpu-dry-run to check the code here)")
+                   "machine: bash tools/run_gpu_benchmarks.sh (or --rehearse to check the code here)")
 NODE_GPUS = 8
-DEV_BOX_DECODE_PER_CORE = 379.0  # img/s, PIL decode + RRC224 + flip + normalise, docs/benchmarks/data.md
+IMAGENET_TRAIN = 1_281_167
+WRN_BASELINE = 7108.7  # img/s, WRN-40-4 fp32 eager, H100, docs/benchmarks/gpu/h100_run1.md
+DECODE_CORES = 4  # CPU cores per GPU the decode measurement may use (issue 12 target 4)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+FT_MODELS = {"resnet50": ("resnet50_linear", "resnet50_pcssr", "resnet50_ft"),
+             "vitb16": ("vitb16_linear", "vitb16_pcssr", "vitb16_rcssr")}
 
 # ------------------------------------------------------------------ timing
-
 
 class Timer:
     """Wall time of a block of device work: CUDA events on CUDA, perf_counter on CPU."""
@@ -100,7 +106,7 @@ def where(err: BaseException, limit: int = 4) -> list[str]:
     return [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames[-limit:]]
 
 
-# ------------------------------------------------------------------ 1. host syncs
+# ------------------------------------------------------------------ 2. host syncs
 
 
 class SyncGuard:
@@ -158,85 +164,58 @@ def sync_check(model: str, spec: ModelSpec, variant: str, device: torch.device, 
     return row
 
 
-# ------------------------------------------------------------------ 2. the head alone
+# ------------------------------------------------------------------ 1. the head (tools/bench_head.py)
 
 
-def head_step(impl: str, classes: int, channels: int, batch: int, dtype: str, device: torch.device,
-              warmup: int, iters: int, size: int = 7, latent: int = 16, class_chunk: int | None = None) -> dict:
-    """Forward + softmax_avg loss + backward of the CSSR head alone on a [batch, C, 7, 7] map.
+def head_rows(out: Path | None, rehearse: bool, timeout_s: float) -> list[dict]:
+    """bench_head.py with the fused kernel; if that option is refused, again without it."""
+    jsonl = (out or Path("/tmp")) / "head.jsonl"
+    if rehearse:
+        base = ["--device", "cpu", "--dtype", "fp32", "--repeats", "1", "--timeout-s", "120"]
+        configs = ["12x40:chunked,{fused}loop@3"]
+    else:
+        base = ["--device", "cuda", "--dtype", "bf16", "--latent", "16", "--batch", "64", "--size", "7",
+                "--repeats", "10", "--timeout-s", "60"]
+        configs = ["1000x2048:chunked,{fused}loop", "1000x512:chunked,{fused}loop"]
+    rows: list[dict] = []
+    for fused in ("fused,", ""):
+        cmd = [sys.executable, str(ROOT / "tools" / "bench_head.py"), *base, "--jsonl", str(jsonl),
+               "--configs", *[c.format(fused=fused) for c in configs]]
+        jsonl.unlink(missing_ok=True)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
+        except subprocess.TimeoutExpired:
+            rows.append(dict(kind="error", section="head", error=f"bench_head timed out after {timeout_s:.0f} s"))
+            continue
+        lines = jsonl.read_text().splitlines() if jsonl.exists() else []
+        rows += [dict(json.loads(line), source="bench_head") for line in lines if line.strip()]
+        table = "\n".join(line for line in proc.stdout.splitlines() if line.startswith("|"))
+        rows.append(dict(kind="head_table", fused=bool(fused), returncode=proc.returncode, markdown=table,
+                         stderr_tail=proc.stderr.strip().splitlines()[-1:] if proc.returncode else []))
+        if proc.returncode != 2:  # 2 = argparse refused an option: retry without the fused kernel
+            break
+    return rows
 
-    `class_chunk` None = the default byte budget (256 MiB per chunk on a GPU); small chunks
-    keep the [chunk, C, N] residual in L2 between the elementwise passes, which matters
-    because the chunked L1 distance is memory-bound on a GPU (docs/benchmarks/scaling.md)."""
-    from cssr_dist.models.cssr_l1_function import default_class_chunk
 
-    bf16 = dtype == "bf16"
-    if impl == "chunked" and class_chunk is None:
-        class_chunk = default_class_chunk(classes, channels, batch * size * size, 2 if bf16 else 4, device)
-    row = dict(kind="head", impl=impl, classes=classes, channels=channels, batch=batch, size=size, latent=latent,
-               dtype=dtype, chunk=class_chunk if impl == "chunked" else None)
-    torch.manual_seed(0)
-    head = CSSRHead(channels, classes, latent=latent, gamma=0.1, sign=1, distance="l2" if impl == "l2" else "l1",
-                    class_chunk=class_chunk).to(device)
-    module = LoopHead(head) if impl == "loop" else head
-    x = torch.randn(batch, channels, size, size, device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
-    x = x.abs_().requires_grad_()
-    targets = torch.randint(0, classes, (batch,), device=device)
+# ------------------------------------------------------------------ 3./4./6. training steps
 
-    def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            _, logits = module(x)
-        softmax_avg_loss(logits, targets).backward()
-        x.grad = None
-        head.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
+def step_job(name: str, spec: ModelSpec, variant: str, device: torch.device, steps: int, warmup: int) -> dict:
+    if "fused" in variant and device.type != "cuda":
+        return dict(kind="skipped", section="step", model=name, variant=variant,
+                    reason="the fused L1 kernel is CUDA-only")
+    row = measure_or_error(name, spec, variant, device, steps, warmup)
+    row.update(head=spec.head, projection=spec.projection, backbone=spec.backbone)
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    with Timer(device) as timer:
-        for _ in range(iters):
-            step()
-    row.update(iters=iters, step_ms=round(1000 * timer.seconds / iters, 3))
-    if device.type == "cuda":
-        row["peak_extra_gib"] = round((torch.cuda.max_memory_allocated() - base) / 2**30, 3)
+        import torch._dynamo
+
+        row.pop("step_times_s", None)  # host timestamps of asynchronous steps mean nothing
+
+        torch._dynamo.reset()  # compiled graphs of this model would stay in memory
     return row
 
 
-def head_or_error(impl: str, classes: int, channels: int, batch: int, dtype: str, device: torch.device,
-                  warmup: int, iters: int, class_chunk: int | None = None) -> dict:
-    try:
-        return head_step(impl, classes, channels, batch, dtype, device, warmup, iters, class_chunk=class_chunk)
-    except Exception as err:  # noqa: BLE001 - e.g. the loop running out of memory: report, go on
-        return dict(kind="head", impl=impl, classes=classes, channels=channels, batch=batch, dtype=dtype,
-                    error=error_text(err))
-    finally:
-        free_device_memory(device)
-
-
-def head_speedups(rows: list[dict]) -> list[dict]:
-    """ours (default chunk) / l2 vs the loop at the same (K, C, batch, dtype); target >= 10x."""
-    out = []
-    loops = {(r["classes"], r["channels"], r["batch"], r["dtype"]): r for r in rows
-             if r.get("kind") == "head" and r["impl"] == "loop" and "step_ms" in r}
-    for r in rows:
-        if r.get("kind") != "head" or r["impl"] == "loop" or "step_ms" not in r or r.get("sweep"):
-            continue
-        ref = loops.get((r["classes"], r["channels"], r["batch"], r["dtype"]))
-        if ref:
-            speedup = ref["step_ms"] / r["step_ms"]
-            out.append(dict(kind="head_speedup", impl=r["impl"], classes=r["classes"], channels=r["channels"],
-                            dtype=r["dtype"], speedup_vs_loop=round(speedup, 2), target=10.0,
-                            met=speedup >= 10.0))
-    return out
-
-
-# ------------------------------------------------------------------ 4. JPEG decoding
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
+# ------------------------------------------------------------------ 5. decoding on the device
 
 def make_jpegs(count: int, width: int = 500, height: int = 375, seed: int = 0) -> list[bytes]:
     """Photo-like JPEGs (smooth colour field + noise, q90; every 4th portrait), as in bench_data."""
@@ -255,131 +234,190 @@ def make_jpegs(count: int, width: int = 500, height: int = 375, seed: int = 0) -
     return blobs
 
 
-def _one_thread(fn: Callable[[], None]) -> float:
-    threads = torch.get_num_threads()
+
+
+def write_jpeg_shards(folder: Path, blobs: list[bytes], per_shard: int, classes: int = 10) -> str:
+    """A shard set in the project's layout (keys %09d, .jpg, .cls; index + labels) written with
+    the stdlib tarfile: the GPU image has no webdataset (data/shards/writer.py uses its TarWriter)."""
+    from cssr_dist.data.shards.index import (KEY_FORMAT, ShardIndex, ShardInfo, labels_name, shard_name,
+                                             write_index, write_labels)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    prefix = folder / "bench"
+    labels = np.arange(len(blobs)) % classes
+    shards = []
+    for number, start in enumerate(range(0, len(blobs), per_shard)):
+        path = folder / shard_name(prefix, number)
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for sid in range(start, min(start + per_shard, len(blobs))):
+                for ext, data in (("jpg", blobs[sid]), ("cls", str(int(labels[sid])).encode())):
+                    info = tarfile.TarInfo(f"{KEY_FORMAT % sid}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        shards.append(ShardInfo(path.name, min(per_shard, len(blobs) - start), path.stat().st_size))
+    write_labels(prefix, labels)
+    index = ShardIndex(dataset="bench", subset="train", classes=[f"c{c}" for c in range(classes)], shards=shards,
+                       class_counts=np.bincount(labels, minlength=classes).tolist(), unknown_count=0,
+                       total=len(blobs), image_encoding={"encoding": "jpeg", "quality": 90},
+                       labels_file=labels_name(prefix), made_with={"seed": 0})
+    write_index(prefix, index)
+    return str(prefix)
+
+
+def decode_rate(prefix: str, decode_on: str, workers: int, batch: int, batches: int, size: int,
+                device: torch.device) -> dict:
+    """Images/s of the training shard stream + (decode_on=device) the DeviceBatchStage, in this
+    process; the caller pins it to DECODE_CORES cores. Ends with the batch on the device."""
+    from cssr_dist.config import DataConfig
+    from cssr_dist.data.device_augment import DeviceBatchStage
+    from cssr_dist.data.shards.stream import ShardLoader, ShardSet, ShardStream
+    from cssr_dist.data.transforms import build_train_transform
+
     torch.set_num_threads(1)
+    cfg = DataConfig(format="shards", image_size=size, in_chans=3, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
+                     train_augment="imagenet")
+    shard_set = ShardSet.open(prefix, "", "bench shards")
+    plan = shard_set.plan("bench", np.ones(len(shard_set.labels), dtype=bool), np.arange(shard_set.index.num_classes))
+    transform = build_train_transform(cfg) if decode_on == "cpu" else None
+    stream = ShardStream(plan, transform, batch_size=batch, training=True, rank=0, world_size=1, num_workers=workers,
+                         seed=0, shuffle_buffer=4 * batch, decode_on=decode_on)
+    loader = ShardLoader(stream)
+    stage = DeviceBatchStage(cfg, training=True, device=device) if decode_on == "device" else None
+
+    def batches_of(count: int):
+        done = 0
+        while done < count:
+            for item in loader:
+                yield item
+                done += 1
+                if done == count:
+                    return
+
+    def consume(item) -> int:
+        images, labels, ids = stage(item) if stage else (t.to(device, non_blocking=True) for t in item)
+        return int(labels.shape[0])
+
+    warm = max(2, workers + 1)
+    for item in batches_of(warm):  # workers started, nvjpeg handles made, kernels loaded
+        consume(item)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0, images = time.perf_counter(), 0
+    for item in batches_of(batches):
+        images += consume(item)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    loader.close()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return dict(kind="decode", decode_on=decode_on, workers=workers, cores=cores, batch=batch, size=size,
+                images=images, seconds=round(seconds, 3), images_per_s=round(images / seconds, 1), device=str(device),
+                corrupt=stage.corrupt if stage else 0)
+
+
+def decode_job(prefix: str, decode_on: str, workers: int, batch: int, batches: int, size: int,
+               device: torch.device, timeout_s: float) -> dict:
+    """`decode_rate` in a child process pinned to the first DECODE_CORES cores (its loader
+    workers inherit the affinity), so the figure is what 4 CPU cores per GPU deliver."""
+    args = dict(prefix=prefix, decode_on=decode_on, workers=workers, batch=batch, batches=batches, size=size,
+                device=str(device))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--decode-worker", json.dumps(args)]
     try:
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-    finally:
-        torch.set_num_threads(threads)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return dict(kind="decode", decode_on=decode_on, workers=workers, error=f"timed out after {timeout_s:.0f} s")
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not rows:
+        tail = (proc.stderr.strip().splitlines() or [f"rc={proc.returncode}"])[-1]
+        return dict(kind="decode", decode_on=decode_on, workers=workers, error=tail[:300])
+    return rows[-1]
 
 
-def cifar_transform_row(count: int) -> dict:
-    """The CIFAR training transform of the paper's recipe (flip, crop, CSSR RandAugment n=2
-    m=10, normalise, manual contrast) on 32x32 RGB images, 1 CPU thread: the per-core data
-    rate for the from-scratch runs (their images sit decoded in memory)."""
-    from PIL import Image
-
-    from cssr_dist.config import DataConfig
-    from cssr_dist.data.transforms import build_train_transform  # lazily: cssr_dist.data pulls in the loaders
-
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(count)]
-    transform = build_train_transform(DataConfig(image_size=32, in_chans=3, train_augment="cssr",
-                                                 mean=[0.5] * 3, std=[0.25] * 3))
-    seconds = _one_thread(lambda: [transform(img) for img in images])
-    return dict(kind="transform", path="cpu_cifar_cssr_transform", threads=1, images=count, size=32,
-                images_per_s=round(count / seconds, 1))
+def decode_worker(text: str) -> int:
+    args = json.loads(text)
+    if hasattr(os, "sched_setaffinity"):
+        available = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, available[:DECODE_CORES])
+    device = torch.device(args.pop("device"))
+    print(json.dumps(decode_rate(device=device, **args)), flush=True)
+    return 0
 
 
-def jpeg_rows(device: torch.device, count: int, batch: int) -> list[dict]:
-    from PIL import Image
-    from torchvision import transforms as T
-    from torchvision.io import decode_jpeg
-    from torchvision.transforms import v2
-
-    from cssr_dist.config import DataConfig
-    from cssr_dist.data.transforms import build_train_transform  # lazily: cssr_dist.data pulls in the loaders
-
-    blobs = make_jpegs(count)
-    data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
-    common = dict(images=count, width=500, height=375, mean_kb=round(sum(map(len, blobs)) / count / 1024, 1))
-    rows = []
-
-    pil_tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(),
-                        T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-    def pil_all() -> None:
-        for b in blobs:
-            pil_tf(Image.open(io.BytesIO(b)).convert("RGB"))
-
-    seconds = _one_thread(pil_all)
-    rows.append(dict(kind="jpeg", path="cpu_pil_decode_transform", threads=1, images_per_s=round(count / seconds, 1),
-                     **common))
-    project_tf = build_train_transform(DataConfig(image_size=224, in_chans=3, train_augment="imagenet",
-                                                  mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)))
-    seconds = _one_thread(lambda: [project_tf(Image.open(io.BytesIO(b))) for b in blobs])
-    rows.append(dict(kind="jpeg", path="cpu_pil_decode_project_imagenet_transform", threads=1,
-                     images_per_s=round(count / seconds, 1), **common))
-    seconds = _one_thread(lambda: decode_jpeg(data))
-    rows.append(dict(kind="jpeg", path="cpu_tv_decode", threads=1, images_per_s=round(count / seconds, 1), **common))
-
-    crop = v2.Compose([v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip()])
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-
-    def device_decode(transform: bool) -> None:
-        for i in range(0, count, batch):
-            images = decode_jpeg(data[i:i + batch], device=device)
-            if transform:
-                out = torch.stack([crop(img.float().div_(255)) for img in images])
-                out.sub_(mean).div_(std)
-
-    for transform in (False, True):
-        device_decode(transform)  # warm-up: nvjpeg handles, kernels
-        with Timer(device) as timer:
-            device_decode(transform)
-        rows.append(dict(kind="jpeg", path=f"{device.type}_decode_batched" + ("_transform" if transform else ""),
-                         batch=batch, images_per_s=round(count / timer.seconds, 1), device=str(device), **common))
-    return rows
+# ------------------------------------------------------------------ 7. scaling
 
 
-# ------------------------------------------------------------------ 6. summary
+def _best(rows: list[dict], model: str, variants: tuple[str, ...] | None = None) -> dict | None:
+    found = [r for r in rows if r.get("kind") == "train_step" and r.get("model") == model and "images_per_s" in r
+             and (variants is None or r["variant"] in variants)]
+    return max(found, key=lambda r: r["images_per_s"], default=None)
 
 
-def scaling_rows(rows: list[dict]) -> list[dict]:
-    """Per measured training step: what 8 GPUs need from the data path, and CPU cores for it."""
-    decode = {r["path"]: r["images_per_s"] for r in rows if r.get("kind") in ("jpeg", "transform")}
-    per_core_224 = decode.get("cpu_pil_decode_project_imagenet_transform") or decode.get("cpu_pil_decode_transform")
-    per_core_32 = decode.get("cpu_cifar_cssr_transform")
-    gpu_decode = decode.get("cuda_decode_batched_transform")
-    out = []
-    for r in rows:
-        if r.get("kind") != "train_step" or "images_per_s" not in r or "loop" in r["variant"]:
-            continue
-        need = NODE_GPUS * r["images_per_s"]
-        row = dict(kind="scaling", model=r["model"], variant=r["variant"], per_gpu_images_per_s=r["images_per_s"],
-                   node_gpus=NODE_GPUS, node_images_per_s=round(need, 1))
-        if r["size"] < 64:  # CIFAR-style: decoded arrays in memory, augmentation only
-            if per_core_32:
-                row.update(cpu_rate_per_core=per_core_32, cores_needed=round(need / per_core_32, 1))
-        else:
-            row["cores_at_dev_box_rate"] = round(need / DEV_BOX_DECODE_PER_CORE, 1)
-            if per_core_224:
-                row.update(cpu_rate_per_core=per_core_224, cores_needed=round(need / per_core_224, 1))
-            if gpu_decode:  # fraction of one GPU's time that decoding its own images would take, roughly
-                row["gpu_decode_share"] = round(r["images_per_s"] / gpu_decode, 3)
-        out.append(row)
-    return out
+def scaling_markdown(rows: list[dict], device_name: str) -> str:
+    """docs/benchmarks/scaling.md's arithmetic on this run's figures (every number measured here)."""
+    decode = {(r["decode_on"], r["workers"]): r for r in rows if r.get("kind") == "decode" and "images_per_s" in r}
+    gpu_decode = max((r for (on, _), r in decode.items() if on == "device"), key=lambda r: r["images_per_s"],
+                     default=None)
+    cpu_decode = decode.get(("cpu", 3)) or next((r for (on, _), r in decode.items() if on == "cpu"), None)
+    per_core = cpu_decode["images_per_s"] / max(1, cpu_decode["workers"]) if cpu_decode else None
+    lines = [f"# Scaling from the measured figures ({device_name})", "",
+             f"Per GPU: the training step alone (data on the device). Node: {NODE_GPUS} GPUs. Epoch: "
+             f"{IMAGENET_TRAIN:,} ImageNet-1k training images / ({NODE_GPUS} x per-GPU img/s).",
+             "CPU decoding: cores = node img/s / (PIL decode + project ImageNet transform img/s per loader worker, "
+             f"measured on this machine's CPU: {per_core:.0f} img/s)." if per_core else
+             "CPU decoding: not measured in this run.",
+             "GPU decoding: `decode_on: device` with <= 4 CPU cores per GPU (3 loader workers) "
+             + (f"delivered {gpu_decode['images_per_s']:,.0f} img/s per GPU (decoding alone, GPU otherwise idle); "
+                "`with GPU decode` = 1 / (1/step + 1/decode), the pessimistic sum of both on one GPU."
+                if gpu_decode else "was not measured in this run."), "",
+             "| model | head | variant (best) | img/s per GPU | peak GiB | node img/s | CPU cores per node "
+             "(CPU decode) | epoch min (step only) | with GPU decode: img/s per GPU | epoch min |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for family, names in FT_MODELS.items():
+        for name in names:
+            best = _best(rows, name)
+            if best is None:
+                continue
+            rate = best["images_per_s"]
+            node = NODE_GPUS * rate
+            cores = f"{node / per_core:.0f}" if per_core else ""
+            combined = 1 / (1 / rate + 1 / gpu_decode["images_per_s"]) if gpu_decode else None
+            lines.append(f"| {family} | {best['head']} | {best['variant']} | {rate:,.0f} | {best.get('peak_mem_gib', '')} "
+                         f"| {node:,.0f} | {cores} | {IMAGENET_TRAIN / node / 60:.1f} | "
+                         f"{'' if combined is None else f'{combined:,.0f}'} | "
+                         f"{'' if combined is None else f'{IMAGENET_TRAIN / (NODE_GPUS * combined) / 60:.1f}'} |")
+    lines += ["", "## Targets (issue 12)", ""]
+    for family in FT_MODELS:
+        linear, rcssr = (_best(rows, n) for n in (FT_MODELS[family][0], FT_MODELS[family][2]))
+        if linear and rcssr:
+            ratio = rcssr["images_per_s"] / linear["images_per_s"]
+            lines.append(f"* target 2 ({family}): RCSSR {rcssr['images_per_s']:,.0f} ({rcssr['variant']}) / linear "
+                         f"{linear['images_per_s']:,.0f} ({linear['variant']}) = {ratio:.2f}x (>= 0.6x: "
+                         f"{'met' if ratio >= 0.6 else 'NOT met'})")
+    wrn = _best(rows, "wrn40_4")
+    if wrn:
+        ratio = wrn["images_per_s"] / WRN_BASELINE
+        lines.append(f"* target 3: WRN-40-4 best {wrn['images_per_s']:,.0f} img/s ({wrn['variant']}) = {ratio:.2f}x "
+                     f"the {WRN_BASELINE:,.0f} of h100_run1 (>= 2x: {'met' if ratio >= 2 else 'NOT met'})")
+    rcssr = _best(rows, "resnet50_ft")
+    if gpu_decode and rcssr:
+        ok = gpu_decode["images_per_s"] >= rcssr["images_per_s"]
+        lines.append(f"* target 4: GPU decode {gpu_decode['images_per_s']:,.0f} img/s per GPU with "
+                     f"{gpu_decode['cores']} CPU cores vs the ResNet-50 + RCSSR step {rcssr['images_per_s']:,.0f} "
+                     f"({'met' if ok else 'NOT met'})")
+    return "\n".join(lines) + "\n"
 
 
 def summary_markdown(rows: list[dict]) -> str:
-    parts = ["## training step", markdown(rows), "", "## head alone (fwd+bwd)",
-             "| K | C | batch | dtype | impl | chunk | ms | peak extra GiB | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in (r for r in rows if r.get("kind") == "head"):
-        note = "chunk sweep" if r.get("sweep") else ""
-        parts.append(f"| {r['classes']} | {r['channels']} | {r['batch']} | {r['dtype']} | {r['impl']} | "
-                     f"{r.get('chunk') or ''} | {r.get('step_ms', '')} | {r.get('peak_extra_gib', '')} | "
-                     f"{r.get('error', note)} |")
-    for r in (r for r in rows if r.get("kind") == "head_speedup"):
-        parts.append(f"\n{r['impl']} vs loop, K={r['classes']} C={r['channels']} {r['dtype']}: "
-                     f"{r['speedup_vs_loop']}x (target >= 10x: {'met' if r['met'] else 'NOT met'})")
+    parts = ["## training steps", markdown(rows), ""]
+    parts += ["", "## head alone (tools/bench_head.py)"]
+    parts += [r["markdown"] for r in rows if r.get("kind") == "head_table"]
+    parts += ["", "## decoding (ShardLoader -> device, <= 4 CPU cores)",
+              "| decode_on | workers | cores | batch | px | images/s | note |", "|---|---|---|---|---|---|---|"]
+    for r in (r for r in rows if r.get("kind") == "decode"):
+        parts.append(f"| {r['decode_on']} | {r['workers']} | {r.get('cores', '')} | {r.get('batch', '')} | "
+                     f"{r.get('size', '')} | {r.get('images_per_s', '')} | {r.get('error', '')} |")
     parts += ["", "## other", *("    " + json.dumps(r) for r in rows
-                                 if r.get("kind") in ("sync_control", "sync_check", "jpeg", "transform", "scaling",
-                                                         "skipped", "error"))]
+                                 if r.get("kind") in ("sync_control", "sync_check", "skipped", "error"))]
     return "\n".join(parts)
 
 
@@ -387,49 +425,63 @@ def summary_markdown(rows: list[dict]) -> str:
 
 
 def plan(args: argparse.Namespace, device: torch.device) -> list[tuple[str, float, Callable[[], list[dict] | dict]]]:
-    """(section, estimated seconds, job) in run order; a job whose estimate does not fit the
-    remaining budget is skipped with a JSON line saying so. `--cpu-dry-run` shrinks every
-    size (K=20 for the fine-tune head, tiny batches) and drops compilation: it checks the
-    code paths, its numbers mean nothing."""
-    dry = args.cpu_dry_run
-    steps, warmup = (2, 1) if dry else (args.steps, args.warmup)
-    wrn = replace(MODELS["wrn40_4"], batch=2 if dry else args.wrn_batch)
-    ft = replace(MODELS["resnet50_ft"], batch=1 if dry else args.ft_batch, classes=20 if dry else 1000)
-    osr = replace(MODELS["osr_cnn"], batch=4 if dry else 128)
-    head_k, head_batch, head_channels = (20, 2, (64,)) if dry else (1000, 64, (512, 2048))
-    head_iters = (1, 1) if dry else (10, 3)  # ours, loop
+    """(section, estimated seconds on an H100, job) in run order. `--rehearse` shrinks every
+    size (K=20, batch 1-4, tiny JPEGs) and compiles only a small model: it checks the code
+    paths in a few minutes on a CPU, its numbers mean nothing."""
+    rh = args.rehearse
+    steps, warmup = (2, 1) if rh else (args.steps, args.warmup)
+    wrn_steps = 2 if rh else 3 * args.steps
+    ft = {n: replace(MODELS[n], batch=1, classes=20) if rh else MODELS[n] for names in FT_MODELS.values()
+          for n in names}
+    wrn = replace(MODELS["wrn40_4"], batch=2 if rh else 128)
+    # the compile jobs of the rehearsal use the small osr_cnn: compiling a ResNet-50 on 2 CPU cores takes minutes
+    small = replace(MODELS["osr_cnn"], batch=4)
     jobs: list[tuple[str, float, Callable]] = []
-    if "sync" in args.sections:
-        jobs.append(("sync", 5, lambda: guard_control(device)))
-        for model, spec, variant in (("osr_cnn", osr, "fp32"), ("wrn40_4", wrn, "bf16"), ("resnet50_ft", ft, "bf16")):
-            if not (dry and model == "wrn40_4"):
-                jobs.append(("sync", 20, lambda m=model, s=spec, v=variant: sync_check(m, s, v, device)))
     if "head" in args.sections:
-        for channels in head_channels:
-            for dtype in ("fp32", "bf16"):
-                for impl in ("chunked", "l2", "loop"):
-                    iters = head_iters[1] if impl == "loop" else head_iters[0]
-                    jobs.append(("head", 15 if impl == "loop" else 5,
-                                 lambda i=impl, c=channels, d=dtype, n=iters:
-                                 head_or_error(i, head_k, c, head_batch, d, device, 1, n)))
-            for chunk in (1, 4, 16):  # chunk-size sweep, bf16 (is the residual L2-resident?)
-                jobs.append(("head", 5, lambda c=channels, m=chunk: dict(
-                    head_or_error("chunked", head_k, c, head_batch, "bf16", device, 1, head_iters[0], m), sweep=True)))
-    if "train" in args.sections:
-        variants = ("fp32", "bf16_loop") if dry else ("fp32", "bf16", "bf16_channels_last", "loop", "bf16_loop")
-        for model, spec in (("wrn40_4", wrn), ("resnet50_ft", ft)):
-            for variant in variants:
-                jobs.append(("train", 25 if "loop" in variant else 15,
-                             lambda m=model, s=spec, v=variant: measure_or_error(m, s, v, device, steps, warmup)))
-    if "jpeg" in args.sections:
-        jpegs = args.jpegs or (8 if dry else 256)
-        jobs.append(("jpeg", 30, lambda: jpeg_rows(device, jpegs, 4 if dry else 64)))
-        jobs.append(("jpeg", 10, lambda: cifar_transform_row(jpegs * 8)))
-    if "compile" in args.sections and not dry:
-        for model, spec in (("wrn40_4", wrn), ("resnet50_ft", ft)):
-            jobs.append(("compile", 150,
-                         lambda m=model, s=spec: measure_or_error(m, s, "bf16_compile", device, steps, warmup)))
+        jobs.append(("head", 100, lambda: head_rows(args.out, rh, 300 if rh else 110)))
+    if "sync" in args.sections:
+        jobs += [("sync", 3, lambda: guard_control(device)),
+                 ("sync", 6, lambda: sync_check("resnet50_ft", ft["resnet50_ft"], "bf16", device))]
+    if "ft" in args.sections:
+        for family, names in FT_MODELS.items():
+            for name in names:
+                variants = ("bf16",) if name.endswith("linear") else ("bf16", "bf16_fused")
+                for variant in variants:
+                    jobs.append(("ft", 7, lambda n=name, v=variant: step_job(n, ft[n], v, device, steps, warmup)))
+    if "wrn" in args.sections:
+        for variant in ("fp32", "bf16"):
+            jobs.append(("wrn", 4, lambda v=variant: step_job("wrn40_4", wrn, v, device, wrn_steps, warmup)))
+        for variant in ("bf16_compile_ro", "compile_ro", "bf16_compile", "compile"):
+            name, spec = ("osr_cnn", small) if rh else ("wrn40_4", wrn)
+            jobs.append(("wrn", 40, lambda v=variant, n=name, s=spec: step_job(n, s, v, device, wrn_steps,
+                                                                               warmup if rh else 5)))
+    if "decode" in args.sections:
+        jobs.append(("decode", 40, lambda: decode_section(args, device)))
+    if "ft_compile" in args.sections and not rh:
+        order = [("resnet50_linear", "bf16_compile"), ("resnet50_ft", "bf16_compile"),
+                 ("resnet50_ft", "bf16_compile_fused"), ("vitb16_linear", "bf16_compile"),
+                 ("vitb16_rcssr", "bf16_compile"), ("resnet50_pcssr", "bf16_compile"),
+                 ("vitb16_rcssr", "bf16_compile_fused"), ("vitb16_pcssr", "bf16_compile")]
+        for name, variant in order:
+            jobs.append(("ft_compile", 55, lambda n=name, v=variant: step_job(n, ft[n], v, device, steps, warmup)))
     return jobs
+
+
+def decode_section(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    rh = args.rehearse
+    count, per_shard, size = (24, 4, 64) if rh else (1536, 128, 224)
+    width, height = (160, 120) if rh else (500, 375)
+    folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"cssr_bench_shards_{os.getpid()}"
+    t0 = time.perf_counter()
+    prefix = write_jpeg_shards(folder, make_jpegs(count, width, height), per_shard)
+    made = dict(kind="decode_shards", images=count, width=width, height=height, shards=-(-count // per_shard),
+                seconds=round(time.perf_counter() - t0, 1))
+    batch, batches = (4, 6) if rh else (64, 48)
+    rows: list[dict] = [made]
+    for decode_on, workers in (("device", 3), ("cpu", 3), ("device", 1)):
+        rows.append(decode_job(prefix, decode_on, workers, batch, batches if decode_on == "device" else batches // 4,
+                               size, device, timeout_s=120 if rh else 60))
+    return rows
 
 
 def header(device: torch.device) -> dict:
@@ -440,39 +492,49 @@ def header(device: torch.device) -> dict:
 
     row = dict(kind="header", host=platform.node(), python=platform.python_version(), torch=torch.__version__,
                torchvision=torchvision.__version__, timm=timm.__version__, cpus=os.cpu_count(), device=str(device),
-               date=time.strftime("%Y-%m-%d %H:%M:%S"))
+               date=time.strftime("%Y-%m-%d %H:%M:%S"), weights="random init (no network on the GPU machine)")
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(0)
         row.update(gpu=props.name, gpu_mem_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
                    cudnn=torch.backends.cudnn.version(), tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
                    tf32_cudnn=torch.backends.cudnn.allow_tf32, cudnn_benchmark=torch.backends.cudnn.benchmark)
+    try:
+        import triton
+
+        row["triton"] = triton.__version__
+    except ImportError:
+        row["triton"] = None
     return row
+
+
+SECTIONS = ("head", "sync", "ft", "wrn", "decode", "ft_compile")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--budget-s", type=float, default=480, help="skip jobs that would not finish within this")
-    p.add_argument("--sections", nargs="+", default=["sync", "head", "train", "jpeg", "compile"],
-                   choices=("sync", "head", "train", "jpeg", "compile"))
-    p.add_argument("--steps", type=int, default=20, help="timed training steps per measurement")
+    p.add_argument("--budget-s", type=float, default=560, help="skip jobs that would not finish within this")
+    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    p.add_argument("--steps", type=int, default=20, help="timed training steps per measurement (WRN: 3x)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up steps (include compilation)")
-    p.add_argument("--wrn-batch", type=int, default=128)
-    p.add_argument("--ft-batch", type=int, default=64,
-                   help="ResNet-50 fine-tune batch (64: the loop head needs ~40 GB at K=1000 in fp32)")
-    p.add_argument("--jpegs", type=int, default=None, help="JPEGs to decode (default 256; 8 in a dry run)")
     p.add_argument("--out", type=Path, default=os.environ.get("OUT") or None, help="folder for jsonl + md ($OUT)")
-    p.add_argument("--cpu-dry-run", action="store_true", help="tiny sizes on the CPU: exercise the code, no numbers")
+    p.add_argument("--rehearse", "--cpu-dry-run", dest="rehearse", action="store_true",
+                   help="tiny sizes on the CPU: exercise every code path in a few minutes, no numbers")
+    p.add_argument("--decode-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if not args.cpu_dry_run and not torch.cuda.is_available():
+    if args.decode_worker:
+        return decode_worker(args.decode_worker)
+    if not args.rehearse and not torch.cuda.is_available():
         print(NO_CUDA_MESSAGE, file=sys.stderr)
         return NO_CUDA_EXIT
-    device = torch.device("cpu" if args.cpu_dry_run else "cuda")
-    if args.cpu_dry_run:
+    device = torch.device("cpu" if args.rehearse else "cuda")
+    if args.rehearse:
         torch.set_num_threads(1)
     sink = None
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         sink = (args.out / "gpu_bench.jsonl").open("a")
+    rows = [header(device)]
+    device_name = rows[0].get("gpu") or "CPU rehearsal: numbers mean nothing"
 
     def emit(row: dict) -> None:
         print(json.dumps(row), flush=True)
@@ -480,22 +542,25 @@ def main(argv: list[str] | None = None) -> int:
             sink.write(json.dumps(row) + "\n")
             sink.flush()
 
-    def derived(rows: list[dict]) -> list[dict]:
-        return head_speedups(rows) + scaling_rows(rows)
+    def write_summary() -> str:
+        """Rewritten after every job: a run killed by its time limit still leaves both files.
+        A bug in the summary must not stop the measurements: it becomes an error line."""
+        try:
+            text = summary_markdown(rows)
+            if args.out:
+                (args.out / "gpu_bench.md").write_text(f"# GPU run: {device_name}\n\n" + text + "\n")
+                (args.out / "scaling.md").write_text(scaling_markdown(rows, device_name))
+            return text
+        except Exception as err:  # noqa: BLE001
+            rows.append(dict(kind="error", section="summary", error=error_text(err), where=where(err)))
+            emit(rows[-1])
+            return ""
 
-    def write_summary(rows: list[dict]) -> str:
-        """Rewritten after every job: a run killed by its time limit still leaves a summary."""
-        text = summary_markdown(rows + derived(rows))
-        if args.out:
-            (args.out / "gpu_bench.md").write_text(text + "\n")
-        return text
-
-    rows = [header(device)]
     emit(rows[0])
     start = time.perf_counter()
     for section, estimate, job in plan(args, device):
         elapsed = time.perf_counter() - start
-        if elapsed + estimate > args.budget_s:
+        if not args.rehearse and elapsed + estimate > args.budget_s:
             rows.append(dict(kind="skipped", section=section, reason=f"budget: {elapsed:.0f} s used of "
                              f"{args.budget_s:.0f} s, job needs ~{estimate:.0f} s"))
             emit(rows[-1])
@@ -506,15 +571,15 @@ def main(argv: list[str] | None = None) -> int:
             result = dict(kind="error", section=section, error=error_text(err), where=where(err))
         finally:
             gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         for row in result if isinstance(result, list) else [result]:
             row["section_elapsed_s"] = round(time.perf_counter() - start, 1)
             rows.append(row)
             emit(row)
-        write_summary(rows)
-    for row in derived(rows):
-        emit(row)
-    print(write_summary(rows))
-    rows += derived(rows)
+        write_summary()
+    print(write_summary())
+    print(scaling_markdown(rows, device_name))
     failed = [r for r in rows if "error" in r or r.get("ok") is False or r.get("guard_fires_on_item") is False]
     return 1 if failed else 0
 

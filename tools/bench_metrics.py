@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cssr_dist.eval import metrics as M  # noqa: E402
+from cssr_dist.eval import metrics  # noqa: E402
 from cssr_dist.scoring.statistics import ScoreStatistics, gram_matrix  # noqa: E402
 
 
@@ -69,18 +69,18 @@ def bench_metrics(n: int, num_classes: int, repeat: int) -> dict[str, float]:
     known = labels >= 0
     k, u = scores[known], scores[~known]
     correct = preds[known] == labels[known]
-    thr = M.threshold_at_tpr(k[: k.size // 5])
+    thr = metrics.threshold_at_tpr(k[: k.size // 5])
     fns = {
-        "closed_set_accuracy": lambda: M.closed_set_accuracy(preds, labels),
-        "auroc": lambda: M.auroc(k, u),
-        "aupr_in": lambda: M.aupr_in(k, u),
-        "aupr_out": lambda: M.aupr_out(k, u),
-        "fpr_at_tpr": lambda: M.fpr_at_tpr(k, u),
-        "oscr": lambda: M.oscr(k, correct, u),
-        "threshold_at_tpr": lambda: M.threshold_at_tpr(k),
-        "open_set_macro_f1": lambda: M.open_set_macro_f1(preds, labels, scores, thr, num_classes),
-        "per_class_auroc (1 unknown class)": lambda: M.per_class_auroc(scores, labels, np.maximum(labels, 0)),
-        "compute_metrics (all 7 keys)": lambda: M.compute_metrics(scores, preds, labels, num_classes, thr),
+        "closed_set_accuracy": lambda: metrics.closed_set_accuracy(preds, labels),
+        "auroc": lambda: metrics.auroc(k, u),
+        "aupr_in": lambda: metrics.aupr_in(k, u),
+        "aupr_out": lambda: metrics.aupr_out(k, u),
+        "fpr_at_tpr": lambda: metrics.fpr_at_tpr(k, u),
+        "oscr": lambda: metrics.oscr(k, correct, u),
+        "threshold_at_tpr": lambda: metrics.threshold_at_tpr(k),
+        "open_set_macro_f1": lambda: metrics.open_set_macro_f1(preds, labels, scores, thr, num_classes),
+        "per_class_auroc (1 unknown class)": lambda: metrics.per_class_auroc(scores, labels, np.maximum(labels, 0)),
+        "compute_metrics (all 7 keys)": lambda: metrics.compute_metrics(scores, preds, labels, num_classes, thr),
     }
     return {name: timeit(fn, repeat) for name, fn in fns.items()}
 
@@ -89,7 +89,7 @@ def bench_oscr(n: int, n_sub: int) -> dict[str, float]:
     scores, preds, labels = make_data(n, 10)
     known = labels >= 0
     k, u, correct = scores[known], scores[~known], preds[known] == labels[known]
-    fast = timeit(lambda: M.oscr(k, correct, u), 5)
+    fast = timeit(lambda: metrics.oscr(k, correct, u), 5)
     # subsample keeps the known/unknown ratio
     rng = np.random.default_rng(1)
     idx = np.sort(rng.choice(n, n_sub, replace=False))
@@ -98,7 +98,7 @@ def bench_oscr(n: int, n_sub: int) -> dict[str, float]:
     t0 = time.perf_counter()
     slow_val = oscr_quadratic(kn[ks], cs, kn[~ks])
     slow_sub = time.perf_counter() - t0
-    fast_val = M.oscr(kn[ks], cs, kn[~ks])
+    fast_val = metrics.oscr(kn[ks], cs, kn[~ks])
     assert abs(slow_val - fast_val) < 1e-9, (slow_val, fast_val)
     slow_full = slow_sub * (n / n_sub) ** 2
     return {"fast": fast, "slow_sub": slow_sub, "slow_full_extrapolated": slow_full, "speedup": slow_full / fast}

@@ -72,6 +72,8 @@ class ModelSpec:
     classes: int
     latent: int
     freeze_backbone: bool = False
+    head: str = "rcssr"  # linear | pcssr | rcssr
+    projection: int | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,8 @@ class Variant:
     channels_last: bool = False
     compile: bool = False
     head: str = "ours"  # ours | loop
+    compile_mode: str = "default"  # model.compile_mode (reduce-overhead: CUDA graphs)
+    l1_kernel: str = "chunked"  # model.l1_kernel: chunked | triton (the fused kernel)
 
 
 MODELS = {
@@ -89,6 +93,16 @@ MODELS = {
     "wrn40_4": ModelSpec("wrn40_4", 3, 32, 32, 6, 64),
     # ImageNet fine-tuning: frozen ResNet-50 (eval mode, no_grad), RCSSR head K=1000, latent 16
     "resnet50_ft": ModelSpec("resnet50", 3, 224, 64, 1000, 16, freeze_backbone=True),
+    # the same frozen backbone with the other heads: linear, and PCSSR as the reference ran it
+    # (projection 512, latent 32); ViT-B/16's 14x14 patch-token map with the same three heads.
+    # Random weights: the cost of a step does not depend on them (GPU machines have no network)
+    "resnet50_linear": ModelSpec("resnet50", 3, 224, 64, 1000, 16, freeze_backbone=True, head="linear"),
+    "resnet50_pcssr": ModelSpec("resnet50", 3, 224, 64, 1000, 32, freeze_backbone=True, head="pcssr",
+                                projection=512),
+    "vitb16_linear": ModelSpec("vit_base_patch16_224", 3, 224, 64, 1000, 16, freeze_backbone=True, head="linear"),
+    "vitb16_rcssr": ModelSpec("vit_base_patch16_224", 3, 224, 64, 1000, 16, freeze_backbone=True),
+    "vitb16_pcssr": ModelSpec("vit_base_patch16_224", 3, 224, 64, 1000, 32, freeze_backbone=True, head="pcssr",
+                              projection=512),
 }
 VARIANTS = {
     "fp32": Variant(),
@@ -99,6 +113,10 @@ VARIANTS = {
     "bf16_compile": Variant(precision="bf16", compile=True),
     "loop": Variant(head="loop"),
     "bf16_loop": Variant(precision="bf16", head="loop"),
+    "bf16_fused": Variant(precision="bf16", l1_kernel="triton"),
+    "bf16_compile_fused": Variant(precision="bf16", compile=True, l1_kernel="triton"),
+    "compile_ro": Variant(compile=True, compile_mode="reduce-overhead"),
+    "bf16_compile_ro": Variant(precision="bf16", compile=True, compile_mode="reduce-overhead"),
 }
 CPU_DEFAULT_MODELS = ("osr_cnn", "wrn40_4")
 CPU_DEFAULT_VARIANTS = ("fp32", "bf16", "channels_last", "bf16_channels_last", "compile", "bf16_compile", "loop")
@@ -144,9 +162,10 @@ def new_accelerator(device: torch.device, precision: str):
 
 def bench_config(spec: ModelSpec, variant: Variant, log_every: int) -> Config:
     cfg = Config()
-    cfg.model = ModelConfig(backbone=spec.backbone, head="rcssr", latent_dim=spec.latent,
-                            freeze_backbone=spec.freeze_backbone, channels_last=variant.channels_last,
-                            compile=variant.compile)
+    cfg.model = ModelConfig(backbone=spec.backbone, head=spec.head, latent_dim=spec.latent,
+                            projection_dim=spec.projection, freeze_backbone=spec.freeze_backbone,
+                            channels_last=variant.channels_last, compile=variant.compile,
+                            compile_mode=variant.compile_mode, l1_kernel=variant.l1_kernel)
     cfg.run.mixed_precision = variant.precision
     cfg.tracking.wandb = False
     cfg.tracking.log_every = log_every
@@ -167,17 +186,17 @@ def build_trainer(spec: ModelSpec, variant: Variant, device: torch.device, steps
         model = model.to(memory_format=torch.channels_last)
     info = {"compiled": False}
     if variant.compile:
-        model, info = try_compile(model)
+        model, info = try_compile(model, variant.compile_mode)
     optimizer = build_optimizer(model.parameters(), cfg.optim, spec.batch)
     info["optimizer_fused"] = bool(optimizer.defaults.get("fused"))
     model, optimizer = acc.prepare(model, optimizer)
     scheduler = build_scheduler(optimizer, cfg.schedule, max(1, steps))
-    trainer = Trainer(cfg, acc, model, optimizer, scheduler, build_loss("rcssr"), TrainerState(),
+    trainer = Trainer(cfg, acc, model, optimizer, scheduler, build_loss(spec.head), TrainerState(),
                       PreemptionFlag(signals=()), lambda: None)  # no signal handlers: `timeout` must kill us
     return trainer, info
 
 
-def try_compile(model: nn.Module) -> tuple[nn.Module, dict]:
+def try_compile(model: nn.Module, mode: str = "default") -> tuple[nn.Module, dict]:
     """torch.compile without suppressing errors, so that a fallback is SEEN (the runner's
     `compile_or_eager` falls back silently); the first step then decides (see `run_steps`)."""
     try:
@@ -185,7 +204,7 @@ def try_compile(model: nn.Module) -> tuple[nn.Module, dict]:
 
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
-        return torch.compile(model), {"compiled": True, "eager_model": model}
+        return torch.compile(model, mode=mode), {"compiled": True, "compile_mode": mode, "eager_model": model}
     except Exception as err:  # noqa: BLE001 - any backend failure: report and run eagerly
         return model, {"compiled": False, "fallback": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
 
@@ -195,7 +214,10 @@ def compile_counters() -> dict:
     from torch._dynamo.utils import counters
 
     return {"graphs": int(counters["stats"].get("unique_graphs", 0)),
-            "graph_breaks": int(sum(counters["graph_break"].values()))}
+            "graph_breaks": int(sum(counters["graph_break"].values())),
+            "break_reasons": [reason.splitlines()[0][:160] for reason in list(counters["graph_break"])[:4]],
+            # reduce-overhead: graphs that did NOT become CUDA graphs (e.g. a CPU tensor, mutated input)
+            "cudagraph_skips": int(counters["inductor"].get("cudagraph_skips", 0))}
 
 
 def make_batches(spec: ModelSpec, device: torch.device, count: int) -> list[tuple[torch.Tensor, ...]]:
@@ -318,8 +340,10 @@ def markdown(rows: list[dict]) -> str:
         if r.get("fallback"):
             note.append(f"compile FELL BACK to eager ({r['fallback']})")
         elif r.get("compiled"):
-            note.append(f"inductor ({r.get('graphs')} graphs, {r.get('graph_breaks')} breaks), "
-                        f"warm-up incl. compile {r['warmup_s']:.0f} s")
+            mode = r.get("compile_mode", "default")
+            note.append(f"inductor {mode} ({r.get('graphs')} graphs, {r.get('graph_breaks')} breaks"
+                        + (f", {r['cudagraph_skips']} cudagraph skips" if r.get("cudagraph_skips") else "")
+                        + f"), warm-up incl. compile {r['warmup_s']:.0f} s")
         if r.get("optimizer_fused"):
             note.append("fused SGD")
         if not r["loss_finite"]:

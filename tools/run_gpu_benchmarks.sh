@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# The prepared GPU benchmark run for a lent H100/H200: ~8 minutes, all of tools/bench_gpu.py.
+# The prepared GPU run (issue 12 targets 1-5, issue 10 item 8): ~10 minutes on an H100/H200,
+# every figure of tools/bench_gpu.py in one go (see its docstring for the sections).
 #
-#   PYTHONPATH=. bash tools/run_gpu_benchmarks.sh              # results under $OUT (or runs/gpu_bench)
-#   BENCH_BUDGET_S=300 PYTHONPATH=. bash tools/run_gpu_benchmarks.sh --sections sync head train
+#   bash tools/run_gpu_benchmarks.sh                  # on the lent machine: `run` tool, timeout_s ~660
+#   bash tools/run_gpu_benchmarks.sh --rehearse       # the same code paths at tiny sizes on a CPU (minutes)
+#   BENCH_BUDGET_S=300 bash tools/run_gpu_benchmarks.sh --sections head ft
 #
-# Needs only torch, torchvision, timm, numpy, accelerate (no webdataset, no wandb, no network).
-# Writes gpu_bench.jsonl (one JSON line per measurement, appended as they finish),
-# gpu_bench.md (summary, rewritten after every job, so a killed run still leaves one),
-# gpu_bench.log (stdout+stderr) and nvidia-smi.txt. Jobs that would overrun BENCH_BUDGET_S
-# are skipped with a JSON line saying so; BENCH_TIMEOUT_S is the hard limit (SIGTERM, then
-# SIGKILL 20 s later). Exit status: bench_gpu's (0 all fine, 1 some measurement failed or a
-# host sync was found, 2 no CUDA device), 124/137 when the hard limit hit.
+# Needs only torch, torchvision, timm, numpy, accelerate (+ triton for the fused kernel): no
+# webdataset, no wandb, no network. Writes under $OUT (the `run` tool's folder; else
+# docs/benchmarks/gpu/run_<date>): gpu_bench.jsonl (one JSON line per measurement, appended as
+# they finish), gpu_bench.md and scaling.md (rewritten after every job, so a killed run still
+# leaves them), head.jsonl, gpu_bench.log (stdout+stderr) and nvidia-smi.txt. Jobs that would
+# overrun BENCH_BUDGET_S are skipped with a JSON line saying so; BENCH_TIMEOUT_S is the hard
+# limit (SIGTERM, then SIGKILL 10 s later). Exit status: bench_gpu's (0 all fine, 1 some
+# measurement failed, 2 no CUDA device), 124/137 when the hard limit hit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-OUT_DIR="${OUT:-runs/gpu_bench}"
-BUDGET_S="${BENCH_BUDGET_S:-400}"
-TIMEOUT_S="${BENCH_TIMEOUT_S:-480}"
+OUT_DIR="${OUT:-docs/benchmarks/gpu/run_$(date +%Y%m%d_%H%M%S)}"
+BUDGET_S="${BENCH_BUDGET_S:-560}"
+TIMEOUT_S="${BENCH_TIMEOUT_S:-635}"
 if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"; elif command -v python >/dev/null 2>&1; then PY=python; else PY=python3; fi
 
 export PYTHONPATH="${PYTHONPATH:-.}" HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1
@@ -26,11 +29,11 @@ mkdir -p "$OUT_DIR"
 { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi; } > "$OUT_DIR/nvidia-smi.txt" 2>&1 || true
 echo "run_gpu_benchmarks: budget ${BUDGET_S} s, hard limit ${TIMEOUT_S} s, results in $OUT_DIR" >&2
 
-timeout -k 20 "$TIMEOUT_S" "$PY" tools/bench_gpu.py --budget-s "$BUDGET_S" --out "$OUT_DIR" "$@" \
+timeout -k 10 "$TIMEOUT_S" "$PY" tools/bench_gpu.py --budget-s "$BUDGET_S" --out "$OUT_DIR" "$@" \
     2>&1 | tee "$OUT_DIR/gpu_bench.log"
 rc=${PIPESTATUS[0]}
 if [ -f "$OUT_DIR/gpu_bench.md" ]; then
-    echo "run_gpu_benchmarks: bench_gpu exit status $rc; summary in $OUT_DIR/gpu_bench.md" >&2
+    echo "run_gpu_benchmarks: bench_gpu exit status $rc; summary in $OUT_DIR/gpu_bench.md and $OUT_DIR/scaling.md" >&2
 else
     echo "run_gpu_benchmarks: bench_gpu exit status $rc; no summary written" >&2
 fi

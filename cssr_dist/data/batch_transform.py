@@ -19,8 +19,8 @@ from typing import Callable
 
 import torch
 from torch.utils.data import get_worker_info
-from torchvision import transforms as T
-from torchvision.transforms import functional as F
+from torchvision import transforms as tv_transforms
+from torchvision.transforms import functional as tv_functional
 
 
 def empty_batch(shape: tuple[int, ...], dtype: torch.dtype = torch.float32, pin_memory: bool = False) -> torch.Tensor:
@@ -52,8 +52,8 @@ class BatchTail:
         x = empty_batch(tuple(batch.shape), pin_memory=pin_memory)
         x.copy_(batch).div_(255)
         for t in self.transforms:
-            if isinstance(t, T.Normalize):
-                F.normalize(x, t.mean, t.std, inplace=True)
+            if isinstance(t, tv_transforms.Normalize):
+                tv_functional.normalize(x, t.mean, t.std, inplace=True)
             else:
                 for i in range(len(x)):
                     x[i] = t(x[i])
@@ -68,10 +68,10 @@ def split_at_to_tensor(transform: Callable | None) -> tuple[Callable | None, Bat
 
     Anything else (no Compose, no ToTensor) is returned whole with no batch part.
     """
-    if not isinstance(transform, T.Compose):
+    if not isinstance(transform, tv_transforms.Compose):
         return transform, None
     steps = transform.transforms
-    cut = next((i for i, t in enumerate(steps) if isinstance(t, T.ToTensor)), None)
+    cut = next((i for i, t in enumerate(steps) if isinstance(t, tv_transforms.ToTensor)), None)
     if cut is None:
         return transform, None
-    return T.Compose([*steps[:cut], T.PILToTensor()]), BatchTail(steps[cut + 1:])
+    return tv_transforms.Compose([*steps[:cut], tv_transforms.PILToTensor()]), BatchTail(steps[cut + 1:])

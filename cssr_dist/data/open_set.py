@@ -12,6 +12,8 @@ de-duplicate them. Roles decide which samples are kept and how they are labelled
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -165,3 +167,75 @@ def train_val_split(known_indices: Sequence[int] | np.ndarray, targets: Sequence
         val.append(members[:n_val])
         train.append(members[n_val:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+# ---------------------------------------------------------------- the open-set selection of a run
+#: Offsets added to the run seed so each random choice is independent but reproducible.
+SEED_TRAIN_SUBSET, SEED_VAL, SEED_STATS, SEED_TEST = 101, 202, 303, 404
+
+
+@dataclass(frozen=True)
+class TrainingSelection:
+    """Indices into the training source: what trains, what validates, what fits score statistics."""
+
+    train: np.ndarray
+    val: np.ndarray
+    train_eval: np.ndarray
+
+
+def select_training(labels: np.ndarray, split: OpenSetSplit, data_cfg: Any, seed: int, num_original: int,
+                    val_split: Callable[..., tuple[np.ndarray, np.ndarray]] = train_val_split) -> TrainingSelection:
+    """The known-class subset, the validation slice and the statistics subset, for either format.
+
+    `val_split(known, labels, fraction, seed)` lets a reader choose HOW validation is cut
+    (the shard reader takes whole shards when it can); WHICH samples are candidates is
+    decided here only.
+    """
+    keep, _ = role_keep_and_labels(labels, split, "train", num_original)
+    known = per_class_subset(labels, data_cfg.train_per_class, seed + SEED_TRAIN_SUBSET, indices=np.flatnonzero(keep))
+    train, val = val_split(known, labels, data_cfg.val_fraction, seed + SEED_VAL)
+    if len(train) == 0:
+        raise DataError(f"no training images of the known classes {list(split.known)} in '{split.dataset}'; "
+                        "check data.root, data.dataset and the split")
+    stats = per_class_subset(labels, data_cfg.stats_per_class, seed + SEED_STATS, indices=train)
+    return TrainingSelection(train=train, val=val, train_eval=stats)
+
+
+def select_test(labels: np.ndarray, split: OpenSetSplit, data_cfg: Any, seed: int, num_original: int,
+                role: str = "test") -> np.ndarray:
+    """Test samples of `role` (the primary set's known + unknown classes, or a second set's
+    unknowns), at most data.test_per_class per original class."""
+    keep, _ = role_keep_and_labels(labels, split, role, num_original)
+    return per_class_subset(labels, data_cfg.test_per_class, seed + SEED_TEST, indices=np.flatnonzero(keep))
+
+
+def select_ood(labels: np.ndarray, data_cfg: Any, seed: int) -> np.ndarray:
+    """An OOD set's samples; every label is unknown, so test_per_class caps the set's total."""
+    return per_class_subset(np.asarray(labels), data_cfg.test_per_class, seed + SEED_TEST)
+
+
+@dataclass(frozen=True)
+class OodEntry:
+    """One OOD evaluation set of a run: where it comes from and how it is grouped in reports."""
+
+    name: str
+    source: str
+    root: str
+    shards: str | None
+    group: str
+
+
+def ood_entries(data_cfg: Any, split: OpenSetSplit) -> list[OodEntry]:
+    """data.ood entries, then the split's own OOD sets by name; names must be distinct."""
+    entries = []
+    for entry in data_cfg.ood:
+        name = entry.name or entry.source
+        entries.append(OodEntry(name, entry.source, entry.root or os.path.join(data_cfg.root, name), entry.shards,
+                                getattr(entry, "group", "far")))
+    named = {e.name for e in entries}
+    for name in split.ood_datasets:
+        if name not in named:
+            entries.append(OodEntry(name, name, os.path.join(data_cfg.root, name), name, "far"))
+    if len({e.name for e in entries}) != len(entries):
+        raise DataError(f"data.ood has duplicate names {[e.name for e in entries]}; give each entry a distinct name")
+    return entries

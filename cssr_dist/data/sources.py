@@ -22,7 +22,7 @@ from . import builtin_data
 from .splits import is_ood_name
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-SOURCES = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "tinyimagenet", "imagenet", "imagefolder", "oodfolder")
+SOURCES = ("mnist", "fashion_mnist", "animal_mnist", "cifar10", "cifar100", "svhn", "tinyimagenet", "imagenet", "imagefolder", "oodfolder")
 
 
 class ArraySource(Dataset):
@@ -113,6 +113,18 @@ def _mnist_like(name: str, root: Path, train: bool, download: bool) -> ArraySour
     return ArraySource(name, images, labels, builtin_data.FASHION_MNIST_CLASSES)
 
 
+def _animal_mnist() -> ArraySource:
+    """Animal-MNIST (animal-mnist package): an OOD-only set, so every label is -1 and `train` is moot.
+
+    Its 10 animal classes never meet a split; -1 also lets `test_per_class` cap the set's
+    total, as for every OOD set. The animals stay in `animal_labels` for whoever wants them.
+    """
+    images, labels = builtin_data.load_animal_mnist()
+    source = ArraySource("animal_mnist", images, np.full(len(labels), -1, dtype=np.int64), [])
+    source.animal_labels = labels
+    return source
+
+
 # ---------------------------------------------------------------- folders
 def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMG_EXTENSIONS
@@ -184,6 +196,7 @@ def _ood_folder(name: str, root: Path) -> FileSource:
 _BUILDERS: dict[str, Callable[[Path, bool, bool], Dataset]] = {
     "mnist": lambda r, t, d: _mnist_like("mnist", r, t, d),
     "fashion_mnist": lambda r, t, d: _mnist_like("fashion_mnist", r, t, d),
+    "animal_mnist": lambda r, t, d: _animal_mnist(),
     "cifar10": lambda r, t, d: _cifar("cifar10", r, t, d),
     "cifar100": lambda r, t, d: _cifar("cifar100", r, t, d),
     "svhn": _svhn,
@@ -197,7 +210,10 @@ def build_source(name: str, root: str | Path, train: bool, download: bool = Fals
     """Load data set `name` from `root`; yields (PIL.Image, original_label) and has `.targets`, `.classes`.
 
     `oodfolder` and any name starting with `ood` (e.g. `oodinaturalist`) is a folder of
-    images that are all unknown (label -1); `train` is ignored for those.
+    images that are all unknown (label -1); `train` is ignored for those. `animal_mnist` is
+    a built-in OOD-only set (labels -1, root unused). Any other source also serves as a
+    `data.ood` entry (e.g. `source: mnist`: the MNIST test digits): the OOD role turns its
+    labels into -1, and `test_per_class` then caps each of its original classes.
     """
     root = Path(root).expanduser()
     if name == "oodfolder" or is_ood_name(name):

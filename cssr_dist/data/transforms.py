@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from PIL import Image
-from torchvision import transforms as T
+from torchvision import transforms as tv_transforms
 
 from ..errors import ConfigError
 from .cssr_augment import CssrRandAugment, Cutout, ManualContrast
@@ -48,7 +48,7 @@ class ResizeIfNeeded:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.resize = T.Compose([T.Resize(size), T.CenterCrop(size)])
+        self.resize = tv_transforms.Compose([tv_transforms.Resize(size), tv_transforms.CenterCrop(size)])
 
     def __call__(self, img: Image.Image) -> Image.Image:
         return img if img.size == (self.size, self.size) else self.resize(img)
@@ -58,37 +58,45 @@ class ResizeIfNeeded:
 
 
 def _normalize(data_cfg: Any) -> list:
-    return [T.ToTensor(), T.Normalize(list(data_cfg.mean), list(data_cfg.std))]
+    return [tv_transforms.ToTensor(), tv_transforms.Normalize(list(data_cfg.mean), list(data_cfg.std))]
 
 
-def build_test_transform(data_cfg: Any) -> T.Compose:
+def build_test_transform(data_cfg: Any) -> tv_transforms.Compose:
     size = data_cfg.image_size
-    geometry = [T.Resize(data_cfg.test_resize), T.CenterCrop(size)] if data_cfg.test_resize else [ResizeIfNeeded(size)]
-    return T.Compose([EnsureMode(data_cfg.in_chans), *geometry, *_normalize(data_cfg)])
+    geometry = [tv_transforms.Resize(data_cfg.test_resize), tv_transforms.CenterCrop(size)] if data_cfg.test_resize else [ResizeIfNeeded(size)]
+    return tv_transforms.Compose([EnsureMode(data_cfg.in_chans), *geometry, *_normalize(data_cfg)])
 
 
 def _flip_crop(size: int) -> list:
-    return [T.RandomHorizontalFlip(), T.RandomCrop(size, padding=int(size * 0.125), padding_mode="reflect")]
+    return [tv_transforms.RandomHorizontalFlip(), tv_transforms.RandomCrop(size, padding=int(size * 0.125), padding_mode="reflect")]
 
 
-def build_train_transform(data_cfg: Any) -> T.Compose:
+def build_train_transform(data_cfg: Any) -> tv_transforms.Compose:
     size, kind = data_cfg.image_size, data_cfg.train_augment
     head = [EnsureMode(data_cfg.in_chans)]
     if kind == "cssr":
         tail = [ManualContrast(0.1, 2.0)] if data_cfg.manual_contrast else []
-        return T.Compose([*head, ResizeIfNeeded(size), *_flip_crop(size), CssrRandAugment(n=2, m=10), *_normalize(data_cfg), *tail])
+        return tv_transforms.Compose([*head, ResizeIfNeeded(size), *_flip_crop(size), CssrRandAugment(n=2, m=10), *_normalize(data_cfg), *tail])
     if kind == "flip_crop":
-        return T.Compose([*head, ResizeIfNeeded(size), *_flip_crop(size), *_normalize(data_cfg)])
+        return tv_transforms.Compose([*head, ResizeIfNeeded(size), *_flip_crop(size), *_normalize(data_cfg)])
     if kind == "flip_crop_cutout":
-        return T.Compose([*head, ResizeIfNeeded(size), *_flip_crop(size), Cutout(0.5), *_normalize(data_cfg)])
+        return tv_transforms.Compose([*head, ResizeIfNeeded(size), *_flip_crop(size), Cutout(0.5), *_normalize(data_cfg)])
     if kind == "imagenet":
         resize = round(size * 256 / 224)
-        return T.Compose([*head, T.Resize(resize), T.RandomResizedCrop(size, scale=(0.25, 1.0)), T.RandomHorizontalFlip(), *_normalize(data_cfg)])
+        return tv_transforms.Compose([*head, tv_transforms.Resize(resize), tv_transforms.RandomResizedCrop(size, scale=(0.25, 1.0)), tv_transforms.RandomHorizontalFlip(), *_normalize(data_cfg)])
     if kind == "none":
         return build_test_transform(data_cfg)
     raise ConfigError(f"data.train_augment = {kind!r} is not valid; choose one of cssr, flip_crop, flip_crop_cutout, imagenet, none")
 
 
-def build_transform(data_cfg: Any, train: bool) -> T.Compose:
-    """Training transform for `data.train_augment`, or the test transform."""
+def build_transform(data_cfg: Any, train: bool) -> tv_transforms.Compose:
+    """Training transform for `data.train_augment`, or the test transform.
+
+    null mean/std/image_size stand for the pretrained backbone's values; they are filled
+    once, when the config is loaded (`models.backbones.resolve_backbone_data_config`), so
+    that train and test read the same numbers.
+    """
+    if data_cfg.mean is None or data_cfg.std is None or data_cfg.image_size is None:
+        raise ConfigError("data.mean/std/image_size are null (= the backbone's) but were never resolved; "
+                          "load the config through cssr_dist.config (resolve_backbone_data_config)")
     return build_train_transform(data_cfg) if train else build_test_transform(data_cfg)

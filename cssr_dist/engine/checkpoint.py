@@ -1,30 +1,57 @@
-"""Checkpoints: Accelerate `save_state` folders written atomically, the last k kept, plus `best`.
+"""Checkpoints in a format of our own: safetensors + JSON, nothing pickled, never half there.
 
-A checkpoint folder is complete or absent: it is written under a temporary name and
-renamed, so a job killed mid-write (preemption, kill -9) resumes from the previous one.
-`best/` holds only weights and score statistics in safetensors (no pickle), chosen on the
-validation slice of known classes, never on the test set.
+Why not `accelerator.save_state`: it pickles the optimizer, scheduler, RNG states and
+registered objects, and loads them with `weights_only=False`, so a file dropped into a
+run folder on shared storage runs code on resume. Here a checkpoint folder holds
+
+    model.safetensors          the unwrapped model's state_dict
+    optimizer.safetensors      the optimizer's per-parameter tensors (momentum, Adam moments)
+    optimizer.json             its param_groups and any non-tensor per-parameter state
+    scheduler.json             the LR scheduler's state_dict (plain numbers)
+    stats.safetensors          score statistics (ScoreStatistics buffers)
+    rng.<rank>.safetensors     torch (CPU, CUDA) and NumPy generator states of each rank
+    rng.<rank>.json            Python's `random` state of each rank
+    trainer_state.json         position, best so far, history, config fingerprint (written last)
+
+and loading only parses safetensors and JSON: any other file (a crafted `optimizer.bin`,
+`random_states_0.pkl`) is never opened. A folder is written under `.tmp_<name>` and renamed
+into place; replacing an existing folder renames the old one aside first and deletes it
+only after the new one is in (a crash between the two renames is repaired on the next
+start), so there is never a moment without a complete checkpoint. `restore` takes the
+newest checkpoint that loads completely and says which newer ones it skipped and why.
+`best/` holds only weights and statistics (what `--test` needs), chosen on the validation
+slice of known classes, never on the test set.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "weights.safetensors"
+MODEL_FILE, STATS_FILE = "model.safetensors", "stats.safetensors"
+OPTIM_TENSORS, OPTIM_JSON, SCHEDULER_JSON = "optimizer.safetensors", "optimizer.json", "scheduler.json"
+TMP_PREFIX, ASIDE_PREFIX = ".tmp_", ".old_"
+FORCE_HINT = "run.force_resume=true"
 
 
 @dataclass
 class TrainerState:
-    """Position of training; saved beside the Accelerate state so resume continues exactly."""
+    """Position of training; saved beside the weights so resume continues exactly."""
 
     epoch: int = 0
     step_in_epoch: int = 0
@@ -35,7 +62,29 @@ class TrainerState:
     finished: bool = False
     epoch_loss_sum: float = 0.0  # rank-mean loss summed over this epoch's steps so far, so that a
     epoch_loss_steps: int = 0    # resumed epoch reports the mean over ALL its steps
+    train_time_s: float = 0.0    # training wall time over all attempts (resumes included)
     history: list[dict] = field(default_factory=list)
+    fingerprint: str | None = None  # of the config sections that change training (tracking.config_fingerprint)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainerState:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("trainer state is not a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        state = cls(**{k: v for k, v in data.items() if k in known})
+        for name in ("epoch", "step_in_epoch", "global_step", "epoch_loss_steps"):
+            if not isinstance(getattr(state, name), int):
+                raise ValueError(f"trainer state field {name} is not an integer")
+        return state
+
+
+class CheckpointUnusable(Exception):
+    """This checkpoint folder cannot be loaded (missing, truncated or foreign files)."""
+
+
+class CheckpointMismatch(CheckpointUnusable):
+    """The files are fine but do not fit the model built from this config (e.g. another latent_dim)."""
 
 
 def _ckpt_name(global_step: int) -> str:
@@ -43,7 +92,7 @@ def _ckpt_name(global_step: int) -> str:
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints (those holding a trainer state), oldest first."""
+    """Checkpoint folders that were renamed into place (so finished writing), oldest first."""
     if not root.is_dir():
         return []
     found = [p for p in root.glob("step_*") if (p / STATE_FILE).is_file()]
@@ -55,38 +104,312 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(accelerator, root: Path, state: TrainerState, keep_last: int) -> Path:
-    """Save Accelerate state + trainer state atomically; prune to the newest `keep_last`."""
-    final = root / _ckpt_name(state.global_step)
-    tmp = root / f".tmp_{final.name}"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
+def read_trainer_state(path: Path) -> TrainerState:
+    """The trainer state of one checkpoint folder (JSON only: cheap, safe before anything is built)."""
+    try:
+        return TrainerState.from_json((path / STATE_FILE).read_text())
+    except (OSError, ValueError, TypeError) as err:
+        raise CheckpointUnusable(f"{STATE_FILE} unreadable ({type(err).__name__}: {err})") from None
+
+
+def check_fingerprint(saved: str | None, current: str, where: Path, force: bool) -> None:
+    """Resume only with the config the checkpoint was trained with (or an explicit override)."""
+    if saved is None or saved == current or force:
+        return
+    raise ConfigError(f"{where} was trained with another config (fingerprint {saved} != {current}: data, model, "
+                      f"optim, schedule or seed changed); resume with the run's config.yaml, choose another "
+                      f"run.name, or pass {FORCE_HINT} to continue with the new settings")
+
+
+def recover_interrupted_replace(root: Path) -> list[str]:
+    """Undo what a crash in the middle of `_install` left: an old folder renamed aside whose
+    replacement never arrived goes back; leftovers of finished replacements and half-written
+    `.tmp_` folders go. Main process only; returns what it did."""
+    done = []
+    if not root.is_dir():
+        return done
+    for aside in root.glob(ASIDE_PREFIX + "step_*"):
+        final = root / aside.name[len(ASIDE_PREFIX):]
         if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in list_checkpoints(root)[:-max(1, keep_last)]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            aside.rename(final)
+            done.append(f"restored {final.name} (its replacement was interrupted)")
+    for tmp in root.glob(TMP_PREFIX + "*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        done.append(f"removed the unfinished {tmp.name}")
+    return done
 
 
-def load_checkpoint(accelerator, path: Path) -> TrainerState:
-    """Restore model/optimizer/scheduler/RNG/registered objects and the trainer state."""
-    accelerator.load_state(str(path))
-    return TrainerState(**json.loads((path / STATE_FILE).read_text()))
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, allow_nan=True))
+    _fsync_file(path)
+
+
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    # clone: safetensors refuses tensors sharing storage (tied weights, views)
+    save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}, str(path),
+              metadata=metadata)
+    _fsync_file(path)
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError, ValueError, RuntimeError) as err:
+        raise CheckpointUnusable(f"{path.name} unreadable ({type(err).__name__}: {str(err)[:120]})") from None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointUnusable(f"{path.name} unreadable ({type(err).__name__}: {str(err)[:120]})") from None
+
+
+# ---------------------------------------------------------------- optimizer and RNG as tensors + JSON
+def optimizer_to_files(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """torch optimizer state_dict -> (tensors keyed `state.<param>.<name>`, JSON rest)."""
+    tensors, plain = {}, {}
+    for param, values in state_dict["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{param}.{name}"] = value
+            else:
+                plain.setdefault(str(param), {})[name] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "state": plain}
+
+
+def optimizer_from_files(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for param, values in plain.get("state", {}).items():
+        state.setdefault(int(param), {}).update(values)
+    for key, value in tensors.items():
+        _, param, name = key.split(".", 2)
+        state.setdefault(int(param), {})[name] = value
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def rng_to_files() -> tuple[dict[str, torch.Tensor], dict]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64))}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    version, internal, py_gauss = random.getstate()
+    plain = {"python": [version, list(internal), py_gauss],
+             "numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    return tensors, plain
+
+
+def rng_from_files(tensors: dict[str, torch.Tensor], plain: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available() and len(tensors["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(list(tensors["cuda"]))
+    n = plain["numpy"]
+    np.random.set_state((n["kind"], tensors["numpy_keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["gauss"]))
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+# ---------------------------------------------------------------- the checkpointer
+class Checkpointer:
+    """Saves and restores everything a resumed run needs, on one process or under DDP.
+
+    The main process writes the shared files, every rank its own RNG state; all ranks read.
+    Collectives (barriers, an all-reduce to agree on which checkpoint loads) are called on
+    every rank in the same order, so call `save`/`restore`/`save_best` on all ranks.
+    """
+
+    def __init__(self, accelerator, root: Path, *, model: torch.nn.Module, optimizer=None, scheduler=None,
+                 stats: torch.nn.Module | None = None, keep_last: int = 2, fingerprint: str | None = None,
+                 force_resume: bool = False, log=print):
+        self.acc, self.root = accelerator, Path(root)
+        self.model, self.optimizer, self.scheduler, self.stats = model, optimizer, scheduler, stats
+        self.keep_last, self.fingerprint, self.force_resume = max(1, keep_last), fingerprint, force_resume
+        self.log = log
+
+    # -- saving
+    def save(self, state: TrainerState) -> Path:
+        """Write a complete checkpoint of `state` and prune to the newest `keep_last`."""
+        acc = self.acc
+        state.fingerprint = self.fingerprint
+        final = self.root / _ckpt_name(state.global_step)
+        tmp = self.root / (TMP_PREFIX + final.name)
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        rng_tensors, rng_plain = rng_to_files()
+        _write_tensors(tmp / f"rng.{acc.process_index}.safetensors", rng_tensors)
+        _write_json(tmp / f"rng.{acc.process_index}.json", rng_plain)
+        if acc.is_main_process:
+            _write_tensors(tmp / MODEL_FILE, self._model_state())
+            if self.optimizer is not None:
+                tensors, plain = optimizer_to_files(self.optimizer.state_dict())
+                _write_tensors(tmp / OPTIM_TENSORS, tensors)
+                _write_json(tmp / OPTIM_JSON, plain)
+            if self.scheduler is not None:
+                _write_json(tmp / SCHEDULER_JSON, self.scheduler.state_dict())
+            if self.stats is not None:
+                _write_tensors(tmp / STATS_FILE, self.stats.state_dict())
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            _write_json(tmp / STATE_FILE, asdict(state))
+            _install(tmp, final)
+            for old in list_checkpoints(self.root)[:-self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        return self.acc.unwrap_model(self.model).state_dict()
+
+    # -- restoring
+    def restore(self) -> TrainerState | None:
+        """Load the newest checkpoint that loads completely; None when there is none.
+
+        A newer one that fails to load is skipped with a line saying why. A checkpoint of
+        another config is refused (ConfigError) unless `force_resume`.
+        """
+        acc = self.acc
+        if acc.is_main_process:
+            for line in recover_interrupted_replace(self.root):
+                self.log(f"checkpoints: {line}")
+        acc.wait_for_everyone()
+        skipped = []
+        for path in reversed(list_checkpoints(self.root)):
+            try:
+                state = read_trainer_state(path)
+                check_fingerprint(state.fingerprint, self.fingerprint or state.fingerprint, path,
+                                  self.force_resume)
+                loaded = self._read(path)
+                error = None
+            except CheckpointMismatch as err:  # a config problem, not damage: never fall back past it
+                raise ConfigError(f"checkpoint {path} does not fit the model of this config ({err}); resume with "
+                                  "the run's config.yaml or choose another run.name") from None
+            except CheckpointUnusable as err:
+                error = str(err)
+            if not self._all_ranks_ok(error is None):
+                skipped.append(f"{path.name} ({error or 'unreadable on another rank'})")
+                continue
+            self._apply(loaded)
+            if skipped:
+                self.log(f"checkpoints: skipped unusable {', '.join(skipped)}; resuming from {path.name}")
+            return state
+        if skipped:
+            self.log(f"checkpoints: none usable ({', '.join(skipped)}); starting from scratch")
+        return None
+
+    def _all_ranks_ok(self, ok: bool) -> bool:
+        if self.acc.num_processes == 1:
+            return ok
+        flag = torch.tensor([0.0 if ok else 1.0], device=self.acc.device)
+        return bool(self.acc.reduce(flag, reduction="sum").item() == 0)
+
+    def _read(self, path: Path) -> dict[str, Any]:
+        """Everything of one checkpoint in memory and checked against the live objects, before
+        any of them is touched: a bad file leaves the model as it was (and the next one is tried)."""
+        if not (path / MODEL_FILE).is_file():
+            foreign = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pkl", ".pt", ".pth"))
+            hint = f" (holds {', '.join(foreign)}: an older pickled format, never loaded)" if foreign else ""
+            raise CheckpointUnusable(f"no {MODEL_FILE}{hint}")
+        loaded: dict[str, Any] = {"model": _read_tensors(path / MODEL_FILE)}
+        _same_keys(loaded["model"], self._model_state(), MODEL_FILE)
+        if self.optimizer is not None:
+            loaded["optimizer"] = (_read_tensors(path / OPTIM_TENSORS), _read_json(path / OPTIM_JSON))
+        if self.scheduler is not None:
+            loaded["scheduler"] = _read_json(path / SCHEDULER_JSON)
+        if self.stats is not None:
+            loaded["stats"] = _read_tensors(path / STATS_FILE)
+            _same_keys(loaded["stats"], self.stats.state_dict(), STATS_FILE)
+        rank = self.acc.process_index
+        try:  # optional: a run resumed on more ranks than it was saved from has no state for the new ones
+            loaded["rng"] = (_read_tensors(path / f"rng.{rank}.safetensors"), _read_json(path / f"rng.{rank}.json"))
+        except CheckpointUnusable:
+            loaded["rng"] = None
+        return loaded
+
+    def _apply(self, loaded: dict[str, Any]) -> None:
+        self.acc.unwrap_model(self.model).load_state_dict(loaded["model"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(optimizer_from_files(*loaded["optimizer"]))
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(loaded["scheduler"])
+        if self.stats is not None:
+            self.stats.load_state_dict(loaded["stats"])
+        try:
+            if loaded["rng"] is None:
+                raise KeyError("no RNG file for this rank")
+            rng_from_files(*loaded["rng"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:
+            self.log(f"checkpoints: RNG state not restored ({type(err).__name__}); continuing with the current one")
+
+    # -- best weights (what --test evaluates)
+    def save_best(self, *, epoch: int, best_value: float | None, score: str, name: str = "best") -> None:
+        """Weights + statistics of the model AS IT IS NOW, labelled with the epoch they are best for."""
+        if self.acc.is_main_process:
+            tensors = {f"model.{k}": v for k, v in self._model_state().items()}
+            if self.stats is not None:
+                tensors.update({f"stats.{k}": v for k, v in self.stats.state_dict().items()})
+            save_weights(self.root / name, tensors, {"epoch": epoch, "best_value": best_value, "score": score,
+                                                     "fingerprint": self.fingerprint})
+        self.acc.wait_for_everyone()
+
+    def load_best(self, name: str = "best") -> dict:
+        """Load `best/` into the model and statistics; returns its metadata (epoch, fingerprint, ...)."""
+        path = self.root / name
+        tensors, meta = load_weights(path)
+        model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        stats = {k[6:]: v for k, v in tensors.items() if k.startswith("stats.")}
+        try:
+            _same_keys(model, self._model_state(), f"{path}/{WEIGHTS_FILE}")
+            self.acc.unwrap_model(self.model).load_state_dict(model)
+            if self.stats is not None:
+                _same_keys(stats, self.stats.state_dict(), f"{path}/{WEIGHTS_FILE} (statistics)")
+                self.stats.load_state_dict(stats)
+        except CheckpointUnusable as err:
+            raise DataError(f"{err}: the weights do not fit this model; evaluate with the run's own "
+                            "config.yaml (model settings)") from None
+        return meta
+
+
+def _same_keys(loaded: dict[str, torch.Tensor], live: dict[str, torch.Tensor], what: str) -> None:
+    """Names and shapes must match exactly (a changed latent_dim is caught here, in one line)."""
+    if loaded.keys() != live.keys():
+        extra, missing = sorted(loaded.keys() - live.keys()), sorted(live.keys() - loaded.keys())
+        raise CheckpointMismatch(f"{what} does not match the model (unexpected {extra[:3]}, missing {missing[:3]})")
+    for key, value in live.items():
+        if value is not None and tuple(loaded[key].shape) != tuple(value.shape):
+            raise CheckpointMismatch(f"{what}: {key} has shape {tuple(loaded[key].shape)}, the model "
+                                     f"{tuple(value.shape)}")
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final`; an existing `final` is renamed aside first and deleted last,
+    so a complete checkpoint of this step exists at every moment (see recover_interrupted_replace)."""
+    aside = final.with_name(ASIDE_PREFIX + final.name)
+    if final.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        final.rename(aside)
+    tmp.rename(final)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- best/ weights
 def save_weights(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Weights + statistics as safetensors, written atomically (main process only)."""
     path.mkdir(parents=True, exist_ok=True)
     tmp = path / (WEIGHTS_FILE + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-              metadata={"meta": json.dumps(meta)})
+    _write_tensors(tmp, tensors, metadata={"meta": json.dumps(meta)})
     tmp.replace(path / WEIGHTS_FILE)
 
 
@@ -95,8 +418,33 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     file = path / WEIGHTS_FILE
     if not file.is_file():
         raise DataError(f"no weights at {file}; train the run first or pass the right run.name")
-    from safetensors import safe_open
+    try:
+        with safe_open(str(file), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {}).get("meta", "{}"))
+        return load_file(str(file)), meta
+    except (OSError, SafetensorError, ValueError) as err:
+        raise DataError(f"{file} is unreadable ({type(err).__name__}); it is damaged - retrain or restore it") from None
 
-    with safe_open(str(file), framework="pt") as fh:
-        meta = json.loads((fh.metadata() or {}).get("meta", "{}"))
-    return load_file(str(file)), meta
+
+# ---------------------------------------------------------------- LEGACY (until the runner uses Checkpointer)
+def save_checkpoint(accelerator, root: Path, state: TrainerState, keep_last: int) -> Path:
+    """LEGACY shim for the pre-Checkpointer runner: same files as `Checkpointer.save` (no pickles)."""
+    return _legacy_checkpointer(accelerator, root, keep_last).save(state)
+
+
+def load_checkpoint(accelerator, path: Path) -> TrainerState:
+    """LEGACY shim: restores from `path`'s folder via `Checkpointer.restore` (no unpickling)."""
+    state = _legacy_checkpointer(accelerator, path.parent, 2).restore()
+    if state is None:
+        raise DataError(f"no usable checkpoint in {path.parent}")
+    return state
+
+
+def _legacy_checkpointer(accelerator, root: Path, keep_last: int) -> Checkpointer:
+    model = accelerator._models[0]
+    optimizer = accelerator._optimizers[0] if accelerator._optimizers else None
+    custom = list(getattr(accelerator, "_custom_objects", []))
+    scheduler = next((o for o in custom if hasattr(o, "get_last_lr")), None)
+    stats = next((o for o in custom if isinstance(o, torch.nn.Module)), None)
+    return Checkpointer(accelerator, root, model=model, optimizer=optimizer, scheduler=scheduler, stats=stats,
+                        keep_last=keep_last)

@@ -5,10 +5,15 @@ from __future__ import annotations
 import torch
 
 from ..config import OptimConfig
+from ..errors import ConfigError
 
 
 def base_lr(cfg: OptimConfig, global_batch: int) -> float:
-    """The fine-tuning recipe scales lr linearly with batch (0.4 * batch / 128)."""
+    """The fine-tuning recipe scales lr linearly with batch (0.4 * batch / 128).
+
+    `global_batch` is the batch summed over ALL processes: the recipe's 128 was one GPU's
+    batch, so 16 GPUs x 64 images train at lr 0.4 x 1024 / 128 whatever the split.
+    """
     return cfg.lr * global_batch / 128 if cfg.scale_lr_by_batch else cfg.lr
 
 
@@ -17,8 +22,11 @@ def _fused_ok(params: list[torch.nn.Parameter]) -> bool:
 
 
 def build_optimizer(params, cfg: OptimConfig, global_batch: int) -> torch.optim.Optimizer:
-    """Only trainable parameters are optimised (a frozen backbone contributes none)."""
+    """Only trainable parameters are optimised: a frozen backbone (cssr_ft) has no optimizer
+    state and no weight decay, so its weights stay bit-identical."""
     trainable = [p for p in params if p.requires_grad]
+    if not trainable:
+        raise ConfigError("the model has no trainable parameters (frozen backbone and no head?); check model.freeze_backbone")
     lr = base_lr(cfg, global_batch)
     if cfg.name == "adamw":
         return torch.optim.AdamW(trainable, lr=lr, weight_decay=cfg.weight_decay, fused=_fused_ok(trainable) or None)

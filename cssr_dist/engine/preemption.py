@@ -7,16 +7,25 @@ the middle of a collective and deadlock DDP. All ranks agree on the flag at step
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
+import time
+from pathlib import Path
+
 import torch
 
 REQUEUE_EXIT_CODE = 42
+# set by launchers/launch.py: a file whose existence tells the launcher "a worker stopped for
+# requeue", whatever exit code torchrun makes of the workers' 42 (see launch.py)
+MARKER_ENV = "CSSR_PREEMPT_MARKER"
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class PreemptionFlag:
     """Set by a signal on any rank; `should_stop` all-reduces it so every rank stops together."""
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)):
+    def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS):
         self.requested = False
         self.signum: int | None = None
         for sig in signals:
@@ -36,3 +45,41 @@ class PreemptionFlag:
 
 class Preempted(Exception):
     """Raised after the checkpoint is written; train.py exits with REQUEUE_EXIT_CODE."""
+
+
+def ignore_stop_signals(_worker_id: int | None = None) -> None:
+    """`worker_init_fn` of DataLoader workers: survive a SIGTERM/SIGUSR1 sent to the whole
+    process group (Slurm's time limit, scancel, preemption) so the main process can finish
+    its step and checkpoint; it ends its workers itself.
+
+    Why not SIG_IGN: the main process's own shutdown (multiprocessing's exit handler) ends
+    stuck workers with SIGTERM and then waits for them, which would wait for ever. So the
+    rule is torch's own for its workers: a SIGTERM from the parent ends the worker at once,
+    any other is ignored. The sender is only known to `sigwaitinfo`, hence SIGTERM is blocked
+    and read by a small thread (a no-op handler covers threads that started earlier).
+    """
+    import threading
+
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    parent = os.getppid()
+
+    def wait_for_parent_sigterm() -> None:
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=wait_for_parent_sigterm, name="sigterm-from-parent", daemon=True).start()
+
+
+def mark_preempted(reason: str = "checkpoint written") -> None:
+    """Leave the launcher's marker (if launched by launchers/launch.py): exit for requeue."""
+    path = os.environ.get(MARKER_ENV)
+    if path:
+        try:
+            Path(path).write_text(f"pid {os.getpid()} on {socket.gethostname()} at {time.strftime('%H:%M:%S')}: "
+                                  f"{reason}\n")
+        except OSError:
+            pass  # the launcher's scratch folder is gone: the exit code still says 42

@@ -1,23 +1,26 @@
-"""The training loop on Accelerate: one epoch at a time, no host sync inside the step.
+"""The Trainer: the epoch loop, best-model selection and the optimisation step, on Accelerate.
 
 The loss is accumulated on the device and only read (`.item()`) on logging steps, because
 each read stalls a GPU pipeline. Preemption is checked on those same steps so that all
-ranks take the collective decision together.
+ranks take the collective decision together. The best checkpoint is chosen on the
+validation slice of known classes (never on test metrics).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from ..config import Config
+from ..models.osr_model import check_logit_saturation
 from .checkpoint import TrainerState
-from .preemption import PreemptionFlag
+from .preemption import Preempted, PreemptionFlag
 
 
 @dataclass
@@ -60,7 +63,11 @@ def _fail_now(rank: int, step: int, mode: str) -> None:
 
 
 class Trainer:
-    """Runs optimisation steps; knows nothing about datasets or evaluation."""
+    """Runs the epochs of a run: steps, per-epoch validation and records, best-model selection.
+
+    It sees data only as `TrainBatches` (len, set_epoch, iter_from) and evaluation only
+    through the `Evaluator`, so it knows nothing of data formats or scores.
+    """
 
     def __init__(self, cfg: Config, accelerator, model, optimizer, scheduler, loss_fn: Callable,
                  state: TrainerState, preemption: PreemptionFlag, on_checkpoint: Callable[[], None]):
@@ -86,6 +93,9 @@ class Trainer:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with self.accelerator.autocast():
             out = self.model(images)
+        if self.state.global_step == 0:  # a fresh run: stop at once if the logit scale saturates
+            check_logit_saturation(self.accelerator.gather(out.logits.detach()),
+                                   self.accelerator.unwrap_model(self.model).head, "the first training batch")
         loss = self.loss_fn(out.logits.float(), labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
@@ -163,3 +173,65 @@ class Trainer:
         total = base[0] + self.accelerator.reduce(loss_sum, reduction="mean").item()
         self.state.epoch_loss_sum, self.state.epoch_loss_steps = total, base[1] + steps
         return total / max(1, base[1] + steps)
+
+    # ------------------------------------------------------------------ epochs
+    def fit(self, train, evaluator, save_best: Callable[[], None], record: Callable[[dict], None],
+            progress: Callable[..., Any]) -> None:
+        """Train until the schedule ends (or max_steps), validating each epoch; raises Preempted."""
+        cfg, state, acc = self.cfg, self.state, self.accelerator
+        start = time.time()
+        while state.epoch < cfg.schedule.epochs and not state.finished:
+            train.set_epoch(state.epoch)
+            bar = progress(None, f"epoch {state.epoch + 1}/{cfg.schedule.epochs}", total=len(train))
+            bar.update(state.step_in_epoch)
+            result = self.train_epoch(train.iter_from(state.step_in_epoch), bar)
+            bar.close()
+            if result.stop == "preempted":
+                self.on_checkpoint()
+                acc.print(f"preempted at step {state.global_step}; checkpoint written, exiting for requeue")
+                raise Preempted()
+            epoch_done = state.step_in_epoch >= len(train)
+            if epoch_done:
+                state.epoch, state.step_in_epoch = state.epoch + 1, 0
+            last = state.epoch >= cfg.schedule.epochs or result.stop == "max_steps"
+            row = {"epoch": state.epoch, "step": state.global_step, "train_loss": result.mean_loss,
+                   "lr": self.scheduler.get_last_lr()[0], "time_s": round(time.time() - start, 2),
+                   **evaluator.validate(self.model)}
+            interval = cfg.eval.test_interval
+            if interval and epoch_done and state.epoch % interval == 0 and not last:
+                row["test"] = {k: v for k, v in evaluator.evaluate(self.model).items() if isinstance(v, (int, float))}
+            self._select_best(row, save_best)
+            state.history.append(row)
+            record(row)
+            acc.log({f"epoch/{k}": v for k, v in row.items() if isinstance(v, (int, float))}, step=state.global_step)
+            acc.print(epoch_line(row))
+            state.finished = last
+            self.on_checkpoint()
+        state.train_time_s = state.train_time_s + (time.time() - start)
+
+    def _select_best(self, row: dict, save_best: Callable[[], None]) -> None:
+        """Keep the weights of the best epoch by `eval.select_best_by` (validation only)."""
+        key = self.cfg.eval.select_best_by
+        if key == "last" or improved(key, row.get(key), self.state.best_value):
+            self.state.best_value, self.state.best_epoch = row.get(key), self.state.epoch
+            save_best()
+
+
+def improved(metric: str, value: float | None, best: float | None) -> bool:
+    """Whether `value` beats `best` (lower is better for val_loss; NaN never improves)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    if best is None:
+        return True
+    return value < best if metric == "val_loss" else value > best
+
+
+def epoch_line(row: dict) -> str:
+    """The one line printed per epoch (rank 0)."""
+    parts = [f"epoch {row['epoch']}", f"loss {row['train_loss']:.4f}"]
+    if "val_acc" in row:
+        parts.append(f"val_acc {row['val_acc']:.4f}")
+    for key in ("closed_acc", "auroc", "oscr"):
+        if key in (row.get("test") or {}):
+            parts.append(f"{key} {row['test'][key]:.4f}")
+    return " | ".join(parts)

@@ -1,90 +1,138 @@
-"""Evaluation loop: score statistics on training data, per-sample scores, metrics per set.
+"""The Evaluator: fits the score statistics, runs the one forward loop over a set,
+validates, and writes the per-set report.
 
-Statistics (prototypes, Gram means, z-normalisation) are fitted on known TRAINING images
-with test transforms (the reference used augmented images), summed across ranks, and kept
-in the model state. Thresholds for macro-F1 come from the validation slice, never the
-test set. Every score is reported with the same metrics so baselines sit beside CSSR.
+Statistics are fitted on known TRAINING images with test transforms (the reference used
+augmented images), summed across ranks. Thresholds for macro-F1 come from the validation
+slice, never the test set. Every score is reported with the same metrics so baselines
+sit beside CSSR; every OOD set gets its own row, and near/far groups their means.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
-from ..engine.distributed import concat_local, gather_by_id
-from ..scoring.scores import compute_scores, predict as predict_classes
-from ..scoring.statistics import ScoreStatistics
-from . import metrics as M
+from ..distributed import concat_local, eval_module, gather_by_id
+from ..models.bn_recalibration import recalibrate_batchnorm
+from ..scoring.scores import Scorer
+from . import metrics
+
+Progress = Callable[[Iterable, str], Iterable]
 
 
-
-def primary_score(head: str, method: str, requested: str) -> str:
-    """'auto': integrated S0+S1+S2 for CSSR from scratch, S0 for fine-tuning, MSP for linear."""
-    if requested != "auto":
-        return requested
-    if head == "linear":
-        return "msp"
-    return "s0" if method == "cssr_ft" else "integrated"
+def _no_progress(iterable: Iterable, _desc: str) -> Iterable:
+    return iterable
 
 
-def needs_statistics(score: str) -> bool:
-    return score in ("s1", "s2", "integrated")
+class Evaluator:
+    """Evaluation of one run on this rank; `data` is the run's `RunData` (this rank's share)."""
+
+    def __init__(self, accelerator, scorer: Scorer, data, eval_cfg, loss_fn: Callable,
+                 progress: Progress | None = None, on_evaluation: Callable[[dict, dict], None] | None = None):
+        """`on_evaluation(summary, per_set)` receives each finished evaluation with its
+        per-sample arrays by set name ("test", "ood/<name>"): plots and dashboards."""
+        self.accelerator, self.scorer, self.data, self.cfg = accelerator, scorer, data, eval_cfg
+        self.loss_fn = loss_fn
+        self.progress = progress or _no_progress
+        self.on_evaluation = on_evaluation
+
+    # ------------------------------------------------------------------ the one forward loop
+    @torch.no_grad()
+    def outputs(self, model, loader, desc: str) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(features, logits, labels, ids) per batch of `loader`, on this rank's device, in eval mode."""
+        acc = self.accelerator
+        model.eval()
+        for images, labels, ids in self.progress(loader, desc):
+            with acc.autocast():
+                out = model(images.to(acc.device, non_blocking=True))
+            yield out.features.float(), out.logits.float(), labels.to(acc.device), ids.to(acc.device)
+
+    def recalibrate(self, model) -> None:
+        """eval.recalibrate_bn: BatchNorm running statistics recomputed from the statistics
+        images (test transforms), exactly and across ranks, before validating or scoring."""
+        if self.cfg.recalibrate_bn:
+            recalibrate_batchnorm(model, self.data.train_eval, self.accelerator, self.cfg.recalibrate_bn_batches)
+
+    def fit(self, model) -> None:
+        """Fit the scorer's statistics on the training images (both passes, all ranks)."""
+        module = eval_module(self.accelerator, model)
+        features_logits = lambda: ((f, z) for f, z, _, _ in self.outputs(module, self.data.train_eval, "statistics"))  # noqa: E731
+        self.scorer.fit(features_logits, lambda t: self.accelerator.reduce(t, reduction="sum"))
+
+    def scores(self, module, loader, desc: str) -> dict[str, np.ndarray]:
+        """Per-sample labels, ids, prediction and every score of a set, gathered from all ranks by id."""
+        chunks = []
+        for features, logits, labels, ids in self.outputs(module, loader, desc):
+            row = dict(self.scorer(features, logits))  # float64 scores: S2 reaches 1e10
+            row["labels"], row["ids"] = labels, ids
+            chunks.append(row)
+        return gather_by_id(concat_local(chunks), self.accelerator.num_processes)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, model) -> dict:
+        """Accuracy and loss on the validation slice of known classes (model selection)."""
+        if self.data.val is None:
+            return {}
+        self.recalibrate(model)
+        acc = self.accelerator
+        totals = torch.zeros(3, dtype=torch.float64, device=acc.device)  # correct, loss sum, count
+        for _, logits, labels, _ in self.outputs(eval_module(acc, model), self.data.val, "val"):
+            totals[0] += (self.scorer.classify(logits) == labels).sum()
+            totals[1] += self.loss_fn(logits, labels).double() * labels.numel()
+            totals[2] += labels.numel()
+        correct, loss_sum, count = acc.reduce(totals, reduction="sum").tolist()
+        return {"val_acc": correct / max(1.0, count), "val_loss": loss_sum / max(1.0, count)}
+
+    # ------------------------------------------------------------------ the report
+    def evaluate(self, model, fit: bool = True) -> dict:
+        """Fit (unless restored), score validation, test and every OOD set once; report each."""
+        if fit:
+            self.recalibrate(model)
+            self.fit(model)
+        module, cfg, meta = eval_module(self.accelerator, model), self.cfg, self.data.meta
+        primary = self.scorer.primary
+        baselines = [b for b in cfg.baselines if b != primary]
+        val = self.scores(module, self.data.val, "val") if self.data.val is not None else {}
+        per_set = {"test": self.scores(module, self.data.test, "test")}
+        test = per_set["test"]
+        report = lambda joined: score_report(joined, val, primary, baselines, meta.num_classes,  # noqa: E731
+                                             cfg.tpr, cfg.protocol)
+        summary = report(test)
+        summary["protocol"], summary["metric_keys"] = cfg.protocol, list(metrics.protocol_metric_keys(cfg.protocol))
+        if metrics.NOT_REPORTED.get(cfg.protocol):
+            summary["not_reported"] = dict(metrics.NOT_REPORTED[cfg.protocol])
+        if meta.test_original_of is not None and (test["labels"] < 0).any():
+            summary["per_unknown_class_auroc"] = per_unknown_class_auroc(
+                test, primary, meta.test_original_of(test["ids"]), meta.original_class_names)
+        if self.data.ood:
+            for name, loader in self.data.ood.items():
+                per_set[f"ood/{name}"] = join_known_and_ood(test, self.scores(module, loader, f"ood:{name}"))
+            summary["ood"] = {name: report(per_set[f"ood/{name}"]) for name in self.data.ood}
+            summary["ood_groups"] = group_means(summary["ood"], meta.ood_groups)
+        summary["num_test_known"] = int((test["labels"] >= 0).sum())
+        summary["num_test_unknown"] = int((test["labels"] < 0).sum())
+        if self.on_evaluation is not None:
+            self.on_evaluation(summary, per_set)
+        return summary
 
 
-def _batches(loader: Iterable, progress: Callable[[Iterable], Iterable] | None):
-    return progress(loader) if progress else loader
-
-
-@torch.no_grad()
-def fit_statistics(model, loader, stats: ScoreStatistics, head: str, accelerator, progress=None) -> None:
-    """Two passes: class statistics (prototypes, Gram), then moments of S0/S1/S2 for z-norm."""
-    model.eval()
-    stats.reset_()
-    reduce = lambda t: accelerator.reduce(t, reduction="sum")  # noqa: E731
-    for images, _, _ in _batches(loader, progress):
-        with accelerator.autocast():
-            out = model(images.to(accelerator.device))
-        feats, logits = out.features.float(), out.logits.float()
-        stats.update_class_stats(feats, predict_classes(head, logits))
-    stats.reduce_(reduce, "class")
-    for images, _, _ in _batches(loader, progress):
-        with accelerator.autocast():
-            out = model(images.to(accelerator.device))
-        scores = compute_scores(head, out.features.float(), out.logits.float(), stats)
-        stats.update_moments({k: scores[k] for k in stats.score_names})
-    stats.reduce_(reduce, "moments")
-
-
-@torch.no_grad()
-def predict(model, loader, stats: ScoreStatistics | None, head: str, accelerator, progress=None) -> dict[str, np.ndarray]:
-    """Per-sample labels, ids, prediction and every score, gathered from all ranks by id."""
-    model.eval()
-    chunks: list[dict[str, torch.Tensor]] = []
-    for images, labels, ids in _batches(loader, progress):
-        with accelerator.autocast():
-            out = model(images.to(accelerator.device))
-        scores = compute_scores(head, out.features.float(), out.logits.float(), stats)
-        row = {k: v.detach() for k, v in scores.items()}  # float64 scores: S2 reaches 1e10
-        row["labels"] = labels.to(accelerator.device)
-        row["ids"] = ids.to(accelerator.device)
-        chunks.append(row)
-    return gather_by_id(concat_local(chunks), accelerator.num_processes)
-
-
-def _metrics_for(score: str, test: dict, val: dict, num_classes: int, tpr: float) -> dict:
-    threshold = M.threshold_at_tpr(val[score], tpr) if val and len(val.get(score, [])) else float("nan")
-    out = M.compute_metrics(test[score], test["pred"], test["labels"], num_classes, threshold)
-    out["threshold"] = threshold
+# ---------------------------------------------------------------- report helpers (pure numpy)
+def _metrics_for(score: str, test: dict, val: dict, num_classes: int, tpr: float, protocol: str) -> dict:
+    """The protocol's metrics of one score; the macro-F1 threshold comes from validation knowns only."""
+    threshold = metrics.threshold_at_tpr(val[score], tpr) if val and len(val.get(score, [])) else None
+    out = metrics.protocol_metrics(test[score], test["pred"], test["labels"], num_classes, protocol, threshold)
+    out["threshold"] = float("nan") if threshold is None else threshold
     return out
 
 
-def score_report(test: dict, val: dict, score: str, baselines: list[str], num_classes: int, tpr: float) -> dict:
+def score_report(test: dict, val: dict, score: str, baselines: list[str], num_classes: int, tpr: float,
+                 protocol: str = "clean") -> dict:
     """Metrics of the primary score plus a `baselines` object with the same keys per baseline."""
-    report = _metrics_for(score, test, val, num_classes, tpr)
+    report = _metrics_for(score, test, val, num_classes, tpr, protocol)
     report["score"] = score
-    report["baselines"] = {b: _metrics_for(b, test, val, num_classes, tpr) for b in baselines if b in test}
+    report["baselines"] = {b: _metrics_for(b, test, val, num_classes, tpr, protocol) for b in baselines if b in test}
     return report
 
 
@@ -98,7 +146,7 @@ def per_unknown_class_auroc(test: dict, score: str, orig: np.ndarray, names: lis
     for cls in np.unique(orig[~known]):
         mask = (~known) & (orig == cls)
         name = names[int(cls)] if int(cls) < len(names) else str(int(cls))
-        out[name] = M.auroc(test[score][known], test[score][mask])
+        out[name] = metrics.auroc(test[score][known], test[score][mask])
     return out
 
 
@@ -106,3 +154,14 @@ def join_known_and_ood(test: dict, ood: dict) -> dict:
     """Known test samples plus one OOD set (labelled -1), for per-OOD-set metrics."""
     known = test["labels"] >= 0
     return {k: np.concatenate([test[k][known], ood[k]]) for k in test if k in ood}
+
+
+def group_means(per_set: dict[str, dict], groups: dict[str, str]) -> dict[str, dict]:
+    """Mean of every numeric metric of the primary score over the OOD sets of each group (near/far)."""
+    out: dict[str, dict] = {}
+    for group in sorted(set(groups.get(name, "far") for name in per_set)):
+        members = [per_set[name] for name in per_set if groups.get(name, "far") == group]
+        keys = [k for k, v in members[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        out[group] = {k: float(np.mean([m[k] for m in members])) for k in keys}
+        out[group]["sets"] = [name for name in per_set if groups.get(name, "far") == group]
+    return out

@@ -10,6 +10,19 @@ Conventions (see docs/architecture.md):
   samples. This is the CSSR reference's convention; OpenOOD reports "FPR@95" with OOD as
   the positive class, which is a different number. Do not compare the two directly.
 
+Two sets of definitions (ALGORITHM.md §4), both reported under names that say which:
+
+* clean (``compute_metrics``, ``protocol_metrics(..., "clean")``): AUPR is average precision
+  (scikit-learn); FPR95 is taken at the first (highest) threshold whose TPR reaches 0.95,
+  in both positive conventions: ``fpr95_known_pos`` (CSSR's; equals ``fpr95``) and
+  ``fpr95_ood_pos`` (OpenOOD's, OOD = positive);
+* reference (``protocol_metrics(..., "reference")``): what the CSSR reference code computes,
+  i.e. ``aupr_in_trapz`` / ``aupr_out_trapz`` (trapezoid area under scikit-learn's PR curve,
+  which starts at recall 0, precision 1) and ``fpr95_known_pos_closest`` (known positive, the
+  point of scikit-learn's default, thinned ROC curve whose TPR is CLOSEST to 0.95, possibly
+  below it). Its macro-F1 threshold is tuned on the test set, so the reference protocol
+  does not report macro-F1 (:data:`NOT_REPORTED`).
+
 Degenerate input: when a metric needs both known and unknown samples and one group is
 empty, or when any score is NaN, the metric is ``float('nan')``; nothing raises. A NaN
 result in a table is then visibly "undefined" instead of a crash at the end of a long run.
@@ -29,7 +42,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cssr_dist.errors import DataError
+from ..errors import DataError
 
 NAN = float("nan")
 
@@ -45,10 +58,36 @@ __all__ = [
     "per_class_auroc",
     "compute_metrics",
     "METRIC_KEYS",
+    "aupr_in_trapz",
+    "aupr_out_trapz",
+    "fpr95_known_pos_closest",
+    "fpr_at_tpr_ood_pos",
+    "protocol_metrics",
+    "protocol_metric_keys",
+    "roc_points",
+    "CLEAN_METRIC_KEYS",
+    "REFERENCE_METRIC_KEYS",
+    "NOT_REPORTED",
 ]
 
 #: Keys of :func:`compute_metrics`, in table order.
 METRIC_KEYS = ("closed_acc", "auroc", "aupr_in", "aupr_out", "fpr95", "oscr", "macro_f1")
+
+#: Keys of :func:`protocol_metrics` under each protocol, in table order.
+CLEAN_METRIC_KEYS = (
+    "closed_acc", "auroc", "aupr_in", "aupr_out", "fpr95_known_pos", "fpr95_ood_pos", "oscr", "macro_f1",
+)
+REFERENCE_METRIC_KEYS = (
+    "closed_acc", "auroc", "aupr_in_trapz", "aupr_out_trapz", "fpr95_known_pos_closest", "oscr",
+)
+
+#: Metrics a protocol deliberately leaves out, with the reason (write it into reports).
+NOT_REPORTED: dict[str, dict[str, str]] = {
+    "clean": {},
+    "reference": {
+        "macro_f1": "needs a threshold chosen without test data: not reported under the reference protocol",
+    },
+}
 
 
 class _Curve(NamedTuple):
@@ -109,6 +148,17 @@ def _ap_from_curve(c: _Curve) -> float:
 
 def _binary_ready(pos: np.ndarray, neg: np.ndarray) -> bool:
     return pos.size > 0 and neg.size > 0 and not _has_nan(pos, neg)
+
+
+def roc_points(known_scores: np.ndarray, unknown_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) of the full ROC curve, known positive, from (0, 0): one point per distinct
+    score, the curve :func:`auroc` integrates (for plots). Empty arrays when undefined."""
+    pos = _as_1d_float(known_scores, "known_scores")
+    neg = _as_1d_float(unknown_scores, "unknown_scores")
+    if not _binary_ready(pos, neg):
+        return np.zeros(0), np.zeros(0)
+    c = _curve(pos, neg)
+    return np.r_[0.0, c.fp / c.n_neg], np.r_[0.0, c.tp / c.n_pos]
 
 
 def auroc(known_scores: np.ndarray, unknown_scores: np.ndarray) -> float:
@@ -189,6 +239,84 @@ def oscr(known_scores: np.ndarray, known_correct: np.ndarray, unknown_scores: np
     ccr = np.r_[0.0, np.cumsum(cc_w[order], dtype=np.int64)[ends] / pos.size]
     fpr = np.r_[0.0, np.cumsum(fp_w[order], dtype=np.int64)[ends] / neg.size]
     return _trapezoid(ccr, fpr)
+
+
+def _pr_trapezoid_from_curve(c: _Curve) -> float:
+    """Trapezoid area under scikit-learn's precision-recall curve (the reference's AUPR).
+
+    The curve is one (recall, precision) point per distinct threshold plus (0, 1). Points
+    after full recall add no area (zero width), so scikit-learn versions that drop them or
+    not give the same number. Differs from average precision by the linear interpolation.
+    """
+    recall = np.r_[0.0, c.tp / c.n_pos]
+    precision = np.r_[1.0, c.tp / (c.tp + c.fp)]
+    return _trapezoid(precision, recall)
+
+
+def aupr_in_trapz(known_scores: np.ndarray, unknown_scores: np.ndarray) -> float:
+    """AUPR with KNOWN positive as the CSSR reference (and OpenOOD) compute it: trapezoid area."""
+    pos = _as_1d_float(known_scores, "known_scores")
+    neg = _as_1d_float(unknown_scores, "unknown_scores")
+    if not _binary_ready(pos, neg):
+        return NAN
+    return _pr_trapezoid_from_curve(_curve(pos, neg))
+
+
+def aupr_out_trapz(known_scores: np.ndarray, unknown_scores: np.ndarray) -> float:
+    """AUPR with UNKNOWN positive (scores negated), reference definition: trapezoid area."""
+    pos = _as_1d_float(known_scores, "known_scores")
+    neg = _as_1d_float(unknown_scores, "unknown_scores")
+    if not _binary_ready(pos, neg):
+        return NAN
+    return _pr_trapezoid_from_curve(_curve(-neg, -pos))
+
+
+def _fpr_closest_from_curve(c: _Curve, tpr: float) -> float:
+    """The reference's rule on scikit-learn's default ROC curve (``drop_intermediate=True``).
+
+    scikit-learn thins the curve (drops a point when its neighbours' second differences are
+    both zero) and prepends (0, 0); ``argmin |TPR - tpr|`` then takes the first closest
+    point. Reproducing the thinning matters: with collinear points the closest surviving
+    point can be a different one.
+    """
+    fp, tp = c.fp, c.tp
+    if fp.size > 2:
+        keep = np.flatnonzero(np.r_[True, np.logical_or(np.diff(fp, 2), np.diff(tp, 2)), True])
+        fp, tp = fp[keep], tp[keep]
+    tprs = np.r_[0.0, tp] / c.n_pos
+    fprs = np.r_[0.0, fp] / c.n_neg
+    return float(fprs[int(np.argmin(np.abs(tprs - tpr)))])
+
+
+def fpr95_known_pos_closest(known_scores: np.ndarray, unknown_scores: np.ndarray, tpr: float = 0.95) -> float:
+    """FPR of UNKNOWN samples at the ROC point whose TPR (of KNOWN) is closest to ``tpr``.
+
+    The CSSR reference's FPR@TPR95: the TPR may be below the target. Lower is better.
+    """
+    if not 0.0 < tpr <= 1.0:
+        raise ValueError(f"tpr must be in (0, 1], got {tpr}")
+    pos = _as_1d_float(known_scores, "known_scores")
+    neg = _as_1d_float(unknown_scores, "unknown_scores")
+    if not _binary_ready(pos, neg):
+        return NAN
+    return _fpr_closest_from_curve(_curve(pos, neg), tpr)
+
+
+def fpr_at_tpr_ood_pos(known_scores: np.ndarray, unknown_scores: np.ndarray, tpr: float = 0.95) -> float:
+    """OpenOOD's convention: UNKNOWN is positive. Fraction of KNOWN samples flagged unknown
+    at the highest "unknown" threshold that flags >= ``tpr`` of the UNKNOWN samples.
+
+    Same threshold rule as :func:`fpr_at_tpr` (first point reaching the TPR on the full ROC
+    curve); OpenOOD applies it to scikit-learn's thinned curve, which can only differ when
+    three consecutive ROC points are collinear. Lower is better.
+    """
+    if not 0.0 < tpr <= 1.0:
+        raise ValueError(f"tpr must be in (0, 1], got {tpr}")
+    pos = _as_1d_float(known_scores, "known_scores")
+    neg = _as_1d_float(unknown_scores, "unknown_scores")
+    if not _binary_ready(pos, neg):
+        return NAN
+    return _fpr_at_tpr_from_curve(_curve(-neg, -pos), tpr)
 
 
 def closed_set_accuracy(preds: np.ndarray, labels: np.ndarray) -> float:
@@ -320,3 +448,62 @@ def compute_metrics(
     if threshold is not None:
         out["macro_f1"] = open_set_macro_f1(preds, labels, s, threshold, num_classes)
     return out
+
+
+def protocol_metric_keys(protocol: str, side_by_side: bool = False) -> tuple[str, ...]:
+    """Keys of :func:`protocol_metrics` for ``protocol`` (clean | reference), in table order."""
+    if protocol not in ("clean", "reference"):
+        raise ValueError(f"protocol must be 'clean' or 'reference', got {protocol!r}")
+    first = CLEAN_METRIC_KEYS if protocol == "clean" else REFERENCE_METRIC_KEYS
+    if not side_by_side:
+        return first
+    other = REFERENCE_METRIC_KEYS if protocol == "clean" else CLEAN_METRIC_KEYS
+    return first + tuple(k for k in other if k not in first)
+
+
+def protocol_metrics(
+    scores: np.ndarray,
+    preds: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    protocol: str = "clean",
+    threshold: float | None = None,
+    side_by_side: bool = False,
+) -> dict[str, float]:
+    """Summary metrics of one evaluation set under a protocol's definitions.
+
+    ``protocol="clean"``: :data:`CLEAN_METRIC_KEYS` (average precision, first threshold
+    reaching TPR 0.95, both positive conventions, macro-F1 at the validation ``threshold``).
+    ``protocol="reference"``: :data:`REFERENCE_METRIC_KEYS` (the reference code's
+    definitions); macro-F1 is absent, see :data:`NOT_REPORTED`. ``side_by_side=True`` adds
+    the other protocol's differently named definitions (macro-F1 only with a threshold
+    under reference). Keys never clash across definitions, so the two can share a table.
+    """
+    keys = protocol_metric_keys(protocol, side_by_side)
+    s = _as_1d_float(scores, "scores")
+    preds = np.asarray(preds)
+    labels = np.asarray(labels)
+    if not (s.shape == preds.shape == labels.shape):
+        raise ValueError(f"shapes differ: scores {s.shape}, preds {preds.shape}, labels {labels.shape}")
+    _check_labels(labels, int(num_classes))
+    known = labels >= 0
+    pos, neg = s[known], s[~known]
+    values = dict.fromkeys(CLEAN_METRIC_KEYS + REFERENCE_METRIC_KEYS, NAN)
+    values["closed_acc"] = closed_set_accuracy(preds, labels)
+    if _binary_ready(pos, neg):
+        c = _curve(pos, neg)
+        c_out = _curve(-neg, -pos)
+        values.update(
+            auroc=_auc_from_curve(c),
+            aupr_in=_ap_from_curve(c),
+            aupr_out=_ap_from_curve(c_out),
+            fpr95_known_pos=_fpr_at_tpr_from_curve(c, 0.95),
+            fpr95_ood_pos=_fpr_at_tpr_from_curve(c_out, 0.95),
+            oscr=oscr(pos, preds[known] == labels[known], neg),
+            aupr_in_trapz=_pr_trapezoid_from_curve(c),
+            aupr_out_trapz=_pr_trapezoid_from_curve(c_out),
+            fpr95_known_pos_closest=_fpr_closest_from_curve(c, 0.95),
+        )
+    if threshold is not None and "macro_f1" in keys:
+        values["macro_f1"] = open_set_macro_f1(preds, labels, s, threshold, num_classes)
+    return {k: values[k] for k in keys}

@@ -2,35 +2,47 @@
 
 from __future__ import annotations
 
-METRIC_KEYS = ("closed_acc", "auroc", "aupr_in", "aupr_out", "fpr95", "oscr", "macro_f1")
+#: The columns when a summary does not name its own (`metric_keys`, set by the Evaluator per protocol).
+METRIC_KEYS = ("closed_acc", "auroc", "aupr_in", "aupr_out", "fpr95_known_pos", "fpr95_ood_pos", "oscr", "macro_f1")
+NOTES = {
+    "fpr95_known_pos": "fpr95_known_pos: FPR of unknowns at the first threshold with 95% TPR of knowns (known = positive, "
+                       "the CSSR reference convention).",
+    "fpr95_ood_pos": "fpr95_ood_pos: FPR of knowns at 95% TPR of unknowns (OOD = positive, OpenOOD's convention).",
+    "fpr95_known_pos_closest": "fpr95_known_pos_closest: the reference code's FPR95 (ROC point closest to TPR 0.95).",
+    "aupr_in_trapz": "aupr_*_trapz: the reference code's AUPR (trapezoid area under the PR curve).",
+}
 
 
 def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) and value == value else "n/a"
 
 
-def _rows(report: dict, label: str) -> list[str]:
-    rows = [f"| {label} | {report.get('score', '')} | " + " | ".join(_fmt(report.get(k)) for k in METRIC_KEYS) + " |"]
+def _rows(report: dict, label: str, keys: tuple[str, ...]) -> list[str]:
+    rows = [f"| {label} | {report.get('score', '')} | " + " | ".join(_fmt(report.get(k)) for k in keys) + " |"]
     for name, base in (report.get("baselines") or {}).items():
-        rows.append(f"| {label} | {name} | " + " | ".join(_fmt(base.get(k)) for k in METRIC_KEYS) + " |")
+        rows.append(f"| {label} | {name} | " + " | ".join(_fmt(base.get(k)) for k in keys) + " |")
     return rows
 
 
 def metrics_table(summary: dict, run_name: str) -> str:
-    """The run's metrics as Markdown: one row per (evaluation set, score).
-
-    fpr95 is the false-positive rate on unknowns at 95% TPR with KNOWN as positive
-    (the CSSR reference convention; OpenOOD counts OOD as positive).
-    """
-    head = "| set | score | " + " | ".join(METRIC_KEYS) + " |"
-    sep = "|" + "---|" * (len(METRIC_KEYS) + 2)
-    lines = [f"## {run_name}", "", head, sep, *_rows(summary, "test")]
+    """The run's metrics as Markdown: one row per (evaluation set, score), near/far means,
+    AUROC per unknown class; the columns are the protocol's (`summary["metric_keys"]`)."""
+    keys = tuple(summary.get("metric_keys") or METRIC_KEYS)
+    head = "| set | score | " + " | ".join(keys) + " |"
+    sep = "|" + "---|" * (len(keys) + 2)
+    lines = [f"## {run_name}", "", head, sep, *_rows(summary, "test", keys)]
     for name, report in (summary.get("ood") or {}).items():
-        lines.extend(_rows(report, name))
+        lines.extend(_rows(report, name, keys))
+    for group, means in (summary.get("ood_groups") or {}).items():
+        lines.append(f"| {group} mean ({len(means.get('sets', []))} sets) | {summary.get('score', '')} | "
+                     + " | ".join(_fmt(means.get(k)) for k in keys) + " |")
     per_class = summary.get("per_unknown_class_auroc") or {}
     if per_class:
         lines += ["", f"AUROC per unknown class ({summary.get('score')}):", "",
                   "| unknown class | auroc |", "|---|---|"]
         lines += [f"| {name} | {_fmt(value)} |" for name, value in per_class.items()]
-    lines += ["", "fpr95: FPR of unknowns at 95% TPR of knowns (known = positive)."]
+    notes = [NOTES[k] for k in keys if k in NOTES]
+    if summary.get("not_reported"):
+        notes += [f"{k}: not reported ({why})." for k, why in summary["not_reported"].items()]
+    lines += [""] + notes if notes else []
     return "\n".join(lines) + "\n"

@@ -8,7 +8,8 @@ The K auto-encoders are stored as batched weights ([K, out, in] per layer, i.e. 
 convs without bias) so every layer is ONE GEMM over all classes. The last decoder layer,
 whose output would be the [K, C, N] reconstruction (N = B*H*W), is never materialised:
 
-* L1: `chunked_l1_distance` walks class chunks and recomputes in backward;
+* L1: `l1_distance`: `chunked_l1_distance` walks class chunks and recomputes in backward,
+  or (`l1_kernel`) the fused Triton kernels keep each residual tile in registers;
 * L2: the closed form ||D h - x||^2 = h^T (D^T D) h - 2 (D^T x).h + ||x||^2 needs only
   [K, L, N] tensors. It is evaluated in float32 (it subtracts large numbers).
 
@@ -25,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cssr_dist.models.cssr_l1_function import chunked_l1_distance
-from cssr_dist.models.linear_head import projection_block
+from .cssr_l1_function import L1_KERNELS, l1_distance
+from .linear_head import projection_block
 
 __all__ = ["CSSRHead", "l2_distance_closed_form", "reference_cssr_logits"]
 
@@ -68,12 +69,15 @@ class CSSRHead(nn.Module):
         projection_dim: int | None = None,
         clamp: float | None = 100.0,
         class_chunk: int | None = None,
+        l1_kernel: str = "auto",
     ):
         super().__init__()
         if sign not in (1, -1):
             raise ValueError(f"sign must be +1 (rcssr) or -1 (pcssr), got {sign}")
         if distance not in DISTANCES:
             raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+        if l1_kernel not in L1_KERNELS:
+            raise ValueError(f"l1_kernel must be one of {L1_KERNELS}, got {l1_kernel!r}")
         self.projection = projection_block(in_channels, projection_dim) if projection_dim else nn.Identity()
         self.feature_dim = projection_dim or in_channels
         self.num_classes = num_classes
@@ -81,6 +85,7 @@ class CSSRHead(nn.Module):
         self.distance = distance
         self.clamp = clamp
         self.class_chunk = class_chunk
+        self.l1_kernel = l1_kernel
         enc_dims = [self.feature_dim, *hidden, latent]
         dec_dims = enc_dims[::-1]
         self.encoders = nn.ParameterList(
@@ -95,7 +100,8 @@ class CSSRHead(nn.Module):
         first = self.encoders[0]
         k, out_dim, in_dim = first.shape
         h = torch.tanh((first.reshape(k * out_dim, in_dim) @ x_cn).view(k, out_dim, -1))
-        for w in list(self.encoders[1:]) + list(self.decoders[:-1]):
+        # indexing, not ParameterList slicing: torch 2.11's dynamo breaks the graph on slices
+        for w in [self.encoders[i] for i in range(1, len(self.encoders))] + [self.decoders[i] for i in range(len(self.decoders) - 1)]:
             h = torch.tanh(torch.bmm(w, h))
         return h
 
@@ -105,7 +111,7 @@ class CSSRHead(nn.Module):
         x_cn = features.transpose(0, 1).reshape(c, b * hgt * wid)
         codes = self._last_codes(x_cn)
         if self.distance == "l1":
-            dist = chunked_l1_distance(x_cn, codes, self.decoders[-1], self.class_chunk)
+            dist = l1_distance(x_cn, codes, self.decoders[-1], self.class_chunk, self.l1_kernel)
         else:
             dist = l2_distance_closed_form(x_cn, codes, self.decoders[-1])
         logits = dist * self.scale

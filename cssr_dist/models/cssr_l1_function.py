@@ -20,13 +20,29 @@ docs/benchmarks/head.md).
 
 Layout: x is [C, N] (channels first, pixels flattened), h is [K, L, N], D is [K, C, L], so
 that every chunk is a contiguous slice and all products are plain batched GEMMs.
+
+`l1_distance` is the one entry the head calls: it picks this chunked path or the fused
+Triton kernels of `cssr_l1_triton` (same function, residual kept in registers) by the
+head's `l1_kernel` setting; see `FUSED_L1_IS_FASTER_ON_CUDA` for what `auto` does.
 """
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
-__all__ = ["chunked_l1_distance", "default_class_chunk"]
+__all__ = ["FUSED_L1_IS_FASTER_ON_CUDA", "L1_KERNELS", "chunked_l1_distance", "default_class_chunk", "l1_distance",
+           "uses_fused_l1"]
+
+L1_KERNELS = ("auto", "chunked", "triton")
+# What `l1_kernel="auto"` picks on CUDA with Triton installed: the fused kernel when True,
+# the chunked path when False. False until an H100/H200 measurement shows the fused kernel
+# faster (`tools/bench_head.py --device cuda --dtype bf16`, docs/benchmarks/head.md);
+# flipping this constant is the whole switch. Off CUDA `auto` is always chunked.
+FUSED_L1_IS_FASTER_ON_CUDA = False
+# Looked up, not imported: importing triton takes seconds and fixes its kernels as compiled or interpreted.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 # Bytes of one chunk's [m, C, N] residual. On CPU a few classes per chunk (up to ~50 MB)
 # ran equally fast and 32 classes (200 MB) 30% slower on the dev box (docs/benchmarks/
@@ -133,3 +149,29 @@ def chunked_l1_distance(
         element_size = torch.empty((), dtype=_compute_dtype(x, codes, dec)).element_size()
         chunk = default_class_chunk(codes.shape[0], x.shape[0], x.shape[1], element_size, x.device)
     return ChunkedL1Distance.apply(x, codes, dec, int(chunk))
+
+
+def uses_fused_l1(kernel: str, x: torch.Tensor) -> bool:
+    """Whether `l1_distance(..., kernel=kernel)` on `x` runs the fused Triton kernels."""
+    if kernel not in L1_KERNELS:
+        raise ValueError(f"l1_kernel must be one of {L1_KERNELS}, got {kernel!r}")
+    if kernel == "auto":
+        return FUSED_L1_IS_FASTER_ON_CUDA and _TRITON_INSTALLED and x.is_cuda
+    return kernel == "triton"
+
+
+def l1_distance(
+    x: torch.Tensor, codes: torch.Tensor, dec: torch.Tensor, chunk: int | None = None, kernel: str = "auto"
+) -> torch.Tensor:
+    """[K, N] L1 reconstruction errors by the chunked path or the fused Triton kernels.
+
+    kernel: "chunked", "triton" (fused; CUDA, or TRITON_INTERPRET=1 on CPU; a clear
+    ConfigError otherwise) or "auto" (see `FUSED_L1_IS_FASTER_ON_CUDA`). `chunk` only
+    matters to the chunked path.
+    """
+    if uses_fused_l1(kernel, x):
+        from .cssr_l1_triton import triton_l1_distance, triton_l1_supported
+
+        if kernel == "triton" or triton_l1_supported(x, codes, dec) is None:
+            return triton_l1_distance(x, codes, dec)
+    return chunked_l1_distance(x, codes, dec, chunk)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "LOSS_KINDS", "avg_softmax_loss", "build_loss", "class_log_probs", "class_probabilities", "loss_kind_for_head",
-    "predict", "softmax_avg_loss",
+    "predicted_class", "softmax_avg_loss",
 ]
 
 LOSS_KINDS = ("softmax_avg", "avg_softmax")
@@ -53,8 +53,8 @@ def class_probabilities(logits: torch.Tensor, kind: str) -> torch.Tensor:
     return class_log_probs(logits, kind).exp()
 
 
-def predict(logits: torch.Tensor, kind: str) -> torch.Tensor:
-    """Predicted class [B] = argmax of the pooled probabilities."""
+def predicted_class(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """Closed-set prediction [B] = argmax of the pooled probabilities (the loss's pooling)."""
     return class_log_probs(logits, kind).argmax(dim=1)
 
 

@@ -4,6 +4,17 @@
 the S1/S2 statistics are computed on them. With `freeze_backbone` (ImageNet fine-tuning)
 the backbone stays in eval mode (BN statistics frozen) under `torch.no_grad`, and its
 parameters do not require grad, so optimizers and DDP see only the head.
+
+The CSSR logit is gamma x an L1 (or squared L2) error SUMMED over the C channels the
+auto-encoders see, so its size grows with C: gamma 0.1 suits the paper's 512-channel
+ResNet-18, but a 1280-channel EfficientNet or a 2048-channel ResNet-50 pushes most logits
+to the clamp, where the gradient is zero and nothing is learnt. `model.gamma_reference_width`
+(set in the fine-tuning configs) rescales gamma to gamma x width / C, i.e. the error
+averaged over channels times the reference width: ResNet-18 (C = 512) keeps the paper's
+numbers exactly. It is an option, not a default, because the from-scratch recipes were
+tuned with plain gamma at their own C (osr_cnn: 128 channels, gamma 0.1) and must not
+move. `check_logit_saturation` catches a scale that still does not suit, on the first
+training batch, with one line instead of an epoch of chance accuracy.
 """
 
 from __future__ import annotations
@@ -14,14 +25,15 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from cssr_dist.errors import ConfigError
-from cssr_dist.models.backbones import build_backbone
-from cssr_dist.models.cssr_head import DISTANCES, CSSRHead
-from cssr_dist.models.linear_head import LinearHead
+from ..errors import ConfigError
+from .backbones import build_backbone
+from .cssr_head import DISTANCES, CSSRHead
+from .linear_head import LinearHead
 
-__all__ = ["HEADS", "ModelOutput", "OSRModel", "build_head", "build_model"]
+__all__ = ["HEADS", "ModelOutput", "OSRModel", "build_head", "build_model", "check_logit_saturation", "cssr_gamma"]
 
 HEADS = ("linear", "pcssr", "rcssr")
+SATURATION_LIMIT = 0.5  # "most logits": a healthy head starts with (almost) none at the clamp
 
 
 class ModelOutput(NamedTuple):
@@ -47,6 +59,16 @@ class OSRModel(nn.Module):
             self.backbone.eval()
         return self
 
+    @torch.no_grad()
+    def feature_channels(self, in_chans: int, image_size: int) -> int:
+        """C of the feature map, measured with one dummy image (score statistics are sized by it)."""
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        channels = int(self(torch.zeros(1, in_chans, image_size, image_size, device=device)).features.shape[1])
+        self.train(was_training)
+        return channels
+
     def forward(self, images: torch.Tensor) -> ModelOutput:
         if self.freeze_backbone:
             with torch.no_grad():
@@ -64,6 +86,33 @@ def _choice(value: str, valid: tuple[str, ...], key: str) -> str:
     raise ConfigError(f"{key}: unknown value {value!r}; did you mean {close[0]!r}? (valid: {', '.join(valid)})")
 
 
+def cssr_gamma(cfg: Any, width: int) -> float:
+    """The CSSR logit scale for auto-encoders on `width` channels: gamma, or gamma x reference / width."""
+    gamma = 0.1 if cfg.gamma is None else float(cfg.gamma)
+    reference = getattr(cfg, "gamma_reference_width", None)
+    return gamma * reference / width if reference else gamma
+
+
+def check_logit_saturation(logits: torch.Tensor, head: nn.Module, where: str, limit: float = SATURATION_LIMIT) -> None:
+    """Stop with one line when more than `limit` of `logits` sit at the head's clamp.
+
+    Clamped logits have zero gradient, so such a run trains nothing while looking busy
+    (closed-set accuracy at chance). Heads without a clamp (linear) pass. Pass the SAME
+    tensor on every rank (e.g. gathered) so that all ranks decide alike.
+    """
+    clamp = getattr(head, "clamp", None)
+    if not clamp or clamp <= 0 or logits.numel() == 0:
+        return
+    fraction = float((logits.detach().abs().float() >= clamp * (1 - 1e-3)).float().mean())
+    if fraction <= limit:
+        return
+    width, scale = getattr(head, "feature_dim", "?"), abs(getattr(head, "scale", float("nan")))
+    raise ConfigError(
+        f"{fraction:.0%} of the logits of {where} sit at the clamp {clamp:g}: the logit scale {scale:.3g} does not "
+        f"suit the feature width C={width}; set model.gamma_reference_width=512 (gamma x 512/C) or lower model.gamma"
+    )
+
+
 def build_head(cfg: Any, in_channels: int, num_classes: int) -> nn.Module:
     """Head from the model config section (see `build_model`)."""
     kind = _choice(cfg.head, HEADS, "model.head")
@@ -78,13 +127,13 @@ def build_head(cfg: Any, in_channels: int, num_classes: int) -> nn.Module:
         in_channels,
         num_classes,
         latent=cfg.latent_dim,
-        gamma=0.1 if cfg.gamma is None else cfg.gamma,
+        gamma=cssr_gamma(cfg, projection or in_channels),
         sign=-1 if kind == "pcssr" else 1,
         distance=distance,
         hidden=tuple(cfg.hidden_layers or ()),
         projection_dim=projection,
         clamp=cfg.clamp,
-        class_chunk=cfg.class_chunk,
+        class_chunk=cfg.class_chunk, l1_kernel=cfg.l1_kernel,
     )
 
 
@@ -92,7 +141,8 @@ def build_model(cfg: Any, num_classes: int, in_chans: int) -> OSRModel:
     """OSRModel from `cfg` (the config's `model` section).
 
     Reads: backbone, pretrained, pretrained_file, head ('linear'|'pcssr'|'rcssr'),
-    latent_dim, gamma (None -> 0.1 for CSSR, 1.0 for linear), distance ('l1'|'l2'),
+    latent_dim, gamma (None -> 0.1 for CSSR, 1.0 for linear), gamma_reference_width
+    (CSSR: gamma x width / C), distance ('l1'|'l2'),
     hidden_layers, projection_dim, clamp, freeze_backbone, class_chunk, sync_bn.
     """
     _choice(cfg.head, HEADS, "model.head")  # fail before building a big backbone

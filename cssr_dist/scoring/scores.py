@@ -14,9 +14,12 @@ z [B, K, H, W]. Heads work per pixel; every score averages over pixels (ALGORITH
 S1, S2 and the z-normalisation use :class:`ScoreStatistics` measured on the training set
 with TEST transforms (the reference used strongly augmented images; see statistics.py).
 
-Plug-ins (OpenOOD style): ``@register_score("name")`` on a function ``(ctx: ScoreContext)
--> Tensor[B] | None`` (None = not available, e.g. no statistics yet); the evaluator picks
-scores by name from :data:`SCORE_REGISTRY`. Scores are float64 [B].
+One protocol for every score (OpenOOD's postprocessors are the pattern): a :class:`Scorer`
+is made once per model, `fit` on training data, then called on a batch of model outputs;
+the head kind lives inside it and pooling is the loss's (`models/losses.py`), so the
+prediction, MSP and the training loss never disagree. Plug-ins: ``@register_score("name")``
+on a function ``(ctx: ScoreContext) -> Tensor[B] | None`` (None = not available, e.g. no
+statistics yet). Scores are float64 [B].
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cssr_dist.errors import ConfigError
-from cssr_dist.scoring.statistics import ZNORM_EPS, ScoreStatistics, gram_matrix
+from ..errors import ConfigError
+from ..models.losses import class_log_probs, loss_kind_for_head
+from .statistics import ZNORM_EPS, ScoreStatistics, gram_matrix
 
 __all__ = [
     "HEAD_KINDS",
@@ -39,8 +43,8 @@ __all__ = [
     "ScoreContext",
     "register_score",
     "get_score_fn",
-    "pooled_log_probs",
-    "predict",
+    "Scorer",
+    "primary_score",
     "s0",
     "s1",
     "s2",
@@ -65,28 +69,18 @@ def _pixel_mean_logits(logits: Tensor) -> Tensor:
     return logits.float().mean(dim=(2, 3))
 
 
-def pooled_log_probs(head_kind: str, logits: Tensor) -> Tensor:
-    """Log class probabilities [B, K] (float32) as the head's loss pools them.
-
-    CSSR heads (softmax_avg): log pbar = logsumexp_p log_softmax(z(p)) - log(HW), the log
-    of the pixel-averaged softmax computed without leaving log space. Linear
-    (avg_softmax): log_softmax of the pixel-mean logits.
-    """
-    _check_head_kind(head_kind)
-    if head_kind == "linear":
-        return F.log_softmax(_pixel_mean_logits(logits), dim=1)
-    hw = logits.shape[2] * logits.shape[3]
-    return torch.logsumexp(F.log_softmax(logits.float(), dim=1).flatten(2), dim=2) - math.log(hw)
+def _log_probs(head_kind: str, logits: Tensor) -> Tensor:
+    """Pooled class log-probabilities [B, K], pooled exactly as the head's loss pools them."""
+    return class_log_probs(logits, loss_kind_for_head(head_kind)).float()
 
 
-def predict(head_kind: str, logits: Tensor) -> Tensor:
-    """Closed-set prediction [B] int64: argmax of the pooled probabilities."""
-    return pooled_log_probs(head_kind, logits).argmax(dim=1)
+def _predicted(head_kind: str, logits: Tensor) -> Tensor:
+    return _log_probs(head_kind, logits).argmax(dim=1)
 
 
 def msp(head_kind: str, logits: Tensor) -> Tensor:
     """Maximum (pooled) softmax probability [B]."""
-    return pooled_log_probs(head_kind, logits).max(dim=1).values.exp().double()
+    return _log_probs(head_kind, logits).max(dim=1).values.exp().double()
 
 
 def mls(logits: Tensor) -> Tensor:
@@ -112,7 +106,7 @@ def s0(head_kind: str, features: Tensor, logits: Tensor, pred: Optional[Tensor] 
     if head_kind == "linear":
         return msp(head_kind, logits)
     if pred is None:
-        pred = predict(head_kind, logits)
+        pred = _predicted(head_kind, logits)
     z = _class_map(logits, pred)
     if head_kind == "rcssr":
         return z.mean(dim=(1, 2))
@@ -161,7 +155,7 @@ class ScoreContext:
     @property
     def pred(self) -> Tensor:
         if self._pred is None:
-            self._pred = predict(self.head_kind, self.logits)
+            self._pred = _predicted(self.head_kind, self.logits)
         return self._pred
 
     @property
@@ -285,3 +279,61 @@ def compute_scores(
             continue
         out[name] = value
     return out
+
+
+# --------------------------------------------------------------------------- the protocol
+STATISTICS_SCORES = ("s1", "s2", "integrated")
+
+
+def primary_score(head_kind: str, method: str, requested: str) -> str:
+    """'auto': integrated S0+S1+S2 for CSSR from scratch, S0 for fine-tuning, MSP for linear."""
+    if requested != "auto":
+        get_score_fn(requested)
+        return requested
+    if head_kind == "linear":
+        return "msp"
+    return "s0" if method == "cssr_ft" else "integrated"
+
+
+class Scorer:
+    """Every score of one model: `fit` on training data once, then score batches.
+
+    Statistics (prototypes, Gram means, z-normalisation moments) are fitted only when the
+    primary score needs them; the baselines that need nothing (s0, msp, mls, energy) are
+    always there. `reduce` sums a tensor over ranks, so the fitted state is the same
+    everywhere whatever each rank saw.
+    """
+
+    def __init__(self, head_kind: str, num_classes: int, channels: int, primary: str):
+        _check_head_kind(head_kind)
+        self.head_kind, self.primary = head_kind, primary
+        self.needs_fit = primary in STATISTICS_SCORES
+        self.stats = ScoreStatistics(num_classes, channels, use_gram=self.needs_fit)
+
+    def to(self, device: torch.device) -> "Scorer":
+        self.stats.to(device)
+        return self
+
+    def classify(self, logits: Tensor) -> Tensor:
+        """Closed-set prediction [B] (argmax of the loss's pooled probabilities)."""
+        return _predicted(self.head_kind, logits)
+
+    @torch.no_grad()
+    def fit(self, outputs: Callable[[], Iterable[tuple[Tensor, Tensor]]], reduce: Callable[[Tensor], Tensor]) -> None:
+        """Two passes over (features, logits) of training images: class statistics, then the
+        moments of S0/S1/S2 that z-normalise the integrated score."""
+        if not self.needs_fit:
+            return
+        self.stats.reset_()
+        for features, logits in outputs():
+            self.stats.update_class_stats(features.float(), self.classify(logits.float()))
+        self.stats.reduce_(reduce, "class")
+        for features, logits in outputs():
+            raw = compute_scores(self.head_kind, features.float(), logits.float(), self.stats)
+            self.stats.update_moments({k: raw[k] for k in self.stats.score_names})
+        self.stats.reduce_(reduce, "moments")
+
+    def __call__(self, features: Tensor, logits: Tensor) -> dict[str, Tensor]:
+        """{"pred": [B], <every available score>: float64 [B]} for one batch."""
+        stats = self.stats if self.needs_fit else None
+        return compute_scores(self.head_kind, features.float(), logits.float(), stats)

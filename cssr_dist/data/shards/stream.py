@@ -34,15 +34,17 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import PIL.Image
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
-from webdataset.tariterators import group_by_keys
 
+from ...distributed import dist_info
 from ...errors import DataError
 from ..batch_transform import BatchTail, main_process_has_a_core, split_at_to_tensor
+from ..device_augment import collate_encoded, is_jpeg
 from ..heap_reuse import keep_freed_memory, worker_init
+from . import wds_compat as wds  # webdataset's pieces, or the same without it (GPU images)
 from .index import ALLOWED_EXTS, IMAGE_EXTS, ShardIndex, local_path, read_index, read_labels, shard_urls
 from .tar import open_tar_stream, tar_members
+from .wds_compat import group_by_keys
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +52,9 @@ log = logging.getLogger(__name__)
 # and too many were corrupt: enough to not stop on the first bad file of a tiny shard.
 EARLY_CHECK_MIN_SAMPLES = 1000
 MAX_LOGGED_CORRUPT = 5
-# Seed offsets: each random choice of a run independent but reproducible.
-SEED_TRAIN_SUBSET, SEED_VAL, SEED_STATS, SEED_TEST = 101, 202, 303, 404
-
-
-# ---------------------------------------------------------------- rank / world
-def dist_info() -> tuple[int, int]:
-    """(rank, world size): torch.distributed if initialised, else env RANK/WORLD_SIZE, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+#: A worker that delivers nothing for this long (a hung `pipe:` command, a stalled mount)
+#: fails the loader with a DataError instead of being waited for without end.
+WORKER_TIMEOUT_S = 600
 
 
 # ---------------------------------------------------------------- decoding
@@ -93,17 +88,28 @@ def parse_label(sample: dict) -> int:
         raise CorruptSample(f".cls is not an integer ({sample['cls'][:20]!r})") from None
 
 
-def decode_image(sample: dict, mode: str | None) -> PIL.Image.Image:
-    """The sample's image, fully decoded (truncated files fail here, not later in a transform)."""
+def image_member(sample: dict) -> str:
     members = [k for k in IMAGE_EXTS if k in sample]
     if len(members) != 1:
         raise CorruptSample(f"expected one image member, found {members or 'none'}")
+    return members[0]
+
+
+def decode_image(sample: dict, mode: str | None) -> PIL.Image.Image:
+    """The sample's image, fully decoded (truncated files fail here, not later in a transform)."""
     try:
-        image = PIL.Image.open(io.BytesIO(sample[members[0]]))
+        image = PIL.Image.open(io.BytesIO(sample[image_member(sample)]))
         image.load()
         return image.convert(mode) if mode and image.mode != mode else image
     except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as err:
         raise CorruptSample(f"image does not decode ({type(err).__name__}: {err})") from None
+
+
+def device_payload(sample: dict, mode: str | None) -> bytes | np.ndarray:
+    """decode_on=device: JPEG bytes as stored (the device decodes them), other formats
+    decoded here to uint8 pixels (data/device_augment.py)."""
+    data = sample[image_member(sample)]
+    return data if is_jpeg(data) else np.asarray(decode_image(sample, mode))
 
 
 # ---------------------------------------------------------------- reading tar shards
@@ -191,10 +197,12 @@ class ShardStream(IterableDataset):
 
     def __init__(self, plan: StreamPlan, transform: Callable | None, *, batch_size: int, training: bool,
                  rank: int, world_size: int, num_workers: int, seed: int, shuffle_buffer: int = 2000,
-                 max_corrupt_fraction: float = 0.01) -> None:
+                 max_corrupt_fraction: float = 0.01, decode_on: str = "cpu") -> None:
         super().__init__()
-        # per image up to uint8 (PIL work), per batch from ToTensor on: see data/batch_transform.py
-        self.transform, self.batch_transform = split_at_to_tensor(transform)
+        # per image up to uint8 (PIL work), per batch from ToTensor on: see data/batch_transform.py;
+        # decode_on=device: workers only read members, a DeviceBatchStage decodes and transforms
+        self.decode_on = decode_on
+        self.transform, self.batch_transform = split_at_to_tensor(transform) if decode_on == "cpu" else (None, None)
         self.plan, self.batch_size, self.training = plan, batch_size, training
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.max_corrupt_fraction = shuffle_buffer, max_corrupt_fraction
@@ -315,7 +323,10 @@ class ShardStream(IterableDataset):
                 original = parse_label(sample)
                 if original != plan.original[sid]:
                     raise CorruptSample(f"label {original} differs from the index's {plan.original[sid]}")
-                image = decode_image(sample, plan.image_mode)
+                if self.decode_on == "device":
+                    image = device_payload(sample, plan.image_mode)
+                else:
+                    image = decode_image(sample, plan.image_mode)
             except CorruptSample as err:
                 self._corrupt(worker, str(err), sample.get("__url__", "?"), sample.get("__key__"))
                 continue
@@ -335,7 +346,8 @@ class ShardStream(IterableDataset):
             shards = assigned_shards(list(range(len(self.plan.urls))), self.rank, self.world_size, worker, self.slots)
             stages = [self._raw(shards, worker)]
         stages.append(self._decoded(stages[-1], worker))
-        collation = functools.partial(collate, batch_transform=None if self.tail_in_main else self.batch_transform)
+        collation = collate_encoded if self.decode_on == "device" else \
+            functools.partial(collate, batch_transform=None if self.tail_in_main else self.batch_transform)
         stages.append(wds.batched(self.batch_size, collation_fn=collation, partial=not self.training)(stages[-1]))
         try:
             yield from stages[-1]
@@ -363,22 +375,43 @@ class ShardStream(IterableDataset):
             self._live = None
 
 
+def corrupt_summary(loaders: dict[str, Any], reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+                    ) -> dict[str, dict[str, int]]:
+    """{set name: {"seen", "skipped"}} of the shard loaders among `loaders` (all ranks when
+    `reduce_sum` is a sum all-reduce), for summary.json: a test set that shrank under
+    data.shards.max_corrupt_fraction says so in the results it produced."""
+    named = {name: loader for name, loader in loaders.items() if hasattr(loader, "corrupt_counts")}
+    if not named:
+        return {}
+    counts = torch.tensor([loader.corrupt_counts() for loader in named.values()], dtype=torch.int64)
+    if reduce_sum is not None:
+        counts = reduce_sum(counts)
+    return {name: {"seen": int(c[0]), "skipped": int(c[1])} for name, c in zip(named, counts.tolist())}
+
+
 def too_corrupt_message(name: str, seen: int, bad: int, limit: float) -> str:
     return (f"shard set '{name}': {bad} of {seen} samples corrupt ({bad / max(seen, 1):.1%} > "
             f"data.shards.max_corrupt_fraction={limit}); check the shards with tools/make_shards.py --verify-only")
 
 
 # ---------------------------------------------------------------- the loader
+def shard_worker_init(worker_id: int) -> None:
+    """Heap reuse, and SIGTERM/SIGUSR1 left to the main process: Slurm signals the whole
+    process group, and a worker that died first would fail the run before it checkpoints."""
+    from ...engine.preemption import ignore_stop_signals  # signals only; no engine state
+
+    worker_init(worker_id)
+    ignore_stop_signals(worker_id)
+
+
 _WRAPPED = re.compile(r"(?:[\w.]*DataError): (.*)$")
 
 
 class ShardLoader:
     """A DataLoader over a `ShardStream` that knows its length and its corrupt-sample counts.
 
-    Not for `accelerator.prepare`: it already yields this rank's share (`sharded = True`).
+    Not for `accelerator.prepare`: it already yields this rank's share.
     """
-
-    sharded = True
 
     def __init__(self, stream: ShardStream, seed: int = 0) -> None:
         self.dataset, self.seed = stream, seed
@@ -391,6 +424,11 @@ class ShardLoader:
 
     def __len__(self) -> int:
         return self.dataset.num_batches
+
+    def iter_from(self, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """This epoch's batches from batch `skip` on: the stream is seeded per epoch, so
+        dropping the first `skip` batches reproduces a resumed run's position."""
+        return itertools.islice(iter(self), skip, None)
 
     def batches_per_rank(self) -> list[int]:
         """Batches of every rank (equal in training; in evaluation they may differ)."""
@@ -410,7 +448,8 @@ class ShardLoader:
         generator = torch.Generator().manual_seed(hash((self.seed, stream.rank, stream.epoch)) & 0x7FFFFFFF)
         # training workers persist so that their stream (and shuffle buffer) continues across epochs
         return DataLoader(stream, batch_size=None, num_workers=stream.num_workers, generator=generator,
-                          pin_memory=torch.cuda.is_available(), worker_init_fn=worker_init,
+                          pin_memory=torch.cuda.is_available(), worker_init_fn=shard_worker_init,
+                          timeout=WORKER_TIMEOUT_S if stream.num_workers > 0 else 0,
                           persistent_workers=stream.training and stream.num_workers > 0)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -432,6 +471,12 @@ class ShardLoader:
             match = _WRAPPED.search(lines[-1]) if lines else None
             failure = match.group(1) if match else str(err)
             traceback.clear_frames(err.__traceback__)  # break the frame cycle holding the worker iterator
+            self._loader = None
+        except RuntimeError as err:  # torch's "DataLoader timed out after N seconds"
+            if "timed out" not in str(err):
+                raise
+            failure = (f"shard set '{stream.plan.name}': a loader worker delivered nothing for {WORKER_TIMEOUT_S} s "
+                       "(hung shard read: a pipe: command or stalled storage); check the shards' location")
             self._loader = None
         finally:
             del batches, loader  # shut non-persistent workers down now, not when a traceback is collected
@@ -461,13 +506,13 @@ class ShardSet:
     labels: np.ndarray
 
     @classmethod
-    def open(cls, spec: str | None, root: str, what: str) -> ShardSet:
+    def open(cls, spec: str | None, root: str, what: str, allow_url_schemes: bool | None = None) -> ShardSet:
         if not spec:
             raise DataError(f"data.format=shards needs {what}; set it to a prefix made by tools/make_shards.py")
         index, path = read_index(spec, root)
         labels = read_labels(index, path)
         starts = np.concatenate([[0], np.cumsum([s.samples for s in index.shards])[:-1]]).astype(np.int64)
-        urls = shard_urls(index, path)
+        urls = shard_urls(index, path, allow_url_schemes=allow_url_schemes)
         missing = [u for u in urls if local_path(u) is not None and not os.path.isfile(local_path(u))]
         if missing:
             raise DataError(f"{len(missing)} of {len(urls)} shards listed in {path} are missing (e.g. {missing[0]}); "
@@ -510,30 +555,17 @@ def _check_same_classes(train: ShardIndex, other: ShardIndex, where: str) -> Non
                         f"{train.num_classes}); make it with --classes-from the training index")
 
 
-def _ood_specs(data_cfg: Any, split: Any) -> list[tuple[str, str]]:
-    """(name, shard prefix) per OOD set: data.ood entries, then the split's own OOD sets by name."""
-    specs = []
-    for i, entry in enumerate(data_cfg.ood):
-        name = entry.name or entry.source
-        if not entry.shards:
-            raise DataError(f"data.ood[{i}] ('{name}') has no 'shards' prefix; data.format=shards needs one "
-                            "(tools/make_shards.py --source ood ...)")
-        specs.append((name, entry.shards))
-    named = {n for n, _ in specs}
-    specs += [(n, n) for n in getattr(split, "ood_datasets", ()) if n not in named]
-    return specs
-
-
 def build_shard_loaders(data_cfg: Any, split: Any, train_transform: Callable, test_transform: Callable, seed: int,
                         *, rank: int | None = None, world_size: int | None = None,
-                        num_workers: int | None = None) -> dict[str, Any]:
+                        num_workers: int | None = None, stats_transform: Callable | None = None) -> dict[str, Any]:
     """Loaders of a `data.format: shards` run: train, val, train_eval, test, ood{name}, metadata.
 
     rank/world_size default to `dist_info()`; pass them to build another rank's view
-    (tests). One training shard set serves train, val (a seeded stratified slice of the
-    known training samples) and train_eval; labels follow `split.label_map`.
+    (tests). One training shard set serves train, val and train_eval; which samples each
+    takes is the run's open-set selection (`open_set.select_*`), the same as for files on
+    disk; labels follow `split.label_map`.
     """
-    from ..open_set import per_class_subset, role_keep_and_labels, train_val_split
+    from ..open_set import ood_entries, select_ood, select_test, select_training, train_val_split
 
     if getattr(split, "unknown_dataset", None):
         raise DataError(f"split '{split.name}' takes unknowns from a second data set ({split.unknown_dataset}); "
@@ -545,54 +577,55 @@ def build_shard_loaders(data_cfg: Any, split: Any, train_transform: Callable, te
     if not 0 <= rank < world:
         raise DataError(f"rank {rank} is not in 0..{world - 1} (world size {world}); check RANK / WORLD_SIZE")
     cfg = data_cfg.shards
-    train_set = ShardSet.open(cfg.train, data_cfg.root, "data.shards.train")
-    test_set = ShardSet.open(cfg.test, data_cfg.root, "data.shards.test")
+    train_set = ShardSet.open(cfg.train, data_cfg.root, "data.shards.train", cfg.allow_url_schemes)
+    test_set = ShardSet.open(cfg.test, data_cfg.root, "data.shards.test", cfg.allow_url_schemes)
     _check_same_classes(train_set.index, test_set.index, str(test_set.index_file))
     num_original = train_set.index.num_classes
     table = split.label_map(num_original)
 
-    keep, _ = role_keep_and_labels(train_set.labels, split, "train", num_original)
-    known = per_class_subset(train_set.labels, data_cfg.train_per_class, seed + SEED_TRAIN_SUBSET,
-                             indices=np.flatnonzero(keep))
-    train_idx, val_idx = train_set.split_validation(known, data_cfg.val_fraction, seed + SEED_VAL, train_val_split)
-    if len(train_idx) == 0:
-        raise DataError(f"no training samples of the known classes in {train_set.index_file}")
-    stats_idx = per_class_subset(train_set.labels, data_cfg.stats_per_class, seed + SEED_STATS, indices=train_idx)
-    test_keep, _ = role_keep_and_labels(test_set.labels, split, "test", num_original)
-    test_idx = per_class_subset(test_set.labels, data_cfg.test_per_class, seed + SEED_TEST,
-                                indices=np.flatnonzero(test_keep))
+    val_split = lambda known, labels, fraction, sub_seed: train_set.split_validation(  # noqa: E731
+        known, fraction, sub_seed, train_val_split)
+    chosen = select_training(train_set.labels, split, data_cfg, seed, num_original, val_split)
+    test_idx = select_test(test_set.labels, split, data_cfg, seed, num_original)
 
     common = dict(rank=rank, world_size=world, num_workers=workers, seed=seed,
-                  shuffle_buffer=cfg.shuffle_buffer, max_corrupt_fraction=cfg.max_corrupt_fraction)
+                  shuffle_buffer=cfg.shuffle_buffer, max_corrupt_fraction=cfg.max_corrupt_fraction,
+                  decode_on=cfg.decode_on)
 
     def loader(shard_set: ShardSet, name: str, idx: np.ndarray, training: bool,
-               labels: np.ndarray = table) -> ShardLoader:
+               labels: np.ndarray = table, transform: Callable | None = None) -> ShardLoader:
         plan = shard_set.plan(name, _mask(len(shard_set.labels), idx), labels)
-        transform = train_transform if training else test_transform
+        transform = transform or (train_transform if training else test_transform)
         batch = data_cfg.batch_size if training else data_cfg.eval_batch_size
         return ShardLoader(ShardStream(plan, transform, batch_size=batch, training=training, **common), seed)
 
-    ood, ood_counts = {}, {}
-    for name, spec in _ood_specs(data_cfg, split):
-        ood_set = ShardSet.open(spec, data_cfg.root, f"the shards of OOD set '{name}'")
-        idx = per_class_subset(ood_set.labels, data_cfg.test_per_class, seed + SEED_TEST)
+    ood, ood_counts, groups = {}, {}, {}
+    for i, entry in enumerate(ood_entries(data_cfg, split)):
+        if not entry.shards:
+            raise DataError(f"data.ood[{i}] ('{entry.name}') has no 'shards' prefix; data.format=shards needs one "
+                            "(tools/make_shards.py --source ood ...)")
+        ood_set = ShardSet.open(entry.shards, data_cfg.root, f"the shards of OOD set '{entry.name}'",
+                                cfg.allow_url_schemes)
+        idx = select_ood(ood_set.labels, data_cfg, seed)
         all_unknown = np.full(max(ood_set.index.num_classes, int(ood_set.labels.max()) + 1, 1), -1)
-        ood[name] = loader(ood_set, name, idx, False, all_unknown)  # unknown whatever the shards say
-        ood_counts[name] = len(idx)
+        ood[entry.name] = loader(ood_set, entry.name, idx, False, all_unknown)  # unknown whatever the shards say
+        ood_counts[entry.name] = len(idx)
+        groups[entry.name] = entry.group
 
     names = train_set.index.classes
     return {
-        "train": loader(train_set, "train", train_idx, True),
-        "val": loader(train_set, "val", val_idx, False) if len(val_idx) else None,
-        "train_eval": loader(train_set, "train_eval", stats_idx, False),
+        "train": loader(train_set, "train", chosen.train, True),
+        "val": loader(train_set, "val", chosen.val, False) if len(chosen.val) else None,
+        "train_eval": loader(train_set, "train_eval", chosen.train_eval, False, transform=stats_transform),
         "test": loader(test_set, "test", test_idx, False),
         "ood": ood,
         "metadata": {
             "num_classes": len(split.known),
             "class_names": [names[k] for k in split.known],
-            "counts": {"train": len(train_idx), "val": len(val_idx), "train_eval": len(stats_idx),
+            "counts": {"train": len(chosen.train), "val": len(chosen.val), "train_eval": len(chosen.train_eval),
                        "test": len(test_idx), "test_unknown": int((table[test_set.labels[test_idx]] < 0).sum()),
                        "ood": ood_counts},
+            "ood_groups": groups,
             "index": {"train": str(train_set.index_file), "test": str(test_set.index_file)},
             "test_original_labels": test_set.labels,  # by sample id: per-unknown-class AUROC
             "original_class_names": list(test_set.index.classes),
@@ -600,3 +633,67 @@ def build_shard_loaders(data_cfg: Any, split: Any, train_transform: Callable, te
             "world_size": world,
         },
     }
+
+
+class StagedLoader:
+    """A shard loader whose batches go through a device stage (decode + augment on the GPU,
+    `data.shards.decode_on: device`), so the engine sees ready batches for either setting."""
+
+    def __init__(self, loader: ShardLoader, stage: Callable[[tuple], tuple]):
+        self.loader, self.stage = loader, stage
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def iter_from(self, skip: int) -> Iterator:
+        return map(self.stage, self.loader.iter_from(skip))
+
+    def __iter__(self) -> Iterator:
+        return map(self.stage, iter(self.loader))
+
+    def close(self) -> None:
+        self.loader.close()
+
+
+def _staged(loaders: dict[str, Any], data_cfg: Any, device: Any, seed: int, rank: int,
+            augmented_statistics: bool) -> dict[str, Any]:
+    """Every loader wrapped in its device stage when data.shards.decode_on=device (else as is)."""
+    from ..device_augment import device_stage
+
+    train = device_stage(data_cfg, training=True, device=device, seed=seed * 1000 + rank)
+    if train is None:
+        return loaders
+    test = device_stage(data_cfg, training=False, device=device)
+    stats = device_stage(data_cfg, training=True, device=device, seed=seed * 1000 + rank + 1) \
+        if augmented_statistics else test
+    wrap = lambda loader, stage: None if loader is None else StagedLoader(loader, stage)  # noqa: E731
+    return {**loaders, "train": wrap(loaders["train"], train), "val": wrap(loaders["val"], test),
+            "train_eval": wrap(loaders["train_eval"], stats), "test": wrap(loaders["test"], test),
+            "ood": {name: wrap(loader, test) for name, loader in loaders["ood"].items()}}
+
+
+def shard_run_data(data_cfg: Any, train_transform: Callable, test_transform: Callable, seed: int,
+                   rank: int, world: int, stats_transform: Callable | None = None, device: Any = "cpu",
+                   augmented_statistics: bool = False) -> Any:
+    """`build_run_data` for data.format=shards: the loaders above as a `RunData`."""
+    from ..run_data import DataMeta, RunData, resolve_run_split
+
+    def count_classes() -> int:
+        return read_index(data_cfg.shards.train or "", data_cfg.root)[0].num_classes
+
+    split = resolve_run_split(data_cfg, count_classes)
+    loaders = build_shard_loaders(data_cfg, split, train_transform, test_transform, seed, rank=rank, world_size=world,
+                                  stats_transform=stats_transform)
+    meta = loaders["metadata"]
+    original = meta["test_original_labels"]
+    loaders = _staged(loaders, data_cfg, device, seed, rank, augmented_statistics)
+    return RunData(
+        train=loaders["train"], val=loaders["val"], train_eval=loaders["train_eval"], test=loaders["test"],
+        ood=loaders["ood"],
+        meta=DataMeta(split=split, num_classes=meta["num_classes"], class_names=meta["class_names"],
+                      test_original_of=lambda ids: original[ids], original_class_names=meta["original_class_names"],
+                      ood_groups=meta["ood_groups"], counts=meta["counts"]),
+    )

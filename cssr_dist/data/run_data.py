@@ -1,0 +1,258 @@
+"""`build_run_data`: the one entry from a data config to this rank's share of every set.
+
+Data owns distribution, for both formats: every iterable in `RunData` yields exactly this
+rank's samples, so the engine never branches on `data.format`, never passes loaders
+through `accelerator.prepare`, and moves batches to its device the same way for both.
+The open-set selection (known subset, validation slice, statistics subset, test subset,
+OOD sets, their seeds) is computed once in `open_set.py` from (labels, split) and handed
+to either reader: the native reader here (files on disk) or the shard reader
+(`shards/stream.py`).
+
+* Training: a seeded shuffle (Accelerate's `SeedableRandomSampler`) in full batches, the
+  global order cut into per-rank batches by Accelerate's `BatchSamplerShard` - the order
+  `accelerator.prepare` gave before, so results do not depend on who shards. Every sample
+  draws its augmentation from a seed of its own (`SeededSamples`).
+* Evaluation: rank r takes samples r, r+W, ... (no padding: nothing is counted twice);
+  batches carry sample ids, and evaluation joins ranks by id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Protocol
+
+import numpy as np
+import torch
+from accelerate.data_loader import BatchSamplerShard, SeedableRandomSampler, SkipBatchSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Subset
+
+from ..errors import DataError
+from .open_set import (
+    OpenSetConcat,
+    OpenSetDataset,
+    num_original_classes,
+    ood_entries,
+    select_ood,
+    select_test,
+    select_training,
+)
+from .sources import build_source
+from .splits import NUM_CLASSES, OpenSetSplit, resolve_split
+from .transforms import build_transform
+
+#: A DataLoader worker that stops delivering (e.g. its feeder thread died) would otherwise
+#: be waited for without end; no healthy batch takes this long.
+WORKER_TIMEOUT_S = 600
+
+
+class TrainBatches(Protocol):
+    """What the Trainer needs of a training iterable (both readers provide it)."""
+
+    def __len__(self) -> int: ...  # batches per epoch on this rank
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def iter_from(self, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]: ...
+
+
+@dataclass
+class DataMeta:
+    """What evaluation and reports need to know about the sets, beyond their batches."""
+
+    split: OpenSetSplit
+    num_classes: int
+    class_names: list[str]
+    #: ids of test samples -> their original labels (per-unknown-class reports); None if unknown
+    test_original_of: Callable[[np.ndarray], np.ndarray] | None = None
+    original_class_names: list[str] = field(default_factory=list)
+    ood_groups: dict[str, str] = field(default_factory=dict)
+    counts: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunData:
+    """This rank's share of every set of a run: train, val, train_eval, test, ood, meta."""
+
+    train: TrainBatches
+    val: Any | None
+    train_eval: Any
+    test: Any
+    ood: dict[str, Any]
+    meta: DataMeta
+
+    def close(self) -> None:
+        """Stop loader workers (shard streams keep a shard open between epochs)."""
+        for loader in (self.train, self.val, self.train_eval, self.test, *self.ood.values()):
+            if hasattr(loader, "close"):
+                loader.close()
+
+
+def _needs_class_count(data_cfg: Any) -> bool:
+    return (not data_cfg.split_file and not data_cfg.known and data_cfg.split_family == "none"
+            and data_cfg.dataset not in NUM_CLASSES)
+
+
+def resolve_run_split(data_cfg: Any, count_classes: Callable[[], int]) -> OpenSetSplit:
+    """The run's split; `count_classes` is only called for `split_family: none` folders."""
+    return resolve_split(data_cfg, num_classes=count_classes() if _needs_class_count(data_cfg) else None)
+
+
+def build_run_data(data_cfg: Any, seed: int, rank: int = 0, world: int = 1,
+                   augmented_statistics: bool = False, device: torch.device | str = "cpu") -> RunData:
+    """This rank's share of every set of the run, for data.format native or shards.
+
+    `augmented_statistics`: the statistics set (train_eval) gets the TRAINING transforms,
+    as the reference protocol fits its score statistics (eval.stats_transform=train).
+    `device`: where `data.shards.decode_on: device` decodes and augments (the loaders then
+    yield batches already there).
+    """
+    if not 0 <= rank < world:
+        raise DataError(f"rank {rank} is not in 0..{world - 1} (world size {world}); check RANK / WORLD_SIZE")
+    train_tf, test_tf = build_transform(data_cfg, train=True), build_transform(data_cfg, train=False)
+    stats_tf = train_tf if augmented_statistics else test_tf
+    if data_cfg.format == "shards":
+        from .shards.stream import shard_run_data
+
+        return shard_run_data(data_cfg, train_tf, test_tf, seed, rank, world, stats_tf, device, augmented_statistics)
+    return _native_run_data(data_cfg, train_tf, test_tf, seed, rank, world, stats_tf)
+
+
+# ---------------------------------------------------------------- the native reader
+class SeededSamples(Dataset):
+    """Sample i of epoch e is transformed under RNG seed hash(seed, e, i); the global RNG is untouched.
+
+    WHY: transforms draw from torch's global RNG, so without this the crop of
+    an image depends on everything fetched before it: DataLoader prefetching, the number of
+    workers and ranks, and where a resumed run re-created its iterator. With a seed per
+    sample, a run killed and resumed mid-epoch, and 2 ranks x batch b against 1 rank x 2b,
+    see the same augmented images. The epoch lives in shared memory so persistent
+    DataLoader workers see `set_epoch`.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = int(seed)
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(int(epoch))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        # The CPU generator only: torch.manual_seed would also seed every accelerator
+        # (~200 us per call); every transform here draws from torch's CPU RNG.
+        generator = torch.default_generator
+        state = generator.get_state()
+        generator.manual_seed(hash((self.seed, int(self._epoch), int(index))) & 0x7FFF_FFFF_FFFF_FFFF)
+        try:
+            return self.dataset[index]
+        finally:
+            generator.set_state(state)
+
+
+class NativeTrainLoader:
+    """Seeded shuffled full batches of this rank; resumable at a batch without loading the skipped ones."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, rank: int, world: int, num_workers: int):
+        if len(dataset) < batch_size * world:
+            raise DataError(f"training set has {len(dataset)} samples, fewer than one global batch "
+                            f"({batch_size} x {world} processes); lower data.batch_size or enlarge data.train_per_class")
+        self.samples = SeededSamples(dataset, seed)
+        self.sampler = SeedableRandomSampler(self.samples, data_seed=int(seed))
+        batches = BatchSampler(self.sampler, batch_size, drop_last=True)  # BatchNorm: no tiny last batch
+        self.batch_sampler = batches if world == 1 else BatchSamplerShard(batches, world, rank, even_batches=True)
+        self.num_workers = num_workers
+        self._loader = self._data_loader(self.batch_sampler)
+
+    def _data_loader(self, batch_sampler) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(self.samples, batch_sampler=batch_sampler, num_workers=workers,
+                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+                          timeout=WORKER_TIMEOUT_S if workers > 0 else 0, worker_init_fn=_ignore_stop_signals)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+        self.samples.set_epoch(epoch)
+
+    def iter_from(self, skip: int) -> Iterator:
+        """This epoch's batches from batch `skip` on (a resumed run continues mid-epoch)."""
+        if not skip:
+            return iter(self._loader)
+        return iter(self._data_loader(SkipBatchSampler(self.batch_sampler, skip)))
+
+    def __iter__(self) -> Iterator:
+        return self.iter_from(0)
+
+
+def _ignore_stop_signals(_worker: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGUSR1 to the main process, which checkpoints and
+    ends them: a signal sent to the whole process group must not kill the workers first."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, rank: int, world: int) -> DataLoader:
+    """A non-shuffled loader over this rank's strided share (rank r: samples r, r+W, ...)."""
+    share = dataset if world == 1 else Subset(dataset, list(range(rank, len(dataset), world)))
+    return DataLoader(share, batch_size=batch_size, shuffle=False, num_workers=num_workers, drop_last=False,
+                      persistent_workers=False, timeout=WORKER_TIMEOUT_S if num_workers > 0 else 0,
+                      worker_init_fn=_ignore_stop_signals)
+
+
+def _native_test_set(data_cfg: Any, split: OpenSetSplit, transform: Callable, seed: int) -> tuple[Dataset, list[str]]:
+    source = build_source(split.dataset, data_cfg.root, train=False, download=data_cfg.download)
+    pick = select_test(np.asarray(source.targets), split, data_cfg, seed, num_original_classes(source))
+    primary = OpenSetDataset(source, split, indices=pick, transform=transform, role="test")
+    if split.unknown_dataset is None:
+        return primary, list(source.classes)
+    other = build_source(split.unknown_dataset, data_cfg.root, train=False, download=data_cfg.download)
+    pick = select_test(np.asarray(other.targets), split, data_cfg, seed, num_original_classes(other), role="unknown")
+    unknown = OpenSetDataset(other, split, indices=pick, transform=transform, role="unknown", id_offset=len(source))
+    return OpenSetConcat([primary, unknown]), list(other.classes)
+
+
+def _native_run_data(data_cfg: Any, train_tf: Callable, test_tf: Callable, seed: int, rank: int, world: int,
+                     stats_tf: Callable) -> RunData:
+    def training_source(name: str):
+        return build_source(name, data_cfg.root, train=True, download=data_cfg.download)
+
+    if _needs_class_count(data_cfg):
+        source = training_source(data_cfg.dataset)
+        split = resolve_run_split(data_cfg, lambda: len(source.classes))
+    else:
+        split = resolve_run_split(data_cfg, lambda: 0)
+        source = training_source(split.dataset)
+    labels = np.asarray(source.targets)
+    chosen = select_training(labels, split, data_cfg, seed, num_original_classes(source))
+    view = lambda idx, tf, role: OpenSetDataset(source, split, indices=idx, transform=tf, role=role)  # noqa: E731
+    train = view(chosen.train, train_tf, "train")
+    test, original_names = _native_test_set(data_cfg, split, test_tf, seed)
+    ood, groups = {}, {}
+    for entry in ood_entries(data_cfg, split):
+        ood_source = build_source(entry.source, entry.root, train=False, download=False)
+        pick = select_ood(np.asarray(ood_source.targets), data_cfg, seed)
+        ood[entry.name] = OpenSetDataset(ood_source, split, indices=pick, transform=test_tf, role="ood")
+        groups[entry.name] = entry.group
+
+    workers, eval_bs = data_cfg.num_workers, data_cfg.eval_batch_size
+    evaluate = lambda ds: eval_loader(ds, eval_bs, workers, rank, world)  # noqa: E731
+    counts = {"train": len(train), "val": len(chosen.val), "train_eval": len(chosen.train_eval),
+              "test_known": int((test.labels >= 0).sum()), "test_unknown": int((test.labels < 0).sum()),
+              "ood": {name: len(ds) for name, ds in ood.items()}}
+    return RunData(
+        train=NativeTrainLoader(train, data_cfg.batch_size, seed, rank, world, workers),
+        val=evaluate(view(chosen.val, test_tf, "val")) if len(chosen.val) else None,
+        train_eval=evaluate(view(chosen.train_eval, stats_tf, "train_eval")),
+        test=evaluate(test),
+        ood={name: evaluate(ds) for name, ds in ood.items()},
+        meta=DataMeta(split=split, num_classes=split.num_known, class_names=train.known_class_names,
+                      test_original_of=test.original_labels_of, original_class_names=original_names,
+                      ood_groups=groups, counts=counts),
+    )

@@ -1,0 +1,63 @@
+"""Ground-level helpers for work split across ranks: who am I, gather by sample id, the
+bare module for evaluation.
+
+They live below every package (data, scoring, eval and engine all use them) so that no
+lower layer imports the engine. Evaluation shards sets exactly (no padded repeats), so
+per-sample outputs are gathered with their ids and de-duplicated before any metric.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size): torch.distributed if initialised, else env RANK/WORLD_SIZE, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def concat_local(chunks: list[dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
+    """Per-batch tensors -> one numpy array per key (host copy once, at the end)."""
+    if not chunks:
+        return {}
+    return {key: torch.cat([c[key] for c in chunks]).cpu().numpy() for key in chunks[0]}
+
+
+def gather_by_id(local: dict[str, np.ndarray], world_size: int) -> dict[str, np.ndarray]:
+    """All ranks' per-sample arrays joined, de-duplicated by `ids`, sorted by id.
+
+    The objects travel between the ranks of one job (torch's object collectives), never
+    through files.
+    """
+    if world_size > 1:
+        from accelerate.utils import gather_object
+
+        parts = gather_object([local])
+    else:
+        parts = [local]
+    parts = [p for p in parts if p]
+    if not parts:
+        return {}
+    joined = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    _, first = np.unique(joined["ids"], return_index=True)
+    return {key: value[first] for key, value in joined.items()}
+
+
+def eval_module(accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The bare module for evaluation, with rank 0's buffers on every rank.
+
+    DDP's forward broadcasts buffers (a collective) on every call, so evaluating through
+    the wrapper deadlocks as soon as ranks hold different numbers of evaluation batches
+    (exact sharding, shard sets). The buffers (BatchNorm statistics, which each rank updated
+    with its own last batch) are broadcast once here instead: every rank scores one model.
+    """
+    module = accelerator.unwrap_model(model)
+    if accelerator.num_processes > 1 and torch.distributed.is_initialized():
+        for buffer in module.buffers():
+            torch.distributed.broadcast(buffer.data, src=0)
+    return module

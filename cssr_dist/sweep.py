@@ -1,0 +1,171 @@
+"""Sweeps: data sets x splits x methods x seeds -> one run folder each, run locally one after
+another or submitted as the Slurm array `slurm/osr_sweep.sh`.
+
+A run is identified by its folder `<output_dir>/<name>`, name `{dataset}_{method}_{split}_s{seed}`
+(prefixed by `<tag>_` when a tag is given). Its state comes from the folder alone, so a sweep
+can be re-run at any time: `summary.json` present -> finished, skipped; a folder without it
+-> interrupted, relaunched (the runner resumes from its last checkpoint); no folder -> new.
+The grid order (data set, split, method, seed) is the one `osr_sweep.sh --list` prints, so
+a Slurm array index means the same run in both.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .errors import ConfigError
+
+__all__ = ["DEFAULT_SPLITS", "RunSpec", "expand", "run_state", "train_command", "run_local", "slurm_submission",
+           "format_duration"]
+
+#: Each data set's own split family (as osr_sweep.sh): CSSR a-e, ARPL 0-4, built-in "default".
+DEFAULT_SPLITS: dict[str, tuple[str, ...]] = {
+    "cifar10": ("a", "b", "c", "d", "e"),
+    "svhn": ("a", "b", "c", "d", "e"),
+    "tinyimagenet": ("a", "b", "c", "d", "e"),
+    "cifar_plus10": ("0", "1", "2", "3", "4"),
+    "cifar_plus50": ("0", "1", "2", "3", "4"),
+    "mnist": ("0", "1", "2", "3", "4"),
+    "fashion_mnist": ("default",),
+}
+
+FINISHED, INTERRUPTED, NEW = "finished", "interrupted", "new"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    dataset: str
+    method: str
+    split: str
+    seed: int = 0
+    tag: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.tag + '_' if self.tag else ''}{self.dataset}_{self.method}_{self.split}_s{self.seed}"
+
+    @property
+    def config(self) -> str:
+        return f"configs/{self.dataset}/{self.method}.yaml"
+
+    def overrides(self, output_dir: str | Path) -> list[str]:
+        return [f"data.split={self.split}", f"run.seed={self.seed}", f"run.name={self.name}",
+                f"run.output_dir={output_dir}"]
+
+
+def expand(datasets: Sequence[str], methods: Sequence[str], splits: Sequence[str] | None = None,
+           seeds: Sequence[int] = (0,), tag: str = "", configs_dir: str | Path = "configs") -> list[RunSpec]:
+    """The grid, data set -> split -> method -> seed (osr_sweep.sh's order). `splits=None`:
+    each data set's own (:data:`DEFAULT_SPLITS`). A missing config is an error before any run."""
+    for ds in datasets:
+        if splits is None and ds not in DEFAULT_SPLITS:
+            raise ConfigError(f"no default splits for data set '{ds}'; pass --splits (known: {', '.join(DEFAULT_SPLITS)})")
+        for method in methods:
+            if not (Path(configs_dir) / ds / f"{method}.yaml").is_file():
+                raise ConfigError(f"no config {configs_dir}/{ds}/{method}.yaml for the sweep; check --datasets/--methods")
+    return _grid(datasets, methods, splits, seeds, tag)
+
+
+def _grid(datasets: Sequence[str], methods: Sequence[str], splits: Sequence[str] | None, seeds: Sequence[int],
+          tag: str) -> list[RunSpec]:
+    return [RunSpec(ds, method, str(split), int(seed), tag)
+            for ds in datasets for split in (splits if splits is not None else DEFAULT_SPLITS.get(ds, ()))
+            for method in methods for seed in seeds]
+
+
+def run_state(output_dir: str | Path, spec: RunSpec) -> str:
+    """finished (summary.json written at the end of a run) | interrupted (folder, no summary) | new."""
+    folder = Path(output_dir) / spec.name
+    if (folder / "summary.json").is_file():
+        return FINISHED
+    return INTERRUPTED if folder.is_dir() else NEW
+
+
+def train_command(spec: RunSpec, launcher: Sequence[str], output_dir: str | Path,
+                  overrides: Sequence[str] = ()) -> list[str]:
+    """`<launcher> train.py --config configs/<ds>/<method>.yaml data.split=.. run.seed=.. run.name=.. <overrides>`."""
+    return [*launcher, "train.py", "--config", spec.config, *spec.overrides(output_dir), *overrides]
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def run_local(specs: Sequence[RunSpec], launcher: Sequence[str], output_dir: str | Path,
+              overrides: Sequence[str] = (), *, cwd: str | Path = ".", dry_run: bool = False,
+              run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
+              clock: Callable[[], float] = time.monotonic, log: Callable[[str], None] = print) -> dict[str, str]:
+    """Run every unfinished spec one after another; one progress line per run.
+
+    Returns {run name: finished | skipped | failed (exit N) | dry-run}. A failed run does not
+    stop the sweep (the next sweep relaunches it, resuming from its checkpoints). ETA =
+    mean wall time of the runs launched so far x runs still to launch.
+    """
+    outcome: dict[str, str] = {}
+    todo = [s for s in specs if run_state(output_dir, s) != FINISHED]
+    start, launched, total = clock(), 0, len(specs)
+    for i, spec in enumerate(specs, 1):
+        state = run_state(output_dir, spec)
+        prefix = f"[{i}/{total}] {spec.name}"
+        if state == FINISHED:
+            outcome[spec.name] = "skipped"
+            log(f"{prefix}: finished, skipped")
+            continue
+        cmd = train_command(spec, launcher, output_dir, overrides)
+        if dry_run:
+            outcome[spec.name] = "dry-run"
+            log(f"{prefix}: {state}; would run: {shlex.join(cmd)}")
+            continue
+        log(f"{prefix}: {'resuming' if state == INTERRUPTED else 'starting'}: {shlex.join(cmd)}")
+        t0 = clock()
+        rc = run(cmd, cwd=str(cwd)).returncode
+        now = clock()
+        launched += 1
+        done = run_state(output_dir, spec) == FINISHED
+        outcome[spec.name] = "finished" if rc == 0 and done else f"failed (exit {rc})"
+        remaining = len(todo) - launched
+        eta = (now - start) / launched * remaining
+        log(f"{prefix}: {outcome[spec.name]} in {format_duration(now - t0)}; elapsed {format_duration(now - start)}, "
+            f"{remaining} to go, ETA {format_duration(eta)}")
+    return outcome
+
+
+def slurm_submission(specs: Sequence[RunSpec], output_dir: str | Path, overrides: Sequence[str] = (),
+                     parallel: int = 8, script: str = "slurm/osr_sweep.sh") -> tuple[list[str], dict[str, str]] | None:
+    """(`sbatch` command, environment) submitting only the unfinished runs as array indices of
+    `osr_sweep.sh`'s grid; None when every run is finished. The grid must be a full product
+    (as :func:`expand` makes): the script rebuilds it from SWEEP_* variables."""
+    if not specs:
+        return None
+    datasets = list(dict.fromkeys(s.dataset for s in specs))
+    methods = list(dict.fromkeys(s.method for s in specs))
+    splits = list(dict.fromkeys(s.split for s in specs))
+    seeds = list(dict.fromkeys(s.seed for s in specs))
+    tags = {s.tag for s in specs}
+    if len(tags) != 1:
+        raise ConfigError("a Slurm sweep needs one tag for all runs")
+    tag = tags.pop()
+    env = {"SWEEP_DATASETS": " ".join(datasets), "SWEEP_METHODS": " ".join(methods),
+           "SWEEP_SEEDS": " ".join(map(str, seeds)), "SWEEP_TAG": tag}
+    if list(specs) != _grid(datasets, methods, None, seeds, tag):
+        if list(specs) != _grid(datasets, methods, splits, seeds, tag):
+            raise ConfigError("osr_sweep.sh runs a full grid (data sets x splits x methods x seeds); this is not one")
+        env["SWEEP_SPLITS"] = " ".join(splits)
+    indices = [i for i, s in enumerate(specs) if run_state(output_dir, s) != FINISHED]
+    if not indices:
+        return None
+    array = ",".join(map(str, indices))
+    cmd = ["sbatch", f"--array={array}%{parallel}", script, f"run.output_dir={output_dir}", *overrides]
+    return cmd, env
+
+
+def main_launcher_default() -> list[str]:
+    """`python -m accelerate.commands.launch` of this interpreter (the venv's accelerate)."""
+    return [sys.executable, "-m", "accelerate.commands.launch"]

@@ -1,0 +1,106 @@
+"""Evaluation protocols (clean | reference) and the explicit global batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cssr_dist.config import load_config
+from cssr_dist.errors import ConfigError
+from cssr_dist.eval import metrics as M
+from cssr_dist.protocol import apply_protocol, batch_plan, describe_protocol, metric_keys, not_reported
+
+REPO = Path(__file__).resolve().parent.parent
+PAPER_CONFIGS = sorted(
+    p for ds in ("cifar10", "svhn", "tinyimagenet", "cifar_plus10", "cifar_plus50") for p in (REPO / "configs" / ds).glob("*.yaml")
+)
+
+
+def test_clean_is_the_default_and_changes_nothing():
+    cfg = load_config(None, ["data.val_fraction=0.2", "eval.select_best_by=val_loss"])
+    assert cfg.eval.protocol == "clean" and cfg.eval.stats_transform == "test"
+    assert cfg.data.val_fraction == 0.2 and cfg.eval.select_best_by == "val_loss"
+    assert cfg.data.global_batch_size is None
+    assert apply_protocol(cfg) is cfg
+    assert metric_keys(cfg) == M.CLEAN_METRIC_KEYS and not_reported(cfg) == {}
+    assert "protocol clean" in describe_protocol(cfg)
+
+
+def test_reference_forces_the_papers_settings_whatever_the_config_says():
+    cfg = load_config(None, ["eval.protocol=reference", "data.val_fraction=0.2", "eval.select_best_by=val_acc",
+                             "data.batch_size=96"])
+    assert cfg.data.val_fraction == 0.0
+    assert cfg.eval.select_best_by == "last"
+    assert cfg.eval.stats_transform == "train"
+    assert cfg.data.global_batch_size == 96  # the config's batch is read as the global one
+    assert metric_keys(cfg) == M.REFERENCE_METRIC_KEYS and "macro_f1" not in metric_keys(cfg)
+    assert "without test data" in not_reported(cfg)["macro_f1"]
+    assert "protocol reference" in describe_protocol(cfg) and "macro-F1" in describe_protocol(cfg)
+    assert apply_protocol(cfg) == cfg  # idempotent
+    explicit = load_config(None, ["eval.protocol=reference", "data.global_batch_size=256"])
+    assert explicit.data.global_batch_size == 256
+
+
+def test_protocol_and_stats_transform_are_validated():
+    with pytest.raises(ConfigError, match="eval.protocol"):
+        load_config(None, ["eval.protocol=paper"])
+    with pytest.raises(ConfigError, match="eval.stats_transform"):
+        load_config(None, ["eval.stats_transform=augmented"])
+    with pytest.raises(ConfigError, match="global_batch_size"):
+        load_config(None, ["data.global_batch_size=0"])
+
+
+@pytest.mark.parametrize(
+    "overrides, world, expected",
+    [
+        (["data.batch_size=128"], 4, (128, 512, 0.4)),  # legacy: per process, global grows
+        (["data.global_batch_size=128"], 4, (32, 128, 0.4)),  # the recipe at any process count
+        (["data.global_batch_size=128"], 1, (128, 128, 0.4)),
+        (["data.global_batch_size=512", "optim.scale_lr_by_batch=true"], 8, (64, 512, 1.6)),
+        (["data.batch_size=64", "optim.scale_lr_by_batch=true", "optim.lr=0.1"], 2, (64, 128, 0.1)),
+    ],
+)
+def test_batch_plan(overrides, world, expected):
+    cfg = load_config(None, ["optim.lr=0.4"] + overrides)
+    plan = batch_plan(cfg, world)
+    assert (plan.per_process, plan.global_batch) == expected[:2]
+    assert plan.lr == pytest.approx(expected[2])
+    line = plan.describe(world, cfg)
+    assert f"global {expected[1]}" in line and f"x {expected[0]}" in line
+
+
+def test_batch_plan_rejects_a_global_batch_that_does_not_split():
+    cfg = load_config(None, ["data.global_batch_size=130"])
+    with pytest.raises(ConfigError, match="does not split over 4 processes"):
+        batch_plan(cfg, 4)
+
+
+@pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_paper_configs_state_the_global_batch(path):
+    cfg = load_config(path)
+    assert cfg.data.global_batch_size == 128
+    assert not cfg.optim.scale_lr_by_batch and cfg.optim.lr == pytest.approx(0.4)
+    assert batch_plan(cfg, 4) == (32, 128, pytest.approx(0.4))
+    ref = load_config(path, ["eval.protocol=reference"])
+    assert (ref.data.val_fraction, ref.eval.select_best_by, ref.data.global_batch_size) == (0.0, "last", 128)
+
+
+def test_ds_without_config_picks_the_data_sets_own_config(capsys):
+    from cssr_dist.cli import config_from_args, parse
+
+    cfg = config_from_args(parse(["--ds", "exps/cifar10/spl_a.json"]))
+    assert "using configs/cifar10/rcssr.yaml" in capsys.readouterr().err
+    assert (cfg.data.dataset, cfg.model.backbone, cfg.model.head, cfg.data.image_size) == ("cifar10", "wrn40_4", "rcssr", 32)
+    assert cfg.data.split_file == "exps/cifar10/spl_a.json" and cfg.data.global_batch_size == 128
+    cfg = config_from_args(parse(["--ds", "exps/tinyimagenet/spl_b.json", "model.head=pcssr"]))
+    assert (cfg.data.dataset, cfg.model.backbone, cfg.model.head) == ("tinyimagenet", "cifar_resnet18", "pcssr")
+    assert "configs/tinyimagenet/pcssr.yaml" in capsys.readouterr().err
+    cfg = config_from_args(parse(["--ds", "exps/svhn/spl_c.json", "--configupdate", "model.head:linear"]))
+    assert (cfg.data.dataset, cfg.model.head) == ("svhn", "linear")
+    assert "configs/svhn/linear.yaml" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="no config .*mystery.*pass --config"):
+        config_from_args(parse(["--ds", "exps/mystery/spl_a.json"]))
+    # an explicit --config still wins, and no --ds keeps the built-in default
+    cfg = config_from_args(parse(["--config", str(REPO / "configs/smoke.yaml"), "--ds", "exps/cifar10/spl_a.json"]))
+    assert cfg.data.dataset == "fashion_mnist" and "using" not in capsys.readouterr().err
