@@ -9,6 +9,7 @@ per-sample outputs are gathered with their ids and de-duplicated before any metr
 from __future__ import annotations
 
 import os
+import signal
 
 import numpy as np
 import torch
@@ -61,3 +62,30 @@ def eval_module(accelerator, model: torch.nn.Module) -> torch.nn.Module:
         for buffer in module.buffers():
             torch.distributed.broadcast(buffer.data, src=0)
     return module
+
+
+def ignore_stop_signals(_worker_id: int | None = None) -> None:
+    """`worker_init_fn` of DataLoader workers: survive a SIGTERM/SIGUSR1 sent to the whole
+    process group (Slurm's time limit, scancel, preemption) so the main process can finish
+    its step and checkpoint; it ends its workers itself.
+
+    Why not SIG_IGN: the main process's own shutdown (multiprocessing's exit handler) ends
+    stuck workers with SIGTERM and then waits for them, which would wait for ever. So the
+    rule is torch's own for its workers: a SIGTERM from the parent ends the worker at once,
+    any other is ignored. The sender is only known to `sigwaitinfo`, hence SIGTERM is blocked
+    and read by a small thread (a no-op handler covers threads that started earlier).
+    """
+    import threading
+
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    parent = os.getppid()
+
+    def wait_for_parent_sigterm() -> None:
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=wait_for_parent_sigterm, name="sigterm-from-parent", daemon=True).start()

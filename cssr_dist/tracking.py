@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, dump_yaml
+from .errors import ConfigError, DataError
 
 PACKAGES = ("torch", "torchvision", "timm", "accelerate", "webdataset", "wandb", "numpy", "scikit-learn")
 
@@ -61,9 +62,12 @@ def experiment_group(cfg: Config) -> str:
 
 
 def split_name(cfg: Config) -> str:
-    """The split as reports name it: the split file's stem, or family/split."""
+    """The split as reports name it: the split file's stem, `known/<classes>` for an explicit
+    `data.known` (which wins over family/split), or family/split."""
     if cfg.data.split_file:
         return Path(cfg.data.split_file).stem
+    if cfg.data.known:
+        return "known/" + "-".join(str(k) for k in cfg.data.known)
     return f"{cfg.data.split_family}/{cfg.data.split}"
 
 
@@ -119,7 +123,9 @@ def evaluation_payload(summary: dict, scores: dict, labels, prefix: str) -> dict
     """W&B values of one evaluation: every numeric metric of `summary` (flattened under
     `prefix`), one ROC chart with every score (`<prefix>/roc`), a known-vs-unknown histogram
     per score (`<prefix>/hist/<score>`) and the per-unknown-class AUROC table
-    (`<prefix>/tables/per_unknown_class_auroc`; its values are also scalars)."""
+    (`<prefix>/tables/per_unknown_class_auroc`; its values are also scalars), and the AUROC of
+    every score, the CSSR terms s0/s1/s2 included, under `<prefix>/auroc_by_score/<score>`
+    (the summary holds only the primary score and `eval.baselines`)."""
     import io
 
     import numpy as np
@@ -136,6 +142,7 @@ def evaluation_payload(summary: dict, scores: dict, labels, prefix: str) -> dict
     xs, ys, names = [], [], []
     for name, values in scores.items():
         values = np.asarray(values, dtype=np.float64)
+        payload[f"{prefix}/auroc_by_score/{name}"] = metrics.auroc(values[known], values[~known])
         fpr, tpr = metrics.roc_points(values[known], values[~known])
         if fpr.size:
             fx, fy = thin_curve(fpr, tpr)
@@ -167,7 +174,14 @@ def log_evaluation(accelerator, summary: dict, scores: dict, labels, step: int |
     tracker = _wandb_tracker(accelerator)
     if tracker is None:
         return False
-    tracker.log(evaluation_payload(summary, scores, labels, prefix), step=step)
+    payload = evaluation_payload(summary, scores, labels, prefix)
+    if step is None:
+        # Join the current step's row without advancing W&B's step counter: an evaluation
+        # logged with an auto-incremented step (one per set) would push the counter past
+        # the trainer's global step, and W&B drops the trainer's next `epoch/*` row.
+        tracker.log(payload, step=None, commit=False)
+    else:
+        tracker.log(payload, step=step)
     return True
 
 
@@ -278,11 +292,38 @@ class RunFolder:
         self._lock_fd: int | None = None
 
     # -- before anything is written
+    def open(self, accelerator, cfg: Config, fingerprint: str, environment: dict, test_only: bool = False) -> str:
+        """Refuse (one line, nothing written) what would overwrite or mix results; then, on a
+        training start, lock the folder for this job and write its start records. Returns the
+        kind of start ("test", or what `check_training_start` says).
+
+        Every rank reads the folder itself; only rank 0 locks and writes, and all ranks learn
+        whether that worked (else the others would wait for it in the next collective)."""
+        if test_only:
+            self.check_test_start()  # --test writes summary_test.json only
+            return "test"
+        start = self.check_training_start(cfg, fingerprint)
+        failure = None
+        if accelerator.is_main_process:
+            try:
+                self.lock()
+                self.write_start_records(cfg, environment, start)
+            except ConfigError as err:
+                failure = str(err)
+        if accelerator.num_processes > 1:
+            import torch
+
+            flag = torch.tensor([float(failure is not None)], device=accelerator.device)
+            if accelerator.reduce(flag, reduction="sum").item() and failure is None:
+                failure = f"run folder {self.path} could not be opened on rank 0 (see its error)"
+        if failure:
+            raise ConfigError(failure)
+        return start
+
     def check_training_start(self, cfg: Config, fingerprint: str) -> str:
         """'fresh' or 'resume'; ConfigError (one line) when starting would overwrite or mix results."""
         from .engine.checkpoint import (CheckpointUnusable, check_fingerprint, list_checkpoints,
                                         read_trainer_state)
-        from .errors import ConfigError
 
         states = []
         for path in reversed(list_checkpoints(self.checkpoints)):
@@ -307,7 +348,6 @@ class RunFolder:
 
     def check_test_start(self) -> Path:
         """`--test` needs best/; it writes only summary_test.json."""
-        from .errors import DataError
 
         best = self.checkpoints / "best"
         if not (best / "weights.safetensors").is_file():
@@ -325,7 +365,6 @@ class RunFolder:
         import socket
         import time
 
-        from .errors import ConfigError
 
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path / self.LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)

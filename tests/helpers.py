@@ -55,3 +55,43 @@ def run_session(cmd: list[str], env: dict[str, str], timeout: int) -> subprocess
             stdout, stderr = proc.communicate()
             raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr) from None
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def write_imagenet_tree(root: Path, wnids: list[str], per_class: int = 12, val_per_class: int = 4,
+                        ood: dict[str, tuple[int | None, int]] | None = None, size: tuple[int, int] = (40, 48)) -> dict[str, Path]:
+    """A tiny ImageNet layout of real JPEG files: train/<wnid>/*.JPEG, a flat val/ with a
+    'filename wnid' ground-truth file (val_labels.txt), and one flat folder per OOD set.
+
+    Images are a class colour plus noise, so a few steps can learn the classes. `ood` maps a
+    set name to (colour class, count): a known class's colour makes a NEAR set (looks like a
+    known class), None a FAR one (pure noise). Returns the paths by name (train, val, labels, <ood names>).
+    """
+    import numpy as np
+    from PIL import Image
+
+    def jpeg(path: Path, cls: int | None, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        if cls is None:
+            pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+        else:
+            base = np.zeros((*size, 3), np.uint8) + np.array([60 * cls, 255 - 60 * cls, 40 * (cls % 2)], np.uint8)
+            pixels = base + rng.integers(0, 40, base.shape, dtype=np.uint8)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(path, quality=90)
+
+    paths = {"train": root / "train", "val": root / "val", "labels": root / "val_labels.txt"}
+    lines, n = [], 0
+    for c, wnid in enumerate(wnids):
+        for i in range(per_class):
+            jpeg(paths["train"] / wnid / f"{wnid}_{i}.JPEG", c, 1000 * c + i)
+        for _ in range(val_per_class):
+            n += 1
+            name = f"ILSVRC2012_val_{n:08d}.JPEG"
+            jpeg(paths["val"] / name, c, 50000 + n)
+            lines.append(f"{name} {wnid}\n")
+    paths["labels"].write_text("".join(lines))
+    for k, (name, (cls, count)) in enumerate((ood or {}).items()):
+        paths[name] = root / name
+        for i in range(count):
+            jpeg(paths[name] / f"{name}_{i}.jpg", cls, 90000 + 1000 * k + i)
+    return paths

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from cssr_dist.engine.checkpoint import (TrainerState, latest_checkpoint, list_checkpoints, load_checkpoint,
-                                         load_weights, save_checkpoint, save_weights)
+from cssr_dist.engine.checkpoint import (Checkpointer, TrainerState, latest_checkpoint, list_checkpoints,
+                                         load_weights, save_weights)
 from cssr_dist.data.run_data import eval_loader
 from cssr_dist.distributed import gather_by_id
 
@@ -30,16 +30,17 @@ def test_checkpoints_are_atomic_pruned_and_restorable(tmp_path):
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model, opt = acc.prepare(model, opt)
+    saver = Checkpointer(acc, tmp_path, model=model, optimizer=opt, keep_last=2)
     for step in (10, 20, 30):
         state = TrainerState(epoch=step // 10, global_step=step, wandb_run_id="w1")
-        save_checkpoint(acc, tmp_path, state, keep_last=2)
+        saver.save(state)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000000020", "step_000000030"]
     saved = model.weight.detach().clone()
     (tmp_path / ".tmp_step_000000040").mkdir()  # a write killed half-way is ignored
     assert latest_checkpoint(tmp_path).name == "step_000000030"
     with torch.no_grad():
         model.weight.add_(1.0)
-    restored = load_checkpoint(acc, latest_checkpoint(tmp_path))
+    restored = saver.restore()
     assert (restored.global_step, restored.wandb_run_id) == (30, "w1")
     assert torch.equal(model.weight.detach(), saved)
     assert json.loads((latest_checkpoint(tmp_path) / "trainer_state.json").read_text())["epoch"] == 3

@@ -23,7 +23,6 @@ import torch.multiprocessing as mp
 from accelerate import Accelerator
 
 from cssr_dist.config import ScheduleConfig
-from cssr_dist.engine import checkpoint as ckpt
 from cssr_dist.engine.checkpoint import Checkpointer, TrainerState, list_checkpoints
 from cssr_dist.engine.schedule import build_scheduler
 from cssr_dist.errors import ConfigError, DataError
@@ -194,7 +193,6 @@ import os, sys, torch
 from pathlib import Path
 sys.path.insert(0, {root!r})
 from tests.test_reliability_checkpoints import make, train_steps
-from cssr_dist.engine import checkpoint as ckpt
 from cssr_dist.engine.checkpoint import TrainerState
 saver, _ = make(Path({tmp!r}), keep_last=5)
 train_steps(saver.model, saver.optimizer, saver.scheduler, saver.stats, 5)

@@ -69,7 +69,7 @@ def test_resume_with_a_changed_config_is_refused_before_anything_is_written(tmp_
     assert killed.returncode == 13, killed.stderr[-3000:]
     run = tmp_path / "runs" / "r"
     before = digest(run)
-    for change in ("model.latent_dim=32", "optim.lr=0.1"):
+    for change in ("model.latent_dim=16", "optim.lr=0.05"):  # smoke.yaml: 32 and 0.1
         refused = train(tmp_path, "run.name=r", "run.checkpoint_every_steps=3", change)
         assert refused.returncode == 2, refused.stderr[-2000:]
         assert "was trained with another config" in refused.stderr and "run.force_resume=true" in refused.stderr

@@ -27,7 +27,8 @@ from pathlib import Path
 sys.path.insert(0, {root!r})
 import torch
 from torch.utils.data import DataLoader
-from cssr_dist.engine.preemption import PreemptionFlag, ignore_stop_signals, mark_preempted, REQUEUE_EXIT_CODE
+from cssr_dist.distributed import ignore_stop_signals
+from cssr_dist.engine.preemption import PreemptionFlag, mark_preempted, REQUEUE_EXIT_CODE
 
 class Slow(torch.utils.data.Dataset):
     def __len__(self):

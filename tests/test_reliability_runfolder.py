@@ -161,3 +161,18 @@ def test_two_jobs_cannot_train_into_one_run_folder(tmp_path):
 def test_resume_state_carries_the_fingerprint(tmp_path):
     state = TrainerState.from_json(json.dumps({"global_step": 3, "fingerprint": "abc", "unknown_future_field": 1}))
     assert (state.global_step, state.fingerprint) == (3, "abc")
+
+
+def test_mistyped_data_root_is_an_error_not_the_system_copy(tmp_path):
+    """A data.root that does not exist must not silently fall back to the built-in Fashion-MNIST
+    (config.yaml would show the typo while the run read another folder)."""
+    from cssr_dist.data.builtin_data import load_fashion_mnist, load_mnist
+    from cssr_dist.errors import DataError
+
+    typo = tmp_path / "datsets"
+    with pytest.raises(DataError, match=r"data.root .*datsets does not exist \(looking for Fashion-MNIST\)"):
+        load_fashion_mnist(typo, train=False)
+    with pytest.raises(DataError, match="looking for MNIST"):
+        load_mnist(typo, train=False)
+    images, labels = load_fashion_mnist(tmp_path, train=False)  # an existing root without the files: built-in
+    assert images.shape == (10000, 28, 28) and labels.max() == 9

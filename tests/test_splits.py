@@ -13,6 +13,7 @@ from cssr_dist.data.splits import (
     resolve_split,
     split_by_name,
     split_from_reference_file,
+    valid_split_names,
 )
 from cssr_dist.errors import DataError
 
@@ -25,7 +26,8 @@ def test_packaged_splits_json_matches_shared_copy():
     shared = REFERENCE.parent / "splits.json"
     if not shared.is_file():
         pytest.skip("shared/splits.json not present")
-    assert json.loads(packaged.read_text()) == json.loads(shared.read_text())
+    published = {k: v for k, v in json.loads(packaged.read_text()).items() if k != "builtin"}  # builtin: this project's own
+    assert published == json.loads(shared.read_text())
 
 
 def test_label_of_and_label_map():
@@ -65,7 +67,29 @@ def test_cifar_plus_split_maps_known_and_takes_unknowns_from_cifar100():
 def test_builtin_family():
     fm = split_by_name("builtin", "fashion_mnist", "default")
     assert fm.known == (0, 1, 2, 3, 4, 5) and fm.unknown == (6, 7, 8, 9)
+    assert fm.name == "builtin/fashion_mnist/default"
+    assert split_by_name("builtin", "fashion_mnist", "0").known == fm.known
     assert split_by_name("builtin", "mnist", "default").known == split_by_name("arpl", "mnist", "0").known
+
+
+@pytest.mark.parametrize("dataset", ["fashion_mnist", "mnist"])
+def test_builtin_family_has_five_distinct_6_known_4_unknown_splits(dataset):
+    splits = [split_by_name("builtin", dataset, s) for s in valid_split_names("builtin", dataset) if s != "default"]
+    assert len(splits) == 5
+    knowns = {frozenset(s.known) for s in splits}
+    assert len(knowns) == 5  # no split repeats another
+    for s in splits:
+        assert s.num_known == 6 and set(s.known) <= set(range(10))
+        unknown = set(range(10)) - set(s.known) if s.unknown is None else set(s.unknown)
+        assert len(unknown) == 4 and not unknown & set(s.known)
+        assert s.label_map(10).tolist().count(-1) == 4
+
+
+def test_builtin_fashion_mnist_splits_are_the_documented_seeded_draws():
+    drawn = [sorted(np.random.default_rng(seed).permutation(10)[:6].tolist()) for seed in range(1, 5)]
+    assert [list(split_by_name("builtin", "fashion_mnist", i).known) for i in range(1, 5)] == drawn
+    assert split_by_name("builtin", "fashion_mnist", 2).known == (0, 2, 5, 6, 7, 9)
+    assert split_by_name("builtin", "mnist", 4).known == split_by_name("arpl", "mnist", "4").known
 
 
 def test_none_family_all_known():
@@ -85,6 +109,7 @@ def test_none_family_all_known():
         ("arpl", "cifar10", "7", "valid: 0, 1, 2, 3, 4"),
         ("arpl", "cifar_plus10", "default", "valid: 0, 1, 2, 3, 4"),
         ("builtin", "cifar10", "default", "valid: fashion_mnist, mnist"),
+        ("builtin", "fashion_mnist", "5", "valid: default, 0, 1, 2, 3, 4"),
         ("nope", "cifar10", "a", "valid: builtin, cssr, arpl, none"),
     ],
 )

@@ -44,6 +44,7 @@ from cssr_dist.data.batch_transform import split_at_to_tensor  # noqa: E402
 from cssr_dist.data.shards.cli import ShardOptions, make_shard_set  # noqa: E402
 from cssr_dist.data.shards.listings import list_imagefolder  # noqa: E402
 from cssr_dist.data.shards import build_shard_loaders  # noqa: E402
+from cssr_dist.data.shards.stream import TAR_READER_ENV  # noqa: E402
 from cssr_dist.data.splits import OpenSetSplit  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -163,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=2, help="epochs per measurement (start-up amortised)")
     p.add_argument("--repeats", type=int, default=1, help="best of N interleaved runs per configuration")
     p.add_argument("--quick", action="store_true", help="CI smoke run: 128 small images, one epoch")
+    p.add_argument("--tar-readers", nargs="+", default=["own"], choices=["own", "webdataset"],
+                   help="tar readers of the shard loader to compare (CSSR_DIST_TAR_READER; first = judged)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     if args.quick:
@@ -188,8 +191,12 @@ def main(argv: list[str] | None = None) -> int:
                 runs.setdefault(f"folder_w{workers}", []).append(
                     bench_folder(raw, transform, args.batch_size, workers, args.epochs))
                 for buffer in args.buffers:
-                    runs.setdefault(f"shards_w{workers}_b{buffer}", []).append(bench_shards(
-                        shard_dir, args.classes, transform, args.batch_size, workers, args.epochs, buffer))
+                    for reader in args.tar_readers:
+                        os.environ[TAR_READER_ENV] = reader  # read by the loader's worker processes too
+                        key = f"shards_w{workers}_b{buffer}" + ("" if reader == args.tar_readers[0] else f"_{reader}")
+                        runs.setdefault(key, []).append(bench_shards(
+                            shard_dir, args.classes, transform, args.batch_size, workers, args.epochs, buffer))
+                    os.environ.pop(TAR_READER_ENV, None)
     results["runs"] = runs
     best = {key: (max(r[0] for r in values), max(r[1] for r in values)) for key, values in runs.items()}
     results["best"] = best
@@ -223,6 +230,8 @@ def report(args: argparse.Namespace, results: dict, best: dict) -> dict[str, boo
         procs = max(workers, 1)
         rows = [("folder (ImageFolder)", best[f"folder_w{workers}"])]
         rows += [(f"shards, buffer {b}", best[f"shards_w{workers}_b{b}"]) for b in args.buffers]
+        rows += [(f"shards, buffer {b}, {r} tar reader", best[f"shards_w{workers}_b{b}_{r}"])
+                 for b in args.buffers for r in args.tar_readers[1:]]
         for name, (wall, cpu) in rows:
             versus = f"{wall / folder:.2f}, {cpu / folder_cpu:.2f}"
             print(f"| {name} | {workers} | {wall:.1f} | {wall / procs / limit:.2f} | {cpu:.1f} | "

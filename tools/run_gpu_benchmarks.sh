@@ -6,8 +6,10 @@
 #   bash tools/run_gpu_benchmarks.sh --rehearse       # the same code paths at tiny sizes on a CPU (minutes)
 #   BENCH_BUDGET_S=300 bash tools/run_gpu_benchmarks.sh --sections head ft
 #
-# Needs only torch, torchvision, timm, numpy, accelerate (+ triton for the fused kernel): no
-# webdataset, no wandb, no network. Writes under $OUT (the `run` tool's folder; else
+# Needs torch, torchvision, timm, numpy, accelerate (+ triton for the fused kernel), no wandb and
+# no network. The GPU image has no webdataset: its pure-Python wheels travel with the checkout
+# (`pip download --no-deps -d .whl webdataset==1.0.2 braceexpand` here, then the `run` tool's
+# carry=[".whl"]) and go on PYTHONPATH below (a wheel is an importable zip). Writes under $OUT (the `run` tool's folder; else
 # docs/benchmarks/gpu/run_<date>): gpu_bench.jsonl (one JSON line per measurement, appended as
 # they finish), gpu_bench.md and scaling.md (rewritten after every job, so a killed run still
 # leaves them), head.jsonl, gpu_bench.log (stdout+stderr) and nvidia-smi.txt. Jobs that would
@@ -22,7 +24,9 @@ BUDGET_S="${BENCH_BUDGET_S:-560}"
 TIMEOUT_S="${BENCH_TIMEOUT_S:-635}"
 if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"; elif command -v python >/dev/null 2>&1; then PY=python; else PY=python3; fi
 
-export PYTHONPATH="${PYTHONPATH:-.}" HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1
+WHEELS=""
+for wheel in .whl/*.whl; do [ -f "$wheel" ] && WHEELS="$WHEELS:$PWD/$wheel"; done
+export PYTHONPATH="${PYTHONPATH:-.}$WHEELS" HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-/tmp/cssr_inductor_cache}"
 mkdir -p "$OUT_DIR"
 

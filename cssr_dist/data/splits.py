@@ -37,8 +37,10 @@ REFERENCE_DATASETS = ("cifar10", "cifar100", "svhn", "tinyimagenet", "imagenet",
 
 FAMILIES = ("builtin", "cssr", "arpl", "none")
 
-#: Built-in Fashion-MNIST split: T-shirt, Trouser, Pullover, Dress, Coat, Sandal known; Shirt, Sneaker, Bag, Ankle boot unknown.
-FASHION_MNIST_DEFAULT = ((0, 1, 2, 3, 4, 5), (6, 7, 8, 9))
+#: Split names of the built-in family: five splits per data set, "default" is another name for "0"
+#: (kept so existing run names and configs stay valid). Fashion-MNIST split 0: T-shirt, Trouser,
+#: Pullover, Dress, Coat, Sandal known; Shirt, Sneaker, Bag, Ankle boot unknown.
+BUILTIN_SPLITS = ("0", "1", "2", "3", "4")
 
 
 def is_ood_name(name: str) -> bool:
@@ -175,16 +177,20 @@ def _arpl_split(dataset: str, split: str | int) -> OpenSetSplit:
 
 
 def _builtin_split(dataset: str, split: str | int) -> OpenSetSplit:
+    """Five 6-known / 4-unknown splits per built-in data set, so tables can average over splits
+    as the literature does. Fashion-MNIST: splits.json's `builtin` table; MNIST: the ARPL splits."""
     valid_datasets = ["fashion_mnist", "mnist"]
     if dataset not in valid_datasets:
         raise _invalid("dataset for split family 'builtin' (use cssr/arpl/none for others)", dataset, valid_datasets)
-    if str(split) != "default":
-        raise _invalid(f"split for builtin/{dataset}", split, ["default"])
+    index = "0" if str(split) == "default" else str(split)
+    if index not in BUILTIN_SPLITS:
+        raise _invalid(f"split for builtin/{dataset}", split, ["default", *BUILTIN_SPLITS])
+    name = f"builtin/{dataset}/{split}"
     if dataset == "mnist":
-        known = _splits_table()["arpl"]["splits"]["mnist"][0]
-        return OpenSetSplit("mnist", tuple(known), name="builtin/mnist/default")
-    known, unknown = FASHION_MNIST_DEFAULT
-    return OpenSetSplit("fashion_mnist", known, unknown=unknown, name="builtin/fashion_mnist/default")
+        return OpenSetSplit("mnist", tuple(_splits_table()["arpl"]["splits"]["mnist"][int(index)]), name=name)
+    known = tuple(_splits_table()["builtin"]["splits"]["fashion_mnist"][int(index)])
+    unknown = tuple(c for c in range(NUM_CLASSES["fashion_mnist"]) if c not in known)
+    return OpenSetSplit("fashion_mnist", known, unknown=unknown, name=name)
 
 
 def all_known_split(dataset: str, num_classes: int | None = None) -> OpenSetSplit:
@@ -199,7 +205,7 @@ def all_known_split(dataset: str, num_classes: int | None = None) -> OpenSetSpli
 
 
 def split_by_name(family: str, dataset: str, split: str | int, num_classes: int | None = None) -> OpenSetSplit:
-    """A published split: family 'cssr' (a-e), 'arpl' (0-4, incl. cifar_plus10/50), 'builtin', 'none'."""
+    """A published split: family 'cssr' (a-e), 'arpl' (0-4, incl. cifar_plus10/50), 'builtin' (0-4, default = 0), 'none'."""
     if family == "cssr":
         return _cssr_split(dataset, split)
     if family == "arpl":
@@ -218,7 +224,7 @@ def valid_split_names(family: str, dataset: str) -> list[str]:
     if family == "arpl":
         return [str(i) for i in range(5)]
     if family == "builtin":
-        return ["default"]
+        return ["default", *BUILTIN_SPLITS]
     return []
 
 

@@ -236,6 +236,13 @@ class Checkpointer:
         self.model, self.optimizer, self.scheduler, self.stats = model, optimizer, scheduler, stats
         self.keep_last, self.fingerprint, self.force_resume = max(1, keep_last), fingerprint, force_resume
         self.log = log
+        self.restored_from: Path | None = None
+
+    def for_training(self, model: torch.nn.Module, optimizer, scheduler) -> Checkpointer:
+        """The same checkpointer over the prepared model, its optimizer and LR schedule."""
+        return Checkpointer(self.acc, self.root, model=model, optimizer=optimizer, scheduler=scheduler,
+                            stats=self.stats, keep_last=self.keep_last, fingerprint=self.fingerprint,
+                            force_resume=self.force_resume, log=self.log)
 
     # -- saving
     def save(self, state: TrainerState) -> Path:
@@ -270,8 +277,12 @@ class Checkpointer:
         acc.wait_for_everyone()
         return final
 
+    def _bare_model(self) -> torch.nn.Module:
+        """Without DDP and torch.compile wrappers: the same keys whether model.compile is on or not."""
+        return self.acc.unwrap_model(self.model, keep_torch_compile=False)
+
     def _model_state(self) -> dict[str, torch.Tensor]:
-        return self.acc.unwrap_model(self.model).state_dict()
+        return self._bare_model().state_dict()
 
     # -- restoring
     def restore(self) -> TrainerState | None:
@@ -302,6 +313,7 @@ class Checkpointer:
                 skipped.append(f"{path.name} ({error or 'unreadable on another rank'})")
                 continue
             self._apply(loaded)
+            self.restored_from = path
             if skipped:
                 self.log(f"checkpoints: skipped unusable {', '.join(skipped)}; resuming from {path.name}")
             return state
@@ -339,7 +351,7 @@ class Checkpointer:
         return loaded
 
     def _apply(self, loaded: dict[str, Any]) -> None:
-        self.acc.unwrap_model(self.model).load_state_dict(loaded["model"])
+        self._bare_model().load_state_dict(loaded["model"])
         if self.optimizer is not None:
             self.optimizer.load_state_dict(optimizer_from_files(*loaded["optimizer"]))
         if self.scheduler is not None:
@@ -372,7 +384,7 @@ class Checkpointer:
         stats = {k[6:]: v for k, v in tensors.items() if k.startswith("stats.")}
         try:
             _same_keys(model, self._model_state(), f"{path}/{WEIGHTS_FILE}")
-            self.acc.unwrap_model(self.model).load_state_dict(model)
+            self._bare_model().load_state_dict(model)
             if self.stats is not None:
                 _same_keys(stats, self.stats.state_dict(), f"{path}/{WEIGHTS_FILE} (statistics)")
                 self.stats.load_state_dict(stats)
@@ -425,26 +437,3 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     except (OSError, SafetensorError, ValueError) as err:
         raise DataError(f"{file} is unreadable ({type(err).__name__}); it is damaged - retrain or restore it") from None
 
-
-# ---------------------------------------------------------------- LEGACY (until the runner uses Checkpointer)
-def save_checkpoint(accelerator, root: Path, state: TrainerState, keep_last: int) -> Path:
-    """LEGACY shim for the pre-Checkpointer runner: same files as `Checkpointer.save` (no pickles)."""
-    return _legacy_checkpointer(accelerator, root, keep_last).save(state)
-
-
-def load_checkpoint(accelerator, path: Path) -> TrainerState:
-    """LEGACY shim: restores from `path`'s folder via `Checkpointer.restore` (no unpickling)."""
-    state = _legacy_checkpointer(accelerator, path.parent, 2).restore()
-    if state is None:
-        raise DataError(f"no usable checkpoint in {path.parent}")
-    return state
-
-
-def _legacy_checkpointer(accelerator, root: Path, keep_last: int) -> Checkpointer:
-    model = accelerator._models[0]
-    optimizer = accelerator._optimizers[0] if accelerator._optimizers else None
-    custom = list(getattr(accelerator, "_custom_objects", []))
-    scheduler = next((o for o in custom if hasattr(o, "get_last_lr")), None)
-    stats = next((o for o in custom if isinstance(o, torch.nn.Module)), None)
-    return Checkpointer(accelerator, root, model=model, optimizer=optimizer, scheduler=scheduler, stats=stats,
-                        keep_last=keep_last)

@@ -27,15 +27,15 @@ from ..eval.evaluator import Evaluator
 from ..eval.plots import write_evaluation_plots
 from ..eval.report import metrics_table
 from ..models.losses import build_loss
-from ..models.osr_model import build_model
-from ..scoring.scores import Scorer, primary_score
+from ..models.osr_model import build_model, compile_or_eager
 from ..protocol import batch_plan, describe_protocol
-from ..tracking import (RunFolder, environment_record, log_evaluation, new_run_id, wandb_available, wandb_config,
-                        wandb_init_kwargs)
-from .checkpoint import TrainerState, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint, save_weights
+from ..scoring.scores import Scorer, primary_score
+from ..tracking import (RunFolder, config_fingerprint, environment_record, log_evaluation, new_run_id,
+                        wandb_available, wandb_config, wandb_init_kwargs)
+from .checkpoint import Checkpointer, TrainerState
 from .distributed import process_group_kwargs
 from .optim import build_optimizer
-from .preemption import PreemptionFlag
+from .preemption import Preempted, PreemptionFlag
 from .schedule import build_scheduler
 from .trainer import Trainer
 
@@ -48,36 +48,21 @@ def build_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
                        step_scheduler_with_optimizer=False, kwargs_handlers=process_group_kwargs())
 
 
-def compile_or_eager(model: torch.nn.Module, mode: str = "default") -> torch.nn.Module:
-    """torch.compile (model.compile_mode; reduce-overhead = CUDA graphs) with a silent fallback
-    to eager where a graph fails (e.g. no compiler)."""
-    try:
-        import torch._dynamo
-
-        torch._dynamo.config.suppress_errors = True
-        return torch.compile(model, mode=mode)
-    except Exception as err:  # noqa: BLE001 - any backend failure means: run eagerly
-        print(f"warning: torch.compile unavailable ({type(err).__name__}); running eagerly")
-        return model
-
-
 class Run:
     """One experiment on this rank: the assembled components, shared by training and --test."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, test_only: bool = False):
         self.cfg = cfg
         self.folder = RunFolder(cfg)
+        self.fingerprint = config_fingerprint(cfg)  # of the config as given (before the per-process batch)
         self.accelerator = acc = build_accelerator(cfg, self.folder.path)
+        self.start = self.folder.open(acc, cfg, self.fingerprint, environment_record(cfg, acc.num_processes),
+                                      test_only)
         self.batches = batch_plan(cfg, acc.num_processes)
         cfg.data.batch_size = self.batches.per_process
         acc.print(describe_protocol(cfg))
         acc.print(self.batches.describe(acc.num_processes, cfg))
         set_seed(cfg.run.seed, deterministic=cfg.run.deterministic)
-        if acc.is_main_process:
-            self.folder.create()
-            self.folder.write_config(cfg)
-            self.folder.write_environment(environment_record(cfg, acc.num_processes))
-        acc.wait_for_everyone()
         with acc.main_process_first():
             self.data = build_run_data(cfg.data, cfg.run.seed, acc.process_index, acc.num_processes,
                                        augmented_statistics=cfg.eval.stats_transform == "train", device=acc.device)
@@ -96,10 +81,13 @@ class Run:
         self.evaluator = Evaluator(acc, self.scorer, self.data, cfg.eval, self.loss_fn, self.progress,
                                    self.record_evaluation)
         self.eval_prefix = "test"  # "final" for the evaluation of the selected weights
+        self.checkpoints = Checkpointer(acc, self.folder.checkpoints, model=self.model, stats=self.scorer.stats,
+                                        keep_last=cfg.run.keep_last, fingerprint=self.fingerprint,
+                                        force_resume=cfg.run.force_resume, log=acc.print)
 
     def record_evaluation(self, summary: dict, per_set: dict) -> None:
         """Each evaluation, per set: W&B metrics, ROC, histograms, per-class table; PNGs in plots/."""
-        if not self.accelerator.is_main_process:
+        if not self.accelerator.is_main_process or self.start == "test":  # --test touches nothing else
             return
         for name, arrays in per_set.items():
             report = summary if name == "test" else summary["ood"][name.split("/", 1)[1]]
@@ -117,21 +105,12 @@ class Run:
                     disable=not (self.cfg.run.progress and self.accelerator.is_local_main_process))
 
     def save_best(self, state: TrainerState) -> None:
-        """best/: the selected weights with their score statistics, in safetensors."""
-        if self.accelerator.is_main_process:
-            model = self.accelerator.unwrap_model(self.model)
-            tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-            tensors.update({f"stats.{k}": v for k, v in self.scorer.stats.state_dict().items()})
-            save_weights(self.folder.checkpoints / "best", tensors,
-                         {"epoch": state.best_epoch, "best_value": state.best_value, "score": self.scorer.primary})
-        self.accelerator.wait_for_everyone()
+        """best/: the selected weights with their score statistics and fingerprint, in safetensors,
+        labelled with the epoch they were selected at."""
+        self.checkpoints.save_best(epoch=state.best_epoch, best_value=state.best_value, score=self.scorer.primary)
 
     def load_best(self) -> dict:
-        tensors, meta = load_weights(self.folder.checkpoints / "best")
-        self.accelerator.unwrap_model(self.model).load_state_dict(
-            {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        self.scorer.stats.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("stats.")})
-        return meta
+        return self.checkpoints.load_best()
 
     def report(self, summary: dict, file: str = "summary.json") -> None:
         """summary file + metrics table in the run folder, the table on rank 0 (W&B: record_evaluation)."""
@@ -154,29 +133,34 @@ class Run:
 
 def train(cfg: Config) -> dict:
     """Train (resuming if possible), select by validation, evaluate the best weights, record."""
+    preemption = PreemptionFlag()  # from the start: a signal during set-up ends in a checkpoint too
     run = Run(cfg)
     acc = run.accelerator
     optimizer = build_optimizer(run.model.parameters(), cfg.optim, run.batches.global_batch)
     run.model, optimizer = acc.prepare(run.model, optimizer)
     scheduler = build_scheduler(optimizer, cfg.schedule, len(run.data.train))
-    acc.register_for_checkpointing(scheduler, run.scorer.stats)
+    checkpoints = run.checkpoints.for_training(run.model, optimizer, scheduler)
 
-    state = TrainerState()
-    ckpt = latest_checkpoint(run.folder.checkpoints)
-    if ckpt is not None:
-        state = load_checkpoint(acc, ckpt)
-        acc.print(f"resuming {cfg.run.name} from {ckpt.name} (epoch {state.epoch}, step {state.global_step})")
+    state = checkpoints.restore() or TrainerState()
+    if checkpoints.restored_from is not None:
+        acc.print(f"resuming {cfg.run.name} from {checkpoints.restored_from.name} (epoch {state.epoch}, "
+                  f"step {state.global_step})")
+        if acc.is_main_process:  # rows written after this checkpoint (before a kill) would appear twice
+            run.folder.rewrite_history(state.history)
     if state.finished:
         acc.print(f"run {cfg.run.name} already finished; evaluating its best checkpoint")
     state.wandb_run_id = state.wandb_run_id or new_run_id()
     acc.init_trackers(cfg.tracking.project, config=wandb_config(cfg, acc.num_processes),
                       init_kwargs={"wandb": wandb_init_kwargs(cfg, run.folder.path, state.wandb_run_id)})
 
-    save = lambda: save_checkpoint(acc, run.folder.checkpoints, state, cfg.run.keep_last)  # noqa: E731
-    trainer = Trainer(cfg, acc, run.model, optimizer, scheduler, run.loss_fn, state, PreemptionFlag(), save)
+    save = lambda: checkpoints.save(state)  # noqa: E731
+    trainer = Trainer(cfg, acc, run.model, optimizer, scheduler, run.loss_fn, state, preemption, save)
     record = lambda row: run.folder.append_history(row) if acc.is_main_process else None  # noqa: E731
     trainer.fit(run.data.train, run.evaluator, lambda: run.save_best(state), record, run.progress)
 
+    if preemption.should_stop(acc):  # signalled during the last epoch's evaluation or checkpoint
+        acc.print(f"preempted before the final evaluation; checkpoint at step {state.global_step} is complete")
+        raise Preempted()
     if (run.folder.checkpoints / "best" / "weights.safetensors").is_file():
         run.load_best()
     run.eval_prefix = "final"
@@ -192,13 +176,14 @@ def train(cfg: Config) -> dict:
 
 def evaluate_only(cfg: Config) -> dict:
     """`--test`: restore the best checkpoint (weights + statistics) and evaluate it."""
-    run = Run(cfg)
+    run = Run(cfg, test_only=True)
     meta = run.load_best()
     run.model = run.accelerator.prepare(run.model)
     run.eval_prefix = "restored"
     summary = run.evaluator.evaluate(run.model, fit=False)
     summary.update({"run": cfg.run.name, "restored_from": str(run.folder.checkpoints / "best"),
-                    "checkpoint_epoch": meta.get("epoch"), "world_size": run.accelerator.num_processes})
+                    "checkpoint_epoch": meta.get("epoch"), "world_size": run.accelerator.num_processes,
+                    "config_as_trained": meta.get("fingerprint") in (None, run.fingerprint)})
     run.report(summary, "summary_test.json")
     run.close()
     return summary

@@ -207,6 +207,9 @@ class Trainer:
             acc.print(epoch_line(row))
             state.finished = last
             self.on_checkpoint()
+            if not last and self.preemption.should_stop(acc):  # signalled during evaluation or the write
+                acc.print(f"preempted at the end of epoch {state.epoch}; checkpoint written, exiting for requeue")
+                raise Preempted()
         state.train_time_s = state.train_time_s + (time.time() - start)
 
     def _select_best(self, row: dict, save_best: Callable[[], None]) -> None:

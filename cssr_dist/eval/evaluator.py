@@ -1,10 +1,11 @@
 """The Evaluator: fits the score statistics, runs the one forward loop over a set,
 validates, and writes the per-set report.
 
-Statistics are fitted on known TRAINING images with test transforms (the reference used
-augmented images), summed across ranks. Thresholds for macro-F1 come from the validation
-slice, never the test set. Every score is reported with the same metrics so baselines
-sit beside CSSR; every OOD set gets its own row, and near/far groups their means.
+Statistics are fitted on known TRAINING images, with test transforms (`clean`) or the
+training augmentation (`eval.stats_transform=train`, the reference protocol), summed across
+ranks. Thresholds for macro-F1 come from the validation slice, never the test set. Every
+score is reported with the same metrics so baselines sit beside CSSR; every OOD set gets its
+own row, and near/far groups their means (OpenOOD's evaluator is the pattern).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from ..scoring.scores import Scorer
 from . import metrics
 
 Progress = Callable[[Iterable, str], Iterable]
+#: How the test set's own unknown classes are named in the near/far group means.
+TEST_UNKNOWNS = "test unknowns"
 
 
 def _no_progress(iterable: Iterable, _desc: str) -> Iterable:
@@ -100,6 +103,11 @@ class Evaluator:
         report = lambda joined: score_report(joined, val, primary, baselines, meta.num_classes,  # noqa: E731
                                              cfg.tpr, cfg.protocol)
         summary = report(test)
+        skipped = self.data.corrupt_samples(lambda t: self.accelerator.reduce(t, reduction="sum"))
+        if skipped:  # a set that shrank under data.shards.max_corrupt_fraction says so in its results
+            summary["corrupt_samples"] = skipped
+        summary["num_test_known"] = int((test["labels"] >= 0).sum())
+        summary["num_test_unknown"] = int((test["labels"] < 0).sum())
         summary["protocol"], summary["metric_keys"] = cfg.protocol, list(metrics.protocol_metric_keys(cfg.protocol))
         if metrics.NOT_REPORTED.get(cfg.protocol):
             summary["not_reported"] = dict(metrics.NOT_REPORTED[cfg.protocol])
@@ -110,9 +118,10 @@ class Evaluator:
             for name, loader in self.data.ood.items():
                 per_set[f"ood/{name}"] = join_known_and_ood(test, self.scores(module, loader, f"ood:{name}"))
             summary["ood"] = {name: report(per_set[f"ood/{name}"]) for name in self.data.ood}
-            summary["ood_groups"] = group_means(summary["ood"], meta.ood_groups)
-        summary["num_test_known"] = int((test["labels"] >= 0).sum())
-        summary["num_test_unknown"] = int((test["labels"] < 0).sum())
+            members, groups = dict(summary["ood"]), dict(meta.ood_groups)
+            if summary["num_test_unknown"]:  # the split's own unknown classes: the nearest OOD there is
+                members, groups = {TEST_UNKNOWNS: summary, **members}, {TEST_UNKNOWNS: "near", **groups}
+            summary["ood_groups"] = group_means(members, groups)
         if self.on_evaluation is not None:
             self.on_evaluation(summary, per_set)
         return summary
@@ -161,7 +170,8 @@ def group_means(per_set: dict[str, dict], groups: dict[str, str]) -> dict[str, d
     out: dict[str, dict] = {}
     for group in sorted(set(groups.get(name, "far") for name in per_set)):
         members = [per_set[name] for name in per_set if groups.get(name, "far") == group]
-        keys = [k for k, v in members[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        keys = [k for k, v in members[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                and not k.startswith("num_")]
         out[group] = {k: float(np.mean([m[k] for m in members])) for k in keys}
         out[group]["sets"] = [name for name in per_set if groups.get(name, "far") == group]
     return out

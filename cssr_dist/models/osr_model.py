@@ -152,3 +152,16 @@ def build_model(cfg: Any, num_classes: int, in_chans: int) -> OSRModel:
     if cfg.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
+
+
+def compile_or_eager(model: nn.Module, mode: str = "default") -> nn.Module:
+    """torch.compile (model.compile_mode; reduce-overhead = CUDA graphs) with a silent fallback
+    to eager where a graph fails (e.g. no compiler)."""
+    try:
+        import torch._dynamo
+
+        torch._dynamo.config.suppress_errors = True
+        return torch.compile(model, mode=mode)
+    except Exception as err:  # noqa: BLE001 - any backend failure means: run eagerly
+        print(f"warning: torch.compile unavailable ({type(err).__name__}); running eagerly")
+        return model

@@ -34,19 +34,25 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import PIL.Image
 import torch
+import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from ...distributed import dist_info
+from ...distributed import dist_info, ignore_stop_signals
 from ...errors import DataError
 from ..batch_transform import BatchTail, main_process_has_a_core, split_at_to_tensor
 from ..device_augment import collate_encoded, is_jpeg
 from ..heap_reuse import keep_freed_memory, worker_init
-from . import wds_compat as wds  # webdataset's pieces, or the same without it (GPU images)
 from .index import ALLOWED_EXTS, IMAGE_EXTS, ShardIndex, local_path, read_index, read_labels, shard_urls
 from .tar import open_tar_stream, tar_members
-from .wds_compat import group_by_keys
 
 log = logging.getLogger(__name__)
+
+#: The project's tar reader (tar.py) is kept only while the end-to-end loader benchmark
+#: measures it at least 5% faster than webdataset's `tar_file_iterator` (tools/bench_data.py
+#: --tar-readers; docs/benchmarks/data.md). `CSSR_DIST_TAR_READER=webdataset` switches, for
+#: that benchmark.
+TAR_READER_ENV = "CSSR_DIST_TAR_READER"
 
 # A worker stops early (instead of at the end of the epoch) once it has this many samples
 # and too many were corrupt: enough to not stop on the first bad file of a tiny shard.
@@ -120,7 +126,11 @@ def _tar_files(url: str, on_tar_error: Callable[[str, Exception], None]) -> Iter
     except OSError as err:
         raise DataError(f"cannot open shard {url}: {err}; check the shard location (index base_url)") from None
     try:
-        for name, data in tar_members(open_tar_stream(stream, url)):
+        if os.environ.get(TAR_READER_ENV, "own") == "webdataset":
+            members = ((f["fname"], f["data"]) for f in tar_file_iterator(stream))
+        else:
+            members = tar_members(open_tar_stream(stream, url))
+        for name, data in members:
             if "/" not in name and name.startswith("__") and name.endswith("__"):
                 continue  # archive-level metadata, as webdataset skips it
             yield {"fname": name, "data": data, "__url__": url}
@@ -375,20 +385,6 @@ class ShardStream(IterableDataset):
             self._live = None
 
 
-def corrupt_summary(loaders: dict[str, Any], reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
-                    ) -> dict[str, dict[str, int]]:
-    """{set name: {"seen", "skipped"}} of the shard loaders among `loaders` (all ranks when
-    `reduce_sum` is a sum all-reduce), for summary.json: a test set that shrank under
-    data.shards.max_corrupt_fraction says so in the results it produced."""
-    named = {name: loader for name, loader in loaders.items() if hasattr(loader, "corrupt_counts")}
-    if not named:
-        return {}
-    counts = torch.tensor([loader.corrupt_counts() for loader in named.values()], dtype=torch.int64)
-    if reduce_sum is not None:
-        counts = reduce_sum(counts)
-    return {name: {"seen": int(c[0]), "skipped": int(c[1])} for name, c in zip(named, counts.tolist())}
-
-
 def too_corrupt_message(name: str, seen: int, bad: int, limit: float) -> str:
     return (f"shard set '{name}': {bad} of {seen} samples corrupt ({bad / max(seen, 1):.1%} > "
             f"data.shards.max_corrupt_fraction={limit}); check the shards with tools/make_shards.py --verify-only")
@@ -398,8 +394,6 @@ def too_corrupt_message(name: str, seen: int, bad: int, limit: float) -> str:
 def shard_worker_init(worker_id: int) -> None:
     """Heap reuse, and SIGTERM/SIGUSR1 left to the main process: Slurm signals the whole
     process group, and a worker that died first would fail the run before it checkpoints."""
-    from ...engine.preemption import ignore_stop_signals  # signals only; no engine state
-
     worker_init(worker_id)
     ignore_stop_signals(worker_id)
 
@@ -653,6 +647,9 @@ class StagedLoader:
 
     def __iter__(self) -> Iterator:
         return map(self.stage, iter(self.loader))
+
+    def corrupt_counts(self) -> tuple[int, int]:
+        return self.loader.corrupt_counts()
 
     def close(self) -> None:
         self.loader.close()

@@ -1,0 +1,354 @@
+"""Applying a trained run to new images: known class or `unknown`, with the score behind it.
+
+`tools/predict.py --run runs/NAME PATH...` is the command line; this module does the work.
+A run is restored from what its folder holds, read as untrusted data (nothing unpickled,
+nothing executed):
+
+* `config.yaml` through the project's config loader (YAML + schema), so the model, the
+  head, the score and the TEST transform are exactly the run's;
+* `checkpoints/best/weights.safetensors`: the selected weights WITH the score statistics
+  fitted for them (S1/S2/integrated need those; safetensors only);
+* `summary.json`: the threshold of the primary score chosen on the validation slice of
+  known classes (TPR `eval.tpr`), the one the run's macro-F1 used. An image is `unknown`
+  when its score is below it, exactly as in evaluation (known = score >= threshold).
+
+Inputs are image files, folders (every image below, sorted) or shard prefixes made by
+`tools/make_shards.py` (`PREFIX` with `PREFIX.json` beside it; rows are named
+`PREFIX#<sample key>`). Images go through the model in batches on any torch device.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .config import Config, load_config
+from .data.sources import IMG_EXTENSIONS
+from .data.transforms import build_transform
+from .errors import ConfigError, DataError
+
+#: Where a run keeps the selected weights + score statistics (engine/checkpoint.py writes it).
+BEST_DIR = Path("checkpoints") / "best"
+UNKNOWN = "unknown"
+COLUMNS = ("path", "prediction", "score", "threshold", "closed_set_class", "closed_set_index")
+
+
+# ---------------------------------------------------------------- the restored run
+@dataclass
+class RestoredRun:
+    """A run ready to classify: model + scorer on `device`, test transform, names, threshold."""
+
+    path: Path
+    cfg: Config
+    model: torch.nn.Module
+    scorer: Any
+    transform: Any
+    class_names: list[str]
+    threshold: float
+    threshold_source: str  # "validation" (summary.json) or "--threshold"
+    device: torch.device
+
+    @property
+    def score(self) -> str:
+        return self.scorer.primary
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto': CUDA, then Apple MPS, then CPU; anything else as torch spells it (cuda:1, cpu)."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def read_run_config(run_dir: Path) -> Config:
+    """The run's config.yaml through the schema (YAML only: safe_load, never executed)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise DataError(f"{run_dir} is not a run folder (no config.yaml); pass --run runs/<run.name> of a trained run")
+    return load_config(path)
+
+
+def validation_threshold(run_dir: Path, score: str) -> float | None:
+    """The primary score's threshold chosen on validation, from summary.json; None when absent."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path} is unreadable ({type(err).__name__}); the run did not finish cleanly") from None
+    if not isinstance(summary, dict) or summary.get("score") != score:
+        return None
+    value = summary.get("threshold")
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def known_class_names(cfg: Config, num_classes: int) -> list[str]:
+    """Names of the known classes in the model's order (known class i = split.known[i])."""
+    from .data.run_data import resolve_run_split
+
+    data = cfg.data
+    try:
+        if data.format == "shards":
+            from .data.shards.index import read_index
+
+            index = read_index(data.shards.train or "", data.root)[0]
+            split = resolve_run_split(data, lambda: index.num_classes)
+            classes = list(index.classes)
+        else:
+            from .data.sources import build_source
+
+            split = resolve_run_split(data, lambda: 0)
+            classes = list(getattr(build_source(split.dataset, data.root, train=True), "classes", []))
+        names = [classes[k] if k < len(classes) else str(k) for k in split.known]
+    except DataError:  # the training data is not here: the model still predicts, by index
+        names = []
+    return names if len(names) == num_classes else [f"class_{i}" for i in range(num_classes)]
+
+
+def _load_best(run_dir: Path, model: torch.nn.Module, stats: torch.nn.Module) -> dict:
+    """best/ into the model and score statistics; one line when missing or not this model's."""
+    from .engine.checkpoint import load_weights
+
+    best = run_dir / BEST_DIR
+    if not (best / "weights.safetensors").is_file():
+        raise DataError(f"{run_dir} has no best checkpoint ({best}/weights.safetensors); "
+                        "train the run to the end of an epoch first")
+    tensors, meta = load_weights(best)
+    for prefix, module in (("model.", model), ("stats.", stats)):
+        part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        live = module.state_dict()
+        wrong = sorted(set(part) ^ set(live)) or [k for k in live if tuple(part[k].shape) != tuple(live[k].shape)]
+        if wrong:
+            raise DataError(f"{best}/weights.safetensors does not fit the model of {run_dir}/config.yaml "
+                            f"({prefix[:-1]} tensors differ, e.g. {wrong[0]}); the folder was mixed from two runs")
+        module.load_state_dict(part)
+    return meta
+
+
+def restore_run(run_dir: str | os.PathLike, device: str = "auto", threshold: float | None = None) -> RestoredRun:
+    """Model, score statistics, test transform and threshold of a trained run, on `device`."""
+    from .models.osr_model import build_model
+    from .scoring.scores import Scorer, primary_score
+
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise DataError(f"run folder {path} does not exist; pass --run runs/<run.name>")
+    cfg = read_run_config(path)
+    torch_device = resolve_device(device)
+    # every weight comes from best/: no pretrained file or cache is needed (or read) here
+    model_cfg = dataclasses.replace(cfg.model, pretrained=False, pretrained_file=None, compile=False, sync_bn=False)
+    num_classes = _num_known(cfg)
+    model = build_model(model_cfg, num_classes, cfg.data.in_chans)
+    channels = model.feature_channels(cfg.data.in_chans, cfg.data.image_size)
+    scorer = Scorer(cfg.model.head, num_classes, channels, primary_score(cfg.model.head, cfg.run.method, cfg.eval.score))
+    _load_best(path, model, scorer.stats)
+    model.to(torch_device).eval()
+    scorer.to(torch_device)
+    source = "--threshold"
+    if threshold is None:
+        threshold, source = validation_threshold(path, scorer.primary), "validation"
+        if threshold is None:
+            raise ConfigError(f"{path} has no validation threshold for its score {scorer.primary} in summary.json "
+                              "(trained with data.val_fraction=0, or not finished); pass --threshold VALUE")
+    return RestoredRun(path, cfg, model, scorer, build_transform(cfg.data, train=False),
+                       known_class_names(cfg, num_classes), float(threshold), source, torch_device)
+
+
+def _num_known(cfg: Config) -> int:
+    """K known classes, from the split alone (for `split_family: none` the training index/folder)."""
+    from .data.run_data import resolve_run_split
+
+    data = cfg.data
+
+    def count() -> int:
+        if data.format == "shards":
+            from .data.shards.index import read_index
+
+            return read_index(data.shards.train or "", data.root)[0].num_classes
+        from .data.sources import build_source
+
+        return len(build_source(data.dataset, data.root, train=True).classes)
+
+    return resolve_run_split(data, count).num_known
+
+
+# ---------------------------------------------------------------- inputs
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMG_EXTENSIONS
+
+
+def _shard_index(spec: str) -> Path | None:
+    text = os.fspath(spec)
+    candidate = Path(text if text.endswith(".json") else text + ".json")
+    return candidate if candidate.is_file() else None
+
+
+def check_inputs(paths: Sequence[str]) -> list[tuple[str, str]]:
+    """(kind, path) per input: 'file', 'folder' or 'shards'; DataError naming the first bad one."""
+    if not paths:
+        raise ConfigError("no input: pass image files, folders or shard prefixes after --run")
+    out = []
+    for spec in paths:
+        path = Path(spec)
+        if path.is_file() and _is_image(path):
+            out.append(("file", spec))
+        elif path.is_dir():
+            if not any(p.is_file() and _is_image(p) for p in path.rglob("*")):
+                raise DataError(f"folder {spec} holds no images ({', '.join(IMG_EXTENSIONS)})")
+            out.append(("folder", spec))
+        elif _shard_index(spec) is not None:
+            out.append(("shards", spec))
+        elif path.is_file():
+            raise DataError(f"{spec} is not an image ({', '.join(IMG_EXTENSIONS)}), a folder or a shard prefix")
+        else:
+            raise DataError(f"{spec} does not exist: pass an image file, a folder of images or a shard prefix "
+                            f"(PREFIX with PREFIX.json beside it)")
+    return out
+
+
+def _open_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise DataError(f"cannot read image {path} ({type(err).__name__}: {str(err)[:100]})") from None
+
+
+def _shard_images(spec: str) -> Iterator[tuple[str, Image.Image]]:
+    """(PREFIX#key, image) of every sample of a shard set, shard by shard."""
+    from .data.shards.index import read_index, shard_urls
+    from .data.shards.stream import CorruptSample, check_members, decode_image, iter_shard
+
+    index, index_file = read_index(spec)
+    prefix = spec[:-5] if spec.endswith(".json") else spec
+
+    def fail(url: str, err: Exception) -> None:
+        raise DataError(f"shard {url} is unreadable ({type(err).__name__}: {str(err)[:100]})")
+
+    for url in shard_urls(index, index_file):
+        for sample in iter_shard(url, fail):
+            check_members(sample, url)
+            name = f"{prefix}#{sample.get('__key__')}"
+            try:
+                yield name, decode_image(sample, None)
+            except CorruptSample as err:
+                raise DataError(f"{name}: {err}") from None
+
+
+def iter_images(inputs: Iterable[tuple[str, str]]) -> Iterator[tuple[str, Image.Image]]:
+    """(name, PIL image) of every input, in order: files, folder contents (sorted), shard samples."""
+    for kind, spec in inputs:
+        if kind == "file":
+            yield spec, _open_image(Path(spec))
+        elif kind == "folder":
+            for path in sorted(p for p in Path(spec).rglob("*") if p.is_file() and _is_image(p)):
+                yield str(path), _open_image(path)
+        else:
+            yield from _shard_images(spec)
+
+
+# ---------------------------------------------------------------- prediction
+def _batches(items: Iterator[tuple[str, Image.Image]], transform, size: int) -> Iterator[tuple[list[str], torch.Tensor]]:
+    names, tensors = [], []
+    for name, image in items:
+        names.append(name)
+        tensors.append(transform(image))
+        if len(names) == size:
+            yield names, torch.stack(tensors)
+            names, tensors = [], []
+    if names:
+        yield names, torch.stack(tensors)
+
+
+@torch.no_grad()
+def predict(run: RestoredRun, paths: Sequence[str], batch_size: int = 256) -> list[dict]:
+    """One row per image: path, known class or `unknown`, the primary score, the threshold, the closed-set class."""
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size} must be >= 1")
+    inputs = check_inputs(paths)
+    rows = []
+    for names, images in _batches(iter_images(inputs), run.transform, batch_size):
+        out = run.model(images.to(run.device))
+        scores = run.scorer(out.features.float(), out.logits.float())
+        score = scores[run.score].double().cpu().numpy()
+        pred = scores["pred"].cpu().numpy()
+        for name, s, k in zip(names, score, pred):
+            closed = run.class_names[int(k)]
+            rows.append({"path": name, "prediction": closed if s >= run.threshold else UNKNOWN, "score": float(s),
+                         "threshold": run.threshold, "closed_set_class": closed, "closed_set_index": int(k)})
+    return rows
+
+
+# ---------------------------------------------------------------- output
+def write_predictions(rows: list[dict], run: RestoredRun, out: str | None) -> None:
+    """CSV (or `.json`) to `out`, CSV to stdout without one."""
+    if out is not None and Path(out).suffix.lower() not in (".csv", ".json"):
+        raise ConfigError(f"--out {out}: write .csv or .json")
+    if out is not None and Path(out).suffix.lower() == ".json":
+        payload = {"run": str(run.path), "score": run.score, "threshold": run.threshold,
+                   "threshold_source": run.threshold_source, "classes": run.class_names, "predictions": rows}
+        Path(out).write_text(json.dumps(payload, indent=1))
+        return
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    if out is None:
+        sys.stdout.write(buffer.getvalue())
+    else:
+        Path(out).write_text(buffer.getvalue())
+
+
+def summary_line(rows: list[dict], run: RestoredRun) -> str:
+    unknown = sum(r["prediction"] == UNKNOWN for r in rows)
+    counts = np.unique([r["closed_set_class"] for r in rows if r["prediction"] != UNKNOWN], return_counts=True)
+    known = ", ".join(f"{c} {n}" for c, n in zip(*counts))
+    return (f"{len(rows)} images: {unknown} unknown ({run.score} < {run.threshold:.6g}, threshold from "
+            f"{run.threshold_source}){'; ' + known if known else ''}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="predict.py", description="Known class or 'unknown' per image, from a trained run.")
+    p.add_argument("--run", required=True, help="run folder (runs/<run.name>) with config.yaml, checkpoints/best, summary.json")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders of images, or shard prefixes")
+    p.add_argument("--out", help="predictions.csv or predictions.json (default: CSV to stdout)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--threshold", type=float, help="score threshold (default: the run's, chosen on validation)")
+    args = p.parse_args(argv)
+    try:
+        check_inputs(args.paths)  # a mistyped path fails before the model is built
+        run = restore_run(args.run, args.device, args.threshold)
+        rows = predict(run, args.paths, args.batch_size)
+        write_predictions(rows, run, args.out)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    sys.stdout.flush()
+    print(summary_line(rows, run), file=sys.stderr)
+    return 0

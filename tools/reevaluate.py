@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""Evaluate one finished run's best checkpoint again under evaluation variants, same weights.
+
+Answers "does this evaluation option change the numbers?" without retraining: BatchNorm
+recalibration (`eval.recalibrate_bn`) and the score statistics' transform
+(`eval.stats_transform`, test | train = the reference protocol). For each variant it refits
+the score statistics from the training images (as the end of training does), then prints
+closed-set accuracy, OSCR and AUROC of every score (integrated, s0, s1, s2, msp, mls,
+energy) and the integrated score's term moments: a term with a small std gets a large
+weight (1/std) in `integrated`. Nothing is written to the run folder.
+
+    python tools/reevaluate.py runs/NAME --variants base recal stats_train --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+VARIANTS = {
+    "base": [],
+    "recal": ["eval.recalibrate_bn=true"],
+    "norecal": ["eval.recalibrate_bn=false"],
+    "stats_train": ["eval.stats_transform=train"],
+}
+
+
+def evaluate_variant(run_dir: Path, overrides: list[str]) -> dict:
+    import numpy as np
+
+    from cssr_dist.config import load_config
+    from cssr_dist.engine.runner import Run
+    from cssr_dist.eval import metrics
+
+    cfg = load_config(str(run_dir / "config.yaml"), [*overrides, "tracking.wandb=false", "run.progress=false",
+                                                      f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}"])
+    run = Run(cfg, test_only=True)
+    captured: dict = {}
+    run.evaluator.on_evaluation = lambda summary, per_set: captured.update(per_set)  # no files, no W&B
+    run.load_best()
+    run.model = run.accelerator.prepare(run.model)
+    summary = run.evaluator.evaluate(run.model, fit=True)
+    test = captured["test"]
+    known = test["labels"] >= 0
+    skip = ("pred", "labels", "ids")
+    out = {"overrides": overrides, "closed_acc": summary["closed_acc"], "oscr": summary["oscr"],
+           "auroc": {k: metrics.auroc(np.asarray(v)[known], np.asarray(v)[~known])
+                     for k, v in test.items() if k not in skip},
+           "term_mean_std": {n: [float(t) for t in run.scorer.stats.zstats(n)] for n in run.scorer.stats.score_names}}
+    run.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--variants", nargs="+", default=["base"], choices=list(VARIANTS))
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    results = {name: evaluate_variant(args.run_dir, VARIANTS[name]) for name in args.variants}
+    for name, r in results.items():
+        aurocs = " ".join(f"{k} {v:.4f}" for k, v in r["auroc"].items())
+        stds = " ".join(f"{k} {s:.4g}" for k, (_, s) in r["term_mean_std"].items())
+        print(f"{name}: closed_acc {r['closed_acc']:.4f} oscr {r['oscr']:.4f} | auroc {aurocs} | term std {stds}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
