@@ -25,12 +25,6 @@ TINY = ["--config", str(ROOT / "configs" / "smoke.yaml"), "data.train_per_class=
         "data.stats_per_class=5", "data.batch_size=16", "schedule.epochs=2", "run.progress=false",
         "tracking.wandb=false", "data.ood=[]", "eval.test_interval=0", f"data.root={ROOT / 'data'}"]
 
-RUNNER = (ROOT / "cssr_dist" / "engine" / "runner.py").read_text()
-pytestmark = pytest.mark.skipif(
-    "check_training_start" not in RUNNER or "Checkpointer(" not in RUNNER,
-    reason="needs the runner wiring of issue 13 (RunFolder.check_training_start, Checkpointer); see docs/reliability.md")
-
-
 def train(tmp: Path, *args: str, env: dict | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "train.py"), *TINY, f"run.output_dir={tmp / 'runs'}", *args]
     return run_session(cmd, {**run_env(tmp), **(env or {})}, timeout)

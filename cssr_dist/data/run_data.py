@@ -251,7 +251,8 @@ def _native_run_data(data_cfg: Any, train_tf: Callable, test_tf: Callable, seed:
 
     workers, eval_bs = data_cfg.num_workers, data_cfg.eval_batch_size
     evaluate = lambda ds: eval_loader(ds, eval_bs, workers, rank, world)  # noqa: E731
-    counts = {"train": len(train), "val": len(chosen.val), "train_eval": len(chosen.train_eval),
+    counts = {"source": getattr(source, "origin", str(data_cfg.root)),
+              "train": len(train), "val": len(chosen.val), "train_eval": len(chosen.train_eval),
               "test_known": int((test.labels >= 0).sum()), "test_unknown": int((test.labels < 0).sum()),
               "ood": {name: len(ds) for name, ds in ood.items()}}
     return RunData(

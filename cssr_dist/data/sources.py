@@ -108,9 +108,15 @@ def _svhn(root: Path, train: bool, download: bool) -> ArraySource:
 def _mnist_like(name: str, root: Path, train: bool, download: bool) -> ArraySource:
     if name == "mnist":
         images, labels = builtin_data.load_mnist(root, train, download)
-        return ArraySource(name, images, labels, builtin_data.MNIST_CLASSES)
-    images, labels = builtin_data.load_fashion_mnist(root, train, download)
-    return ArraySource(name, images, labels, builtin_data.FASHION_MNIST_CLASSES)
+        source = ArraySource(name, images, labels, builtin_data.MNIST_CLASSES)
+        folder = builtin_data.find_mnist(root, train)
+    else:
+        images, labels = builtin_data.load_fashion_mnist(root, train, download)
+        source = ArraySource(name, images, labels, builtin_data.FASHION_MNIST_CLASSES)
+        folder = builtin_data.find_fashion_mnist(root, train)
+    builtin_data.announce_fallback(root, name, folder)
+    source.origin = str(folder)  # the folder really read: summary.json's counts.source
+    return source
 
 
 def _animal_mnist() -> ArraySource:
