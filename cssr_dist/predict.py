@@ -127,24 +127,27 @@ def known_class_names(cfg: Config, num_classes: int) -> list[str]:
     return names if len(names) == num_classes else [f"class_{i}" for i in range(num_classes)]
 
 
-def _load_best(run_dir: Path, model: torch.nn.Module, stats: torch.nn.Module) -> dict:
-    """best/ into the model and score statistics; one line when missing or not this model's."""
-    from .engine.checkpoint import load_weights
+def read_best(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The tensors of best/ (safetensors: nothing unpickled); one line when missing or damaged."""
+    from .engine.checkpoint import WEIGHTS_FILE, load_weights
 
     best = run_dir / BEST_DIR
-    if not (best / "weights.safetensors").is_file():
-        raise DataError(f"{run_dir} has no best checkpoint ({best}/weights.safetensors); "
+    if not (best / WEIGHTS_FILE).is_file():
+        raise DataError(f"{run_dir} has no best checkpoint ({best}/{WEIGHTS_FILE}); "
                         "train the run to the end of an epoch first")
-    tensors, meta = load_weights(best)
+    return load_weights(best)[0]
+
+
+def _apply_best(tensors: dict[str, torch.Tensor], where: Path, model: torch.nn.Module, stats: torch.nn.Module) -> None:
+    """best/ into the model and score statistics, after checking names and shapes (one line if not this model's)."""
     for prefix, module in (("model.", model), ("stats.", stats)):
         part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        live = module.state_dict()
+        live = {k: v for k, v in module.state_dict().items() if v is not None}
         wrong = sorted(set(part) ^ set(live)) or [k for k in live if tuple(part[k].shape) != tuple(live[k].shape)]
         if wrong:
-            raise DataError(f"{best}/weights.safetensors does not fit the model of {run_dir}/config.yaml "
+            raise DataError(f"{where / BEST_DIR} does not fit the model of {where}/config.yaml "
                             f"({prefix[:-1]} tensors differ, e.g. {wrong[0]}); the folder was mixed from two runs")
         module.load_state_dict(part)
-    return meta
 
 
 def restore_run(run_dir: str | os.PathLike, device: str = "auto", threshold: float | None = None) -> RestoredRun:
@@ -159,11 +162,13 @@ def restore_run(run_dir: str | os.PathLike, device: str = "auto", threshold: flo
     torch_device = resolve_device(device)
     # every weight comes from best/: no pretrained file or cache is needed (or read) here
     model_cfg = dataclasses.replace(cfg.model, pretrained=False, pretrained_file=None, compile=False, sync_bn=False)
-    num_classes = _num_known(cfg)
+    tensors = read_best(path)
+    # K known classes from the statistics saved beside the weights: no training data needed here
+    num_classes = int(tensors["stats.proto_count"].shape[0]) if "stats.proto_count" in tensors else _num_known(cfg)
     model = build_model(model_cfg, num_classes, cfg.data.in_chans)
     channels = model.feature_channels(cfg.data.in_chans, cfg.data.image_size)
     scorer = Scorer(cfg.model.head, num_classes, channels, primary_score(cfg.model.head, cfg.run.method, cfg.eval.score))
-    _load_best(path, model, scorer.stats)
+    _apply_best(tensors, path, model, scorer.stats)
     model.to(torch_device).eval()
     scorer.to(torch_device)
     source = "--threshold"

@@ -87,12 +87,14 @@ print(Path(cfg.run.output_dir, cfg.run.name).resolve())' --config "$config" "run
   echo "cssr job ${SLURM_JOB_ID} restart ${restart}: ${nnodes} node(s) x ${per_node} process(es)," \
        "rendezvous ${MASTER_ADDR}:${MASTER_PORT}, run ${run_dir}, node logs ${log_dir}/node<N>.log"
 
-  # Preemption: Slurm (--signal=USR1@T) signals every process of the step itself; a signal
-  # sent to this batch shell only (--signal=B:USR1@T, scancel --batch) is passed to srun,
-  # which forwards it to the launchers, which forward it to their workers.
+  # Preemption: Slurm (--signal=USR1@T, a preemption's GraceTime SIGTERM, the time limit)
+  # signals every process of the step itself; a signal sent to this batch shell only
+  # (--signal=B:USR1@T, scancel --batch) is passed to srun, which forwards it to every
+  # process of the step. SIGTERM is passed as USR1 (the workers treat both alike): srun
+  # answers SIGTERM with "forcing job termination", a SIGKILL of every task, so a forwarded
+  # TERM would kill the workers before their checkpoint (tests/test_slurm.py, measured).
   local srun_pid rc
-  trap 'kill -USR1 "$srun_pid" 2>/dev/null || true' USR1
-  trap 'kill -TERM "$srun_pid" 2>/dev/null || true' TERM
+  trap 'kill -USR1 "$srun_pid" 2>/dev/null || true' USR1 TERM
   # The step asks for the job's CPUs and GPUs explicitly: since Slurm 22.05 srun no longer
   # inherits --cpus-per-task, and with cgroup/affinity plugins a step gets only what it asks for.
   local step=(--nodes="$nnodes" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}")

@@ -4,7 +4,9 @@ tools/slurm_cluster.sh starts slurmctld + two slurmd ("node1", "node2", both thi
 machine); the tests submit slurm/imagenet_rcssr.sh (its default ImageNet config, on tiny
 ImageNet-format shards) and slurm/osr_sweep.sh with sbatch exactly as a user would, made
 tiny through overrides and run on CPU (ACCELERATE_USE_CPU=1, no GPUs requested, rendezvous
-on 127.0.0.1 because the node names do not resolve).
+on 127.0.0.1 because the node names do not resolve). The tiny run is stopped after its first
+checkpoint by USR1, by Slurm's own preemption (a `high` job; partitions `low` with a grace time,
+`low0` without) and by SIGTERM to the batch shell; each must end in exit 42, a requeue and a resume.
 Skipped only when Slurm is not installed (tools/setup.sh --dev installs it; CI runs them).
 """
 
@@ -19,6 +21,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -102,35 +105,73 @@ def _tiny_imagenet_shards(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def preempted(cluster):
+def shards(cluster) -> Path:
+    return _tiny_imagenet_shards(cluster[0] / "imagenet")
+
+
+def _tiny_rcssr(shards: Path, runs: Path, name: str) -> list[str]:
     """The DEFAULT config (configs/imagenet/rcssr.yaml: shards, frozen ResNet-18, RCSSR, S0) made tiny
-    by overrides, on 2 nodes x 1 CPU process; USR1 after the first checkpoint; requeue; resume; finish."""
-    tmp, env = cluster
-    shards = _tiny_imagenet_shards(tmp / "imagenet")
-    runs = tmp / "runs"
-    ckpts = runs / "pre" / "checkpoints"
-    tiny = [f"data.root={shards}", "data.known=[0,1,2]", "model.pretrained=false", "data.image_size=32",
+    by overrides: 2 epochs of 12 steps on 2 processes, a checkpoint every 2 steps."""
+    return [f"data.root={shards}", "data.known=[0,1,2]", "model.pretrained=false", "data.image_size=32",
             "data.test_resize=36", "data.batch_size=8", "data.eval_batch_size=16", "data.num_workers=0",
             'run.mixed_precision="no"', "model.channels_last=false", "schedule.epochs=2",
-            "schedule.warmup_epochs=0.5", "schedule.milestones=[1]", "run.progress=false", "data.ood=[]"]
+            "schedule.warmup_epochs=0.5", "schedule.milestones=[1]", "run.progress=false", "data.ood=[]",
+            f"run.output_dir={runs}", f"run.name={name}", "run.checkpoint_every_steps=2", "tracking.log_every=1"]
+
+
+def _run_and_stop(cluster, shards: Path, name: str, stop: Callable[[str], None], sbatch: list[str] = ()) -> dict:
+    """Submit the tiny run on 2 nodes x 1 CPU process, call `stop(job id)` once its first
+    checkpoint exists, wait for the job's end (requeues included)."""
+    tmp, env = cluster
+    runs = tmp / "runs"
+    ckpts = runs / name / "checkpoints"
     t0 = time.monotonic()
-    proc = _sbatch(env, ["--nodes=2", *NO_GPUS, f"--output={tmp}/slurm-%j.out", "slurm/imagenet_rcssr.sh", *tiny,
-                         f"run.output_dir={runs}", "run.name=pre", "run.checkpoint_every_steps=2",
-                         "tracking.log_every=1"])
+    proc = _sbatch(env, ["--nodes=2", *NO_GPUS, *sbatch, f"--output={tmp}/slurm-%j.out", "slurm/imagenet_rcssr.sh",
+                         *_tiny_rcssr(shards, runs, name)])
     try:
         job = _job_id(proc)
         deadline = time.monotonic() + 240
         while not list(ckpts.glob("step_*")) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        signalled = subprocess.run(["scancel", "--signal=USR1", job], env=env, capture_output=True, text=True)
+        stop(job)
         rc = proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert signalled.returncode == 0, signalled.stderr
-    print(f"preempted job {job}: {time.monotonic() - t0:.1f} s")
-    return dict(rc=rc, job=job, run=runs / "pre", info=_job_info(env, job), tmpdir=Path(env["TMPDIR"]),
+    print(f"{name}: job {job} ended after {time.monotonic() - t0:.1f} s")
+    return dict(rc=rc, job=job, run=runs / name, info=_job_info(env, job), tmpdir=Path(env["TMPDIR"]),
                 out=(tmp / f"slurm-{job}.out").read_text(), stderr=proc.stderr.read())
+
+
+def _scancel(env: dict, *args: str) -> None:
+    done = subprocess.run(["scancel", *args], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+
+
+def _assert_requeued_once_and_resumed(result: dict) -> None:
+    """Attempt 0 stopped with a checkpoint at step N, attempt 1 resumed from step N, one complete run."""
+    assert result["rc"] == 0, result["out"][-4000:] + result["stderr"]
+    info, job, run = result["info"], result["job"], result["run"]
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1"
+    assert f"cssr job {job} restart 1:" in result["out"]
+    logs = run / "slurm"
+    assert sorted(p.name for p in logs.iterdir()) == [f"{job}.0", f"{job}.1"]
+    first, second = (logs / f"{job}.0" / "node0.log").read_text(), (logs / f"{job}.1" / "node0.log").read_text()
+    stopped = re.search(r"preempted at step (\d+); checkpoint written", first)
+    assert stopped, first[-3000:]
+    step = int(stopped.group(1))
+    assert 0 < step < 24  # stopped mid-run (2 epochs x 12 steps)
+    assert f"resuming {run.name} from step_{step:09d}" in second
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["epochs"] == 2
+    history = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in history] == [1, 2]  # no epoch twice
+
+
+@pytest.fixture(scope="module")
+def preempted(cluster, shards):
+    """USR1 (as --signal=USR1@T sends it before the time limit) after the first checkpoint."""
+    return _run_and_stop(cluster, shards, "pre", lambda job: _scancel(cluster[1], "--signal=USR1", job))
 
 
 @pytest.mark.slow
@@ -174,6 +215,63 @@ def test_requeued_job_wrote_one_complete_run(preempted):
     assert history[1]["lr"] == pytest.approx(0.4 * 16 / 128 * 0.1)  # lr x global batch / 128, x0.1 after epoch 1
     scratch = preempted["tmpdir"]  # the jobs' TMPDIR (inherited from sbatch's environment)
     assert not list(scratch.glob("torchelastic_*")) and not list(scratch.glob("cssr-launch-*"))  # no litter
+
+
+# ---------------------------------------------------------------- Slurm's own preemption; SIGTERM via Slurm
+def _time(stamp: str) -> float:
+    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S").timestamp()  # scontrol: 1 s resolution
+
+
+@pytest.fixture(scope="module", params=["low", "low0"])
+def slurm_preempted(request, cluster, shards):
+    """The tiny run in a preemptible partition (tools/slurm_cluster.sh: `low` with a 30 s GraceTime,
+    `low0` without); after its first checkpoint a job in partition `high` that needs both nodes
+    whole makes Slurm preempt it (PreemptType=preempt/partition_prio, PreemptMode=REQUEUE)."""
+    tmp, env = cluster
+    high = {}
+
+    def preempt(job: str) -> None:
+        done = subprocess.run(["sbatch", "--parsable", "--partition=high", "--nodes=2", "--exclusive", "--time=5",
+                               f"--output={tmp}/high-%j.out", "--wrap", "sleep 5"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        high["job"] = done.stdout.strip().split(";")[0]
+
+    result = _run_and_stop(cluster, shards, f"preempt_{request.param}", preempt, [f"--partition={request.param}"])
+    return {**result, "partition": request.param, "high": _job_info(env, high["job"])}
+
+
+@pytest.mark.slow
+def test_slurm_preemption_requeues_the_job_which_resumes_after_the_preemptor(slurm_preempted):
+    _assert_requeued_once_and_resumed(slurm_preempted)
+    out, job = slurm_preempted["out"], slurm_preempted["job"]
+    assert f"cssr job {job}: preempted, checkpoint written; requeueing (restart 1)" in out  # srun returned 42
+    if slurm_preempted["partition"] == "low0":
+        # Slurm requeued the job itself and SIGTERMed every process (batch shell and srun included,
+        # as at a time limit); job.sh's own `scontrol requeue` is then refused, which is no error
+        assert f"JOB {job} ON node1 CANCELLED" in out and "DUE TO PREEMPTION" in out
+        assert f"cssr job {job}: scontrol requeue refused" in out
+    else:  # GraceTime: SIGTERM to the steps only; job.sh requeued within the grace time
+        assert "DUE TO PREEMPTION" not in out and "refused" not in out
+    high = slurm_preempted["high"]
+    assert high["JobState"] == "COMPLETED" and high["Partition"] == "high"
+    # the preemptor ran between the attempts: the requeued job started again only after it ended
+    assert _time(slurm_preempted["info"]["StartTime"]) >= _time(high["EndTime"])
+
+
+@pytest.fixture(scope="module")
+def terminated(cluster, shards):
+    """SIGTERM to the batch shell only (`scancel --batch --signal=TERM`, as `--signal=B:TERM@T` sends it)."""
+    return _run_and_stop(cluster, shards, "term", lambda job: _scancel(cluster[1], "--batch", "--signal=TERM", job))
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_batch_shell_ends_in_a_checkpoint_exit_42_and_a_resume(terminated):
+    """job.sh passes SIGTERM to srun as USR1: srun would turn a TERM into SIGKILL of every task
+    ("srun: forcing job termination", exit 137, no checkpoint, no requeue: measured before the fix)."""
+    _assert_requeued_once_and_resumed(terminated)
+    assert f"cssr job {terminated['job']}: preempted, checkpoint written; requeueing (restart 1)" in terminated["out"]
+    assert "forcing job termination" not in terminated["out"]
 
 
 # ---------------------------------------------------------------- osr_sweep.sh: a job array

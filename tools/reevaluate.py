@@ -7,7 +7,9 @@ recalibration (`eval.recalibrate_bn`) and the score statistics' transform
 the score statistics from the training images (as the end of training does), then prints
 closed-set accuracy, OSCR and AUROC of every score (integrated, s0, s1, s2, msp, mls,
 energy) and the integrated score's term moments: a term with a small std gets a large
-weight (1/std) in `integrated`. Nothing is written to the run folder.
+weight (1/std) in `integrated`. Two combinations fitted on the validation KNOWNS only
+(`val_z`, `val_rank`, see `validation_combinations`) are reported beside them; nothing here
+looks at test labels to choose anything. Nothing is written to the run folder.
 
     python tools/reevaluate.py runs/NAME --variants base recal stats_train --json out.json
 """
@@ -52,7 +54,7 @@ def evaluate_variant(run_dir: Path, overrides: list[str]) -> dict:
     from cssr_dist.config import load_config
     from cssr_dist.engine.runner import Run
     from cssr_dist.eval import metrics
-    from cssr_dist.eval.evaluator import eval_module
+    from cssr_dist.distributed import eval_module
 
     cfg = load_config(str(run_dir / "config.yaml"), [*overrides, "tracking.wandb=false", "run.progress=false",
                                                       f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}"])

@@ -17,6 +17,12 @@
 # select/cons_tres with CR_Core (memory is not a consumable), batch_sched_delay=0 (jobs
 # start in ~1 s), both nodes on 127.0.0.1 with their own slurmd port, and node names that do
 # not resolve: jobs must rendezvous on 127.0.0.1 (the scripts take MASTER_ADDR).
+# Partitions, all over node[1-2]: debug (default; never preempted), and for preemption tests
+# (PreemptType=preempt/partition_prio) high (PriorityTier=10) preempts, by requeue, jobs in
+#   low   GraceTime=SLURM_CLUSTER_GRACE (30 s): SIGCONT+SIGTERM to the job's steps (not the
+#         batch shell) at once, the job's end time set to now+grace, then the full kill;
+#   low0  no grace: Slurm requeues at once: SIGTERM to every process of the job (batch shell
+#         included), SIGKILL after KillWait (30 s), as at a time limit.
 # Ports: SLURM_CLUSTER_PORT (default 6817) for slurmctld, +1 and +2 for the two slurmd.
 set -euo pipefail
 
@@ -24,6 +30,7 @@ cmd=${1:-start}
 DIR=$(realpath -m "${2:-${SLURM_CLUSTER_DIR:-/tmp/cssr-slurm}}")
 PORT=${SLURM_CLUSTER_PORT:-6817}
 CPUS=${SLURM_CLUSTER_CPUS:-4}  # per emulated node; oversubscribes a small machine on purpose
+GRACE=${SLURM_CLUSTER_GRACE:-30}  # partition low: seconds from the preemption SIGTERM to SIGKILL
 CONF=$DIR/etc/slurm.conf
 HOST=$(hostname -s)
 SBIN=/usr/sbin
@@ -79,7 +86,12 @@ KillWait=30
 SlurmctldTimeout=30
 SlurmdTimeout=60
 NodeName=node[1-2] NodeHostname=${HOST} NodeAddr=127.0.0.1 Port=[$((PORT + 1))-$((PORT + 2))] CPUs=${CPUS} State=UNKNOWN
-PartitionName=debug Nodes=node[1-2] Default=YES MaxTime=INFINITE State=UP
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+PartitionName=debug Nodes=node[1-2] Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=OFF
+PartitionName=low Nodes=node[1-2] MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=${GRACE}
+PartitionName=low0 Nodes=node[1-2] MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=0
+PartitionName=high Nodes=node[1-2] MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
 EOF
 }
 
@@ -99,7 +111,10 @@ wait_nodes_idle() {
   for _ in $(seq 100); do
     local states
     states=$(SLURM_CONF=$CONF sinfo -h -N -o "%N %t" 2>/dev/null || true)
-    if [[ $(grep -cE "^node[12] (idle|mix|alloc)" <<<"$states") -eq 2 ]]; then return 0; fi
+    # a node is listed once per partition
+    if [[ $(grep -E "^node[12] (idle|mix|alloc)" <<<"$states" | cut -d' ' -f1 | sort -u | wc -l) -eq 2 ]]; then
+      return 0
+    fi
     sleep 0.2
   done
   die "nodes did not become idle: $(SLURM_CONF=$CONF sinfo -N 2>&1 | tr '\n' ' '); see $DIR/log/"
