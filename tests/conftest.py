@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cssr_dist.config import DataConfig
@@ -94,3 +95,13 @@ def data_cfg():
         return DataConfig(**base)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module (`pytestmark = pytest.mark.usefixtures(...)`): on a busy
+    2-core box a second OpenMP thread stalls every op."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

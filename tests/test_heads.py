@@ -10,13 +10,7 @@ from cssr_dist.models import CSSRHead, LinearHead, chunked_l1_distance, l2_dista
 from cssr_dist.models.cssr_l1_function import CPU_CHUNK_BYTES, default_class_chunk
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a busy 2-core box a second OpenMP thread stalls every op."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 B, C, H, W, K, L = 2, 12, 3, 4, 7, 5

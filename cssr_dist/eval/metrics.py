@@ -38,7 +38,7 @@ This module must not import torch.distributed (evaluation gathers first, then ca
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -161,34 +161,33 @@ def roc_points(known_scores: np.ndarray, unknown_scores: np.ndarray) -> tuple[np
     return np.r_[0.0, c.fp / c.n_neg], np.r_[0.0, c.tp / c.n_pos]
 
 
+def _two_groups(known_scores: np.ndarray, unknown_scores: np.ndarray, area: Callable[["_Curve"], float],
+                unknown_positive: bool = False) -> float:
+    """`area` of the curve of known vs unknown scores (unknown as positive: scores negated);
+    NaN when either group is empty or a score is NaN."""
+    pos = _as_1d_float(known_scores, "known_scores")
+    neg = _as_1d_float(unknown_scores, "unknown_scores")
+    if not _binary_ready(pos, neg):
+        return NAN
+    return area(_curve(-neg, -pos) if unknown_positive else _curve(pos, neg))
+
+
 def auroc(known_scores: np.ndarray, unknown_scores: np.ndarray) -> float:
     """Area under the ROC curve, known = positive (ties count 1/2, as scikit-learn).
 
     NaN when either group is empty or a score is NaN.
     """
-    pos = _as_1d_float(known_scores, "known_scores")
-    neg = _as_1d_float(unknown_scores, "unknown_scores")
-    if not _binary_ready(pos, neg):
-        return NAN
-    return _auc_from_curve(_curve(pos, neg))
+    return _two_groups(known_scores, unknown_scores, _auc_from_curve)
 
 
 def aupr_in(known_scores: np.ndarray, unknown_scores: np.ndarray) -> float:
     """Average precision with KNOWN as the positive class (scikit-learn's definition)."""
-    pos = _as_1d_float(known_scores, "known_scores")
-    neg = _as_1d_float(unknown_scores, "unknown_scores")
-    if not _binary_ready(pos, neg):
-        return NAN
-    return _ap_from_curve(_curve(pos, neg))
+    return _two_groups(known_scores, unknown_scores, _ap_from_curve)
 
 
 def aupr_out(known_scores: np.ndarray, unknown_scores: np.ndarray) -> float:
     """Average precision with UNKNOWN as the positive class: scores are negated."""
-    pos = _as_1d_float(known_scores, "known_scores")
-    neg = _as_1d_float(unknown_scores, "unknown_scores")
-    if not _binary_ready(pos, neg):
-        return NAN
-    return _ap_from_curve(_curve(-neg, -pos))
+    return _two_groups(known_scores, unknown_scores, _ap_from_curve, unknown_positive=True)
 
 
 def _fpr_at_tpr_from_curve(c: _Curve, tpr: float) -> float:
@@ -255,20 +254,12 @@ def _pr_trapezoid_from_curve(c: _Curve) -> float:
 
 def aupr_in_trapz(known_scores: np.ndarray, unknown_scores: np.ndarray) -> float:
     """AUPR with KNOWN positive as the CSSR reference (and OpenOOD) compute it: trapezoid area."""
-    pos = _as_1d_float(known_scores, "known_scores")
-    neg = _as_1d_float(unknown_scores, "unknown_scores")
-    if not _binary_ready(pos, neg):
-        return NAN
-    return _pr_trapezoid_from_curve(_curve(pos, neg))
+    return _two_groups(known_scores, unknown_scores, _pr_trapezoid_from_curve)
 
 
 def aupr_out_trapz(known_scores: np.ndarray, unknown_scores: np.ndarray) -> float:
     """AUPR with UNKNOWN positive (scores negated), reference definition: trapezoid area."""
-    pos = _as_1d_float(known_scores, "known_scores")
-    neg = _as_1d_float(unknown_scores, "unknown_scores")
-    if not _binary_ready(pos, neg):
-        return NAN
-    return _pr_trapezoid_from_curve(_curve(-neg, -pos))
+    return _two_groups(known_scores, unknown_scores, _pr_trapezoid_from_curve, unknown_positive=True)
 
 
 def _fpr_closest_from_curve(c: _Curve, tpr: float) -> float:
@@ -426,28 +417,12 @@ def compute_metrics(
     ``scores``/``preds``/``labels`` are per sample (labels -1 = unknown). ``threshold`` is
     the validation threshold for macro-F1 (:func:`threshold_at_tpr`); ``None`` -> NaN
     macro-F1. Keys: :data:`METRIC_KEYS`, values are Python floats (NaN where undefined).
-    The ranking metrics share one sort.
+    The clean protocol's :func:`protocol_metrics` under the older key `fpr95` (= `fpr95_known_pos`).
     """
-    s = _as_1d_float(scores, "scores")
-    preds = np.asarray(preds)
-    labels = np.asarray(labels)
-    if not (s.shape == preds.shape == labels.shape):
-        raise ValueError(f"shapes differ: scores {s.shape}, preds {preds.shape}, labels {labels.shape}")
-    _check_labels(labels, int(num_classes))
-    known = labels >= 0
-    pos, neg = s[known], s[~known]
-    out = dict.fromkeys(METRIC_KEYS, NAN)
-    out["closed_acc"] = closed_set_accuracy(preds, labels)
-    if _binary_ready(pos, neg):
-        c = _curve(pos, neg)
-        out["auroc"] = _auc_from_curve(c)
-        out["aupr_in"] = _ap_from_curve(c)
-        out["fpr95"] = _fpr_at_tpr_from_curve(c, 0.95)
-        out["aupr_out"] = aupr_out(pos, neg)
-        out["oscr"] = oscr(pos, preds[known] == labels[known], neg)
-    if threshold is not None:
-        out["macro_f1"] = open_set_macro_f1(preds, labels, s, threshold, num_classes)
-    return out
+    out = protocol_metrics(scores, preds, labels, num_classes, "clean",
+                           None if threshold is None or threshold != threshold else threshold)
+    out["fpr95"] = out.pop("fpr95_known_pos")
+    return {key: out[key] for key in METRIC_KEYS}
 
 
 def protocol_metric_keys(protocol: str, side_by_side: bool = False) -> tuple[str, ...]:
