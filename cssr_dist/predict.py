@@ -89,25 +89,35 @@ def read_run_config(run_dir: Path) -> Config:
     return load_config(path)
 
 
-def validation_threshold(run_dir: Path, score: str) -> float | None:
-    """The primary score's threshold chosen on validation, from summary.json; None when absent."""
+def read_summary(run_dir: Path) -> dict:
+    """summary.json as a dict ({} when the run never finished); JSON only."""
     path = run_dir / "summary.json"
     if not path.is_file():
-        return None
+        return {}
     try:
         summary = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise DataError(f"{path} is unreadable ({type(err).__name__}); the run did not finish cleanly") from None
-    if not isinstance(summary, dict) or summary.get("score") != score:
+    return summary if isinstance(summary, dict) else {}
+
+
+def validation_threshold(run_dir: Path, score: str) -> float | None:
+    """The primary score's threshold chosen on validation, from summary.json; None when absent."""
+    summary = read_summary(run_dir)
+    if summary.get("score") != score:
         return None
     value = summary.get("threshold")
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def known_class_names(cfg: Config, num_classes: int) -> list[str]:
-    """Names of the known classes in the model's order (known class i = split.known[i])."""
+def known_class_names(cfg: Config, num_classes: int, run_dir: Path) -> list[str]:
+    """Names of the known classes in the model's order (known class i = split.known[i]): the run's
+    summary.json `class_names` when recorded, else from the split and the training data's classes."""
     from .data.run_data import resolve_run_split
 
+    recorded = read_summary(run_dir).get("class_names")
+    if isinstance(recorded, list) and len(recorded) == num_classes and all(isinstance(n, str) for n in recorded):
+        return list(recorded)
     data = cfg.data
     try:
         if data.format == "shards":
@@ -178,7 +188,7 @@ def restore_run(run_dir: str | os.PathLike, device: str = "auto", threshold: flo
             raise ConfigError(f"{path} has no validation threshold for its score {scorer.primary} in summary.json "
                               "(trained with data.val_fraction=0, or not finished); pass --threshold VALUE")
     return RestoredRun(path, cfg, model, scorer, build_transform(cfg.data, train=False),
-                       known_class_names(cfg, num_classes), float(threshold), source, torch_device)
+                       known_class_names(cfg, num_classes, path), float(threshold), source, torch_device)
 
 
 def _num_known(cfg: Config) -> int:

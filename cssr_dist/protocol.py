@@ -38,6 +38,7 @@ REFERENCE_SETTINGS: dict[str, object] = {
     "data.val_fraction": 0.0,  # the reference trains on every known training image
     "eval.select_best_by": "last",  # ... and reports the last epoch
     "eval.stats_transform": "train",  # ... with z-norm statistics of augmented images
+    "eval.recalibrate_bn": False,  # ... and BatchNorm statistics as training left them
 }
 
 #: The reference recipe's batch: 128 images on one GPU (ALGORITHM.md §5).

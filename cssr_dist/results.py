@@ -48,8 +48,11 @@ class RunResult:
 
 
 def _split_of(data: dict) -> str:
+    """The split as `tracking.split_name` names it, from a saved config's data section."""
     if data.get("split_file"):
         return Path(str(data["split_file"])).stem
+    if data.get("known"):
+        return "known/" + "-".join(str(k) for k in data["known"])
     return str(data.get("split", "default"))
 
 

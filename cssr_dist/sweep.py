@@ -32,7 +32,7 @@ DEFAULT_SPLITS: dict[str, tuple[str, ...]] = {
     "cifar_plus10": ("0", "1", "2", "3", "4"),
     "cifar_plus50": ("0", "1", "2", "3", "4"),
     "mnist": ("0", "1", "2", "3", "4"),
-    "fashion_mnist": ("default",),
+    "fashion_mnist": ("0", "1", "2", "3", "4"),
 }
 
 FINISHED, INTERRUPTED, NEW = "finished", "interrupted", "new"

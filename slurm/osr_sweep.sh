@@ -34,8 +34,7 @@ splits_of() {
   if [[ -n ${SWEEP_SPLITS:-} ]]; then echo "$SWEEP_SPLITS"; return; fi
   case $1 in
     cifar10|svhn|tinyimagenet) echo "a b c d e" ;;
-    cifar_plus10|cifar_plus50|mnist) echo "0 1 2 3 4" ;;
-    fashion_mnist) echo "default" ;;
+    cifar_plus10|cifar_plus50|mnist|fashion_mnist) echo "0 1 2 3 4" ;;
     *) echo "error: no default splits for data set '$1'; set SWEEP_SPLITS" >&2; return 2 ;;
   esac
 }

@@ -282,8 +282,8 @@ def test_sweep_grid_is_datasets_x_splits_x_methods(cluster):
                              text=True, timeout=30)
     lines = listing.stdout.splitlines()
     assert lines[:3] == ["0 mnist 0 linear", "1 mnist 0 rcssr", "2 mnist 1 linear"]
-    assert lines[10:12] == ["10 fashion_mnist default linear", "11 fashion_mnist default rcssr"]
-    assert lines[12] == "submit with: sbatch --array=0-11%8 slurm/osr_sweep.sh [key=value ...]"
+    assert lines[10:12] == ["10 fashion_mnist 0 linear", "11 fashion_mnist 0 rcssr"]
+    assert lines[20] == "submit with: sbatch --array=0-19%8 slurm/osr_sweep.sh [key=value ...]"
 
 
 @pytest.mark.slow

@@ -34,12 +34,12 @@ if args["run.name"] in os.environ.get("FAIL_ONCE", "").split() and not (folder /
 
 def test_expand_order_names_and_errors():
     specs = expand(["fashion_mnist", "mnist"], ["linear", "rcssr"], seeds=[0, 1], configs_dir=ROOT / "configs")
-    assert len(specs) == 1 * 2 * 2 + 5 * 2 * 2
-    assert [s.name for s in specs[:4]] == ["fashion_mnist_linear_default_s0", "fashion_mnist_linear_default_s1",
-                                           "fashion_mnist_rcssr_default_s0", "fashion_mnist_rcssr_default_s1"]
-    assert specs[4] == RunSpec("mnist", "linear", "0", 0)
+    assert len(specs) == 5 * 2 * 2 + 5 * 2 * 2
+    assert [s.name for s in specs[:4]] == ["fashion_mnist_linear_0_s0", "fashion_mnist_linear_0_s1",
+                                           "fashion_mnist_rcssr_0_s0", "fashion_mnist_rcssr_0_s1"]
+    assert specs[20] == RunSpec("mnist", "linear", "0", 0)
     assert RunSpec("cifar10", "pcssr", "b", 2, "t").name == "t_cifar10_pcssr_b_s2"
-    assert train_command(specs[4], ["accelerate", "launch"], "out") == [
+    assert train_command(specs[20], ["accelerate", "launch"], "out") == [
         "accelerate", "launch", "train.py", "--config", "configs/mnist/linear.yaml", "data.split=0", "run.seed=0",
         "run.name=mnist_linear_0_s0", "run.output_dir=out"]
     with pytest.raises(ConfigError, match="no config .*nosuch"):
@@ -93,7 +93,7 @@ def test_dry_run_launches_nothing(tmp_path):
     specs = expand(["fashion_mnist"], ["rcssr"], configs_dir=ROOT / "configs")
     called = []
     out = run_local(specs, ["launch"], tmp_path, dry_run=True, run=lambda *a, **k: called.append(a), log=lambda _: None)
-    assert out == {"fashion_mnist_rcssr_default_s0": "dry-run"} and called == []
+    assert out == {f"fashion_mnist_rcssr_{split}_s0": "dry-run" for split in "01234"} and called == []
 
 
 def test_slurm_submission_lists_only_unfinished_tasks_of_the_scripts_grid(tmp_path):
@@ -102,7 +102,7 @@ def test_slurm_submission_lists_only_unfinished_tasks_of_the_scripts_grid(tmp_pa
         (tmp_path / spec.name).mkdir()
         (tmp_path / spec.name / "summary.json").write_text("{}")
     cmd, env = slurm_submission(specs, tmp_path, ["data.root=/d"], parallel=4)
-    assert cmd == ["sbatch", "--array=" + ",".join(map(str, range(3, 12))) + "%4", "slurm/osr_sweep.sh",
+    assert cmd == ["sbatch", "--array=" + ",".join(map(str, range(3, 20))) + "%4", "slurm/osr_sweep.sh",
                    f"run.output_dir={tmp_path}", "data.root=/d"]
     assert env == {"SWEEP_DATASETS": "fashion_mnist mnist", "SWEEP_METHODS": "linear rcssr", "SWEEP_SEEDS": "0",
                    "SWEEP_TAG": "t"}

@@ -111,12 +111,16 @@ def announce_fallback(root: str | Path, name: str, used: Path | None) -> None:
     summary.json's `counts.source`)."""
     if used is None or Path(used).resolve().is_relative_to(Path(root).resolve()) or (str(root), name) in _ANNOUNCED:
         return
+    if Path(root) == Path(DEFAULT_ROOT) or Path(DEFAULT_ROOT) in Path(root).parents:
+        return  # data.root left at its default: the built-in copy is what was asked for
     _ANNOUNCED.add((str(root), name))
     state = "does not exist" if not Path(root).is_dir() else f"holds no {name} files"
     log.warning("%s: data.root %s %s; reading the built-in copy at %s", name, root, state, used)
 
 
 _ANNOUNCED: set[tuple[str, str]] = set()
+#: data.root's default (relative): no `data/` folder there means "the built-in copies".
+DEFAULT_ROOT = "data"
 
 
 def find_fashion_mnist(root: str | Path, train: bool) -> Path | None:

@@ -81,6 +81,7 @@ class Run:
         self.evaluator = Evaluator(acc, self.scorer, self.data, cfg.eval, self.loss_fn, self.progress,
                                    self.record_evaluation)
         self.eval_prefix = "test"  # "final" for the evaluation of the selected weights
+        self.current_step = lambda: None  # the training step, once training has a state
         self.checkpoints = Checkpointer(acc, self.folder.checkpoints, model=self.model, stats=self.scorer.stats,
                                         keep_last=cfg.run.keep_last, fingerprint=self.fingerprint,
                                         force_resume=cfg.run.force_resume, log=acc.print)
@@ -93,7 +94,7 @@ class Run:
             report = summary if name == "test" else summary["ood"][name.split("/", 1)[1]]
             scores = {k: v for k, v in arrays.items() if k not in ("pred", "labels", "ids")}
             prefix = self.eval_prefix if name == "test" else f"{self.eval_prefix}/{name}"
-            log_evaluation(self.accelerator, report, scores, arrays["labels"], None, prefix)
+            log_evaluation(self.accelerator, report, scores, arrays["labels"], self.current_step(), prefix)
             write_evaluation_plots(self.folder.path, scores, arrays["labels"], prefix,
                                    report.get("per_unknown_class_auroc"))
 
@@ -154,7 +155,9 @@ def train(cfg: Config) -> dict:
                       init_kwargs={"wandb": wandb_init_kwargs(cfg, run.folder.path, state.wandb_run_id)})
 
     save = lambda: checkpoints.save(state)  # noqa: E731
-    trainer = Trainer(cfg, acc, run.model, optimizer, scheduler, run.loss_fn, state, preemption, save)
+    trainer = Trainer(cfg, acc, run.model, optimizer, scheduler, run.loss_fn, state, preemption, save,
+                      run.scorer.classify)
+    run.current_step = lambda: state.global_step  # evaluations are logged at the training step
     record = lambda row: run.folder.append_history(row) if acc.is_main_process else None  # noqa: E731
     trainer.fit(run.data.train, run.evaluator, lambda: run.save_best(state), record, run.progress)
 

@@ -70,7 +70,11 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, accelerator, model, optimizer, scheduler, loss_fn: Callable,
-                 state: TrainerState, preemption: PreemptionFlag, on_checkpoint: Callable[[], None]):
+                 state: TrainerState, preemption: PreemptionFlag, on_checkpoint: Callable[[], None],
+                 classify: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """`classify(logits) -> class [B]` (the scorer's, pooled as the loss) gives the training
+        accuracy that is logged with the loss."""
+        self.classify = classify
         self.cfg = cfg
         self.accelerator = accelerator
         self.model = model
@@ -103,11 +107,17 @@ class Trainer:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
-        return loss.detach()
+        correct = (self.classify(out.logits.detach().float()) == labels).sum() if self.classify else loss.new_zeros(())
+        return torch.stack([loss.detach(), correct.to(loss.dtype)])
 
-    def _log(self, loss_sum: torch.Tensor, count: int) -> float:
-        value = (self.accelerator.reduce(loss_sum, reduction="mean") / max(1, count)).item()
+    def _log(self, window: torch.Tensor, steps: int, images: int, seconds: float) -> float:
+        """One collective on log steps only: mean loss, accuracy and images/s over the window."""
+        world = self.accelerator.num_processes
+        loss_sum, correct = (self.accelerator.reduce(window, reduction="sum") / world).tolist()
+        value = loss_sum / max(1, steps)
         self.accelerator.log({"train/loss": value, "train/lr": self.scheduler.get_last_lr()[0],
+                              "train/accuracy": correct / max(1, images),
+                              "train/images_per_s": images * world / max(seconds, 1e-9),
                               "epoch": self.state.epoch}, step=self.state.global_step)
         return value
 
@@ -131,25 +141,28 @@ class Trainer:
             self.state.epoch_loss_sum, self.state.epoch_loss_steps = 0.0, 0
         base = (self.state.epoch_loss_sum, self.state.epoch_loss_steps)
         loss_sum = torch.zeros((), device=self.accelerator.device)
-        window_sum = torch.zeros((), device=self.accelerator.device)
-        steps = window = 0
+        window_sum = torch.zeros(2, device=self.accelerator.device)  # loss sum, correct predictions
+        steps = window = window_images = 0
+        window_start = time.perf_counter()
         stop = None
         for images, labels, _ in batches:
             if self.fail_at is not None:
                 self._maybe_fail()
-            loss = self._step(images, labels)
-            loss_sum += loss
-            window_sum += loss
+            step = self._step(images, labels)
+            loss_sum += step[0]
+            window_sum += step
             steps += 1
             window += 1
+            window_images += labels.shape[0]
             self.state.global_step += 1
             self.state.step_in_epoch += 1
             if progress is not None:
                 progress.update(1)
             if self.state.global_step % log_every == 0:
-                value = self._log(window_sum, window)
+                value = self._log(window_sum, window, window_images, time.perf_counter() - window_start)
                 window_sum.zero_()
-                window = 0
+                window = window_images = 0
+                window_start = time.perf_counter()
                 if progress is not None:
                     progress.set_postfix(loss=f"{value:.4f}")
             if ckpt_every and self.state.global_step % ckpt_every == 0:
