@@ -170,7 +170,8 @@ def train(cfg: Config) -> dict:
     summary = run.evaluator.evaluate(run.model)
     summary.update({"run": cfg.run.name, "epochs": state.epoch, "best_epoch": state.best_epoch,
                     "selected_by": cfg.eval.select_best_by, "train_time_s": round(state.train_time_s, 1),
-                    "world_size": acc.num_processes, "counts": run.data.meta.counts})
+                    "world_size": acc.num_processes, "counts": run.data.meta.counts,
+                    "class_names": run.data.meta.class_names})
     run.save_best(state)  # the selected weights now with the statistics fitted for them
     run.report(summary)
     run.close()
