@@ -7,6 +7,7 @@ test instead of a cluster job.
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -18,6 +19,12 @@ import torch
 from PIL import Image
 
 from cssr_dist.config import DataConfig
+
+# Triton decides when it is first imported whether its kernels, its standard library included,
+# are interpreted; without CUDA the fused-kernel tests run under the interpreter, so this must
+# hold before ANY test module (timm, torch._dynamo, ...) imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _rng_images(n: int, shape: tuple[int, ...], seed: int) -> np.ndarray:

@@ -193,6 +193,7 @@ import os, sys, torch
 from pathlib import Path
 sys.path.insert(0, {root!r})
 from tests.test_reliability_checkpoints import make, train_steps
+from cssr_dist.engine import checkpoint as ckpt
 from cssr_dist.engine.checkpoint import TrainerState
 saver, _ = make(Path({tmp!r}), keep_last=5)
 train_steps(saver.model, saver.optimizer, saver.scheduler, saver.stats, 5)

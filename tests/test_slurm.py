@@ -116,7 +116,10 @@ def _tiny_rcssr(shards: Path, runs: Path, name: str) -> list[str]:
             "data.test_resize=36", "data.batch_size=8", "data.eval_batch_size=16", "data.num_workers=0",
             'run.mixed_precision="no"', "model.channels_last=false", "schedule.epochs=2",
             "schedule.warmup_epochs=0.5", "schedule.milestones=[1]", "run.progress=false", "data.ood=[]",
-            f"run.output_dir={runs}", f"run.name={name}", "run.checkpoint_every_steps=2", "tracking.log_every=1"]
+            f"run.output_dir={runs}", f"run.name={name}", "run.checkpoint_every_steps=2", "tracking.log_every=1",
+            # W&B's service process shares the job's process group: a group SIGTERM can kill it before the
+            # run's next W&B call (docs/reliability.md, open defect); these tests are about the checkpoint path
+            "tracking.wandb=false"]
 
 
 def _run_and_stop(cluster, shards: Path, name: str, stop: Callable[[str], None], sbatch: list[str] = ()) -> dict:
