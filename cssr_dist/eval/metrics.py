@@ -161,6 +161,12 @@ def roc_points(known_scores: np.ndarray, unknown_scores: np.ndarray) -> tuple[np
     return np.r_[0.0, c.fp / c.n_neg], np.r_[0.0, c.tp / c.n_pos]
 
 
+def _checked_tpr(tpr: float) -> float:
+    if not 0.0 < tpr <= 1.0:
+        raise ValueError(f"tpr must be in (0, 1], got {tpr}")
+    return tpr
+
+
 def _two_groups(known_scores: np.ndarray, unknown_scores: np.ndarray, area: Callable[["_Curve"], float],
                 unknown_positive: bool = False) -> float:
     """`area` of the curve of known vs unknown scores (unknown as positive: scores negated);
@@ -203,13 +209,8 @@ def fpr_at_tpr(known_scores: np.ndarray, unknown_scores: np.ndarray, tpr: float 
     Known is the positive class (CSSR convention; OpenOOD's FPR@95 uses OOD as positive).
     Reported by :func:`compute_metrics` as ``fpr95``. Lower is better.
     """
-    if not 0.0 < tpr <= 1.0:
-        raise ValueError(f"tpr must be in (0, 1], got {tpr}")
-    pos = _as_1d_float(known_scores, "known_scores")
-    neg = _as_1d_float(unknown_scores, "unknown_scores")
-    if not _binary_ready(pos, neg):
-        return NAN
-    return _fpr_at_tpr_from_curve(_curve(pos, neg), tpr)
+    _checked_tpr(tpr)
+    return _two_groups(known_scores, unknown_scores, lambda c: _fpr_at_tpr_from_curve(c, tpr))
 
 
 def oscr(known_scores: np.ndarray, known_correct: np.ndarray, unknown_scores: np.ndarray) -> float:
@@ -284,13 +285,8 @@ def fpr95_known_pos_closest(known_scores: np.ndarray, unknown_scores: np.ndarray
 
     The CSSR reference's FPR@TPR95: the TPR may be below the target. Lower is better.
     """
-    if not 0.0 < tpr <= 1.0:
-        raise ValueError(f"tpr must be in (0, 1], got {tpr}")
-    pos = _as_1d_float(known_scores, "known_scores")
-    neg = _as_1d_float(unknown_scores, "unknown_scores")
-    if not _binary_ready(pos, neg):
-        return NAN
-    return _fpr_closest_from_curve(_curve(pos, neg), tpr)
+    _checked_tpr(tpr)
+    return _two_groups(known_scores, unknown_scores, lambda c: _fpr_closest_from_curve(c, tpr))
 
 
 def fpr_at_tpr_ood_pos(known_scores: np.ndarray, unknown_scores: np.ndarray, tpr: float = 0.95) -> float:
@@ -301,13 +297,9 @@ def fpr_at_tpr_ood_pos(known_scores: np.ndarray, unknown_scores: np.ndarray, tpr
     curve); OpenOOD applies it to scikit-learn's thinned curve, which can only differ when
     three consecutive ROC points are collinear. Lower is better.
     """
-    if not 0.0 < tpr <= 1.0:
-        raise ValueError(f"tpr must be in (0, 1], got {tpr}")
-    pos = _as_1d_float(known_scores, "known_scores")
-    neg = _as_1d_float(unknown_scores, "unknown_scores")
-    if not _binary_ready(pos, neg):
-        return NAN
-    return _fpr_at_tpr_from_curve(_curve(-neg, -pos), tpr)
+    _checked_tpr(tpr)
+    return _two_groups(known_scores, unknown_scores, lambda c: _fpr_at_tpr_from_curve(c, tpr),
+                       unknown_positive=True)
 
 
 def closed_set_accuracy(preds: np.ndarray, labels: np.ndarray) -> float:
