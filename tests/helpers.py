@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 
@@ -55,6 +57,18 @@ def run_session(cmd: list[str], env: dict[str, str], timeout: int) -> subprocess
             stdout, stderr = proc.communicate()
             raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr) from None
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def finish_session(proc: subprocess.Popen, seconds: float = 60) -> tuple[int, str]:
+    """Wait for a process started in its own session; fail the test (killing its whole process
+    group) when it does not stop within `seconds`. Returns (exit code, stderr)."""
+    try:
+        _, err = proc.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        pytest.fail(f"did not stop within {seconds} s: {err[-2000:]}")
+    return proc.returncode, err
 
 
 def write_imagenet_tree(root: Path, wnids: list[str], per_class: int = 12, val_per_class: int = 4,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, free_port, run_session
+from tests.helpers import ROOT, finish_session, free_port, run_session
 from tests.helpers import test_env as run_env
 
 TINY = ["--config", str(ROOT / "configs" / "smoke.yaml"), "data.train_per_class=20", "data.test_per_class=5",
@@ -83,16 +83,6 @@ def _wait_for_checkpoint(run: Path, proc: subprocess.Popen, seconds: float = 120
         time.sleep(0.3)
 
 
-def _finish(proc: subprocess.Popen, seconds: float) -> tuple[int, str]:
-    try:
-        _, err = proc.communicate(timeout=seconds)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate()
-        pytest.fail(f"did not stop within {seconds} s after SIGTERM: {err[-2000:]}")
-    return proc.returncode, err
-
-
 LONG = ["data.train_per_class=400", "schedule.epochs=3", "tracking.log_every=2", "run.checkpoint_every_steps=4"]
 
 
@@ -105,7 +95,7 @@ def test_sigterm_to_the_process_group_with_2_dataloader_workers(tmp_path):
     run = tmp_path / "runs" / "g"
     _wait_for_checkpoint(run, proc)
     os.killpg(proc.pid, signal.SIGTERM)  # Slurm's time limit / scancel / preemption
-    code, err = _finish(proc, 60)
+    code, err = finish_session(proc, 60)
     assert code == 42, err[-3000:]
     state = json.loads(sorted((run / "checkpoints").glob("step_*"))[-1].joinpath("trainer_state.json").read_text())
     assert not state["finished"] and state["global_step"] >= 4
@@ -123,5 +113,5 @@ def test_sigterm_to_the_launcher_of_a_2_process_run(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     _wait_for_checkpoint(tmp_path / "runs" / "l", proc, seconds=180)
     os.kill(proc.pid, signal.SIGTERM)  # the launcher only, as srun / a scheduler would
-    code, err = _finish(proc, 90)
+    code, err = finish_session(proc, 90)
     assert code == 42, err[-3000:]

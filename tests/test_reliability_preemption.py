@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT, free_port
+from tests.helpers import finish_session as finish
 from tests.helpers import test_env as run_env
 
 WORKER = """
@@ -75,16 +76,6 @@ def wait_for(paths: list[Path], proc: subprocess.Popen, seconds: float = 60) -> 
 def start(cmd: list[str], tmp: Path, **env) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, env={**run_env(tmp), **env}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def finish(proc: subprocess.Popen, seconds: float = 60) -> tuple[int, str]:
-    try:
-        _, err = proc.communicate(timeout=seconds)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate()
-        pytest.fail(f"did not stop within {seconds} s: {err[-2000:]}")
-    return proc.returncode, err
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from ..config import Config
@@ -44,7 +44,6 @@ def build_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
     trackers = "wandb" if cfg.tracking.wandb and wandb_available() else None
     return Accelerator(mixed_precision=cfg.run.mixed_precision, log_with=trackers,
                        project_config=ProjectConfiguration(project_dir=str(run_dir)),
-                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
                        step_scheduler_with_optimizer=False, kwargs_handlers=process_group_kwargs())
 
 
