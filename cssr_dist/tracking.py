@@ -17,7 +17,9 @@ import sys
 import uuid
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from accelerate.tracking import WandBTracker
 
 from .config import Config, dump_yaml
 from .errors import ConfigError, DataError
@@ -81,8 +83,8 @@ def wandb_tags(cfg: Config) -> list[str]:
 def wandb_init_kwargs(cfg: Config, run_dir: Path, run_id: str, job_type: str = "train") -> dict[str, Any]:
     """Keyword arguments for `wandb.init`, resuming the same W&B run after a restart.
 
-    The project is `cfg.tracking.project`, passed by Accelerate's `init_trackers(project, ...)`
-    (so it is not repeated here). `job_type` is "train" or "eval" (evaluation-only runs).
+    The project is `cfg.tracking.project`, which the tracker holds (`wandb_tracker`), so it is
+    not repeated here. `job_type` is "train" or "eval" (evaluation-only runs).
     """
     return {
         "name": cfg.run.name,
@@ -110,6 +112,85 @@ def wandb_config(cfg: Config, world_size: int | None = None) -> dict[str, Any]:
     config.update({"git_revision": git_revision(), "split": split_name(cfg), "world_size": world_size,
                    "experiment_group": experiment_group(cfg)})
     return config
+
+
+class FailSoftWandBTracker(WandBTracker):
+    """Accelerate's W&B tracker whose failures never end the run.
+
+    Slurm signals every process of a job step when it preempts or cancels it (its process
+    tracking follows the process tree, so `wandb-core` is hit although W&B starts it in its
+    own session); the run's next W&B call then raises `ConnectionResetError` and, unguarded,
+    the attempt would die before writing its preemption checkpoint. The run folder is the
+    record; W&B mirrors it. So the first failure prints one line, W&B stays off for the rest
+    of this attempt, and W&B's exit hook is released (it would print a traceback at exit).
+    A requeued attempt starts a fresh service and resumes the same W&B run (same id).
+
+    Accelerate does not pass `init_trackers(init_kwargs=...)` to tracker instances, and the
+    run id is known only after the checkpoint is restored: `start_tracking` sets them.
+    """
+
+    def __init__(self, project: str, warn: Callable[[str], None] | None = None):
+        super().__init__(project)
+        self.failure: str | None = None
+        self._warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
+
+    def _guarded(self, what: str, call: Callable[[], Any]) -> Any:
+        if self.failure is not None:
+            return None
+        try:
+            return call()
+        except Exception as err:  # noqa: BLE001 - any W&B failure: the run goes on without W&B
+            self.failure = f"{type(err).__name__}: {err}"
+            self._warn(f"W&B {what} failed ({self.failure}); W&B is off for the rest of this attempt (the run "
+                       "folder keeps every record; a restart resumes the W&B run)")
+            self._release()
+            return None
+
+    @staticmethod
+    def _release() -> None:
+        """Drop W&B's service connection now, so its exit hook does not fail again at exit."""
+        try:
+            import wandb
+
+            wandb.teardown()
+        except Exception:  # noqa: BLE001 - the service is gone; nothing left to release
+            pass
+
+    def start(self) -> None:
+        self._guarded("start", super().start)
+
+    def store_init_configuration(self, values: dict) -> None:
+        self._guarded("config", lambda: super(FailSoftWandBTracker, self).store_init_configuration(values))
+
+    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+        self._guarded(f"log at step {step}", lambda: super(FailSoftWandBTracker, self).log(values, step, **kwargs))
+
+    def log_images(self, values: dict, step: int | None = None, **kwargs) -> None:
+        self._guarded(f"images at step {step}",
+                      lambda: super(FailSoftWandBTracker, self).log_images(values, step, **kwargs))
+
+    def finish(self) -> None:
+        if self.failure is None and getattr(self, "run", None) is not None:
+            self._guarded("finish", super().finish)
+
+
+def wandb_tracker(cfg: Config) -> list[FailSoftWandBTracker] | None:
+    """`Accelerator(log_with=...)` for this config: the fail-soft W&B tracker, or None."""
+    return [FailSoftWandBTracker(cfg.tracking.project)] if cfg.tracking.wandb and wandb_available() else None
+
+
+def start_tracking(accelerator, cfg: Config, run_dir: Path, run_id: str) -> None:
+    """Open (or resume, same id) the run's W&B run through Accelerate's `init_trackers`."""
+    for tracker in accelerator.log_with:
+        if isinstance(tracker, FailSoftWandBTracker):
+            tracker.init_kwargs = wandb_init_kwargs(cfg, run_dir, run_id)
+    accelerator.init_trackers(cfg.tracking.project, config=wandb_config(cfg, accelerator.num_processes))
+
+
+def stop_tracking(accelerator) -> None:
+    """Finish the trackers without ending the process group (preemption: the job exits next)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
 
 
 def _wandb_tracker(accelerator):

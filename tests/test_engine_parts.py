@@ -52,3 +52,21 @@ def test_weights_round_trip_without_pickle(tmp_path):
     back, meta = load_weights(tmp_path / "best")
     assert meta == {"epoch": 4}
     assert torch.equal(back["model.w"], tensors["model.w"]) and back["stats.n"].dtype == torch.float64
+
+
+def test_every_checkpoint_carries_the_training_time_so_far(monkeypatch):
+    """A preempted attempt's time reaches summary.json: the time is counted into the state
+    before each save, not only when `fit` ends."""
+    from cssr_dist.config import Config
+    from cssr_dist.engine import trainer as trainer_module
+    from cssr_dist.engine.preemption import PreemptionFlag
+
+    flag = PreemptionFlag(signals=())
+    clock = iter([100.0, 130.0, 175.0])
+    monkeypatch.setattr(trainer_module.time, "time", lambda: next(clock))
+    state, saved = TrainerState(train_time_s=10.0), []
+    trainer = trainer_module.Trainer(Config(), None, None, None, None, None, state, flag,
+                                     lambda: saved.append(state.train_time_s))
+    trainer.on_checkpoint()
+    trainer.on_checkpoint()
+    assert saved == [40.0, 85.0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -102,6 +103,53 @@ def test_sigterm_to_the_process_group_with_2_dataloader_workers(tmp_path):
     resumed = train(tmp_path, *LONG, "data.num_workers=2", "run.name=g", timeout=280)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"from step_{state['global_step']:09d}" in resumed.stdout + resumed.stderr
+
+
+def _children_named(pid: int, name: str) -> list[int]:
+    """Child processes of `pid` whose command is `name` (read from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)
+            comm, ppid = fields[0].split("(", 1)[1], int(fields[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and comm == name:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.timeout(300)
+def test_a_dead_wandb_service_costs_one_line_not_the_preemption_checkpoint(tmp_path):
+    """Slurm signals every process of the step, W&B's service (own session) included: with the
+    service killed first, the run still writes its preemption checkpoint, exits 42 with one
+    W&B line and no traceback, and the requeued attempt resumes and finishes with W&B on."""
+    wandb_on = [a for a in TINY if a != "tracking.wandb=false"] + ["tracking.log_every=1"]
+    cmd = [sys.executable, str(ROOT / "train.py"), *wandb_on, *LONG[:2], "run.checkpoint_every_steps=4", "run.name=w",
+           f"run.output_dir={tmp_path / 'runs'}"]
+    with open(tmp_path / "stdout.log", "w") as stdout:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(tmp_path), stdout=stdout, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+    run = tmp_path / "runs" / "w"
+    _wait_for_checkpoint(run, proc)
+    services = _children_named(proc.pid, "wandb-core")
+    assert len(services) == 1, "W&B's service process not found"
+    os.kill(services[0], signal.SIGTERM)  # proctrack reaches it although it runs in its own session
+    os.killpg(proc.pid, signal.SIGTERM)
+    code, err = finish_session(proc, 60)
+    out = (tmp_path / "stdout.log").read_text()
+    assert code == 42, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    warnings = [line for line in err.splitlines() if line.startswith("W&B ") and "ConnectionResetError" in line]
+    assert len(warnings) == 1 and "W&B is off for the rest of this attempt" in warnings[0], err[-3000:]
+    stopped = re.search(r"preempted at step (\d+)", out + err)
+    assert stopped, (out + err)[-3000:]
+    assert (run / "checkpoints" / f"step_{int(stopped[1]):09d}" / "trainer_state.json").is_file()
+    resumed = train(tmp_path, *LONG[:2], "run.checkpoint_every_steps=4", "run.name=w", "tracking.wandb=true",
+                    "tracking.log_every=1", timeout=280)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"from step_{int(stopped[1]):09d}" in resumed.stdout + resumed.stderr
+    assert len(list((run / "wandb").glob("offline-run-*"))) >= 1
 
 
 @pytest.mark.timeout(300)

@@ -31,18 +31,17 @@ from ..models.osr_model import build_model, compile_or_eager
 from ..protocol import batch_plan, describe_protocol
 from ..scoring.scores import Scorer, primary_score
 from ..tracking import (RunFolder, config_fingerprint, environment_record, log_evaluation, new_run_id,
-                        wandb_available, wandb_config, wandb_init_kwargs)
+                        start_tracking, stop_tracking, wandb_tracker)
 from .checkpoint import Checkpointer, TrainerState
 from .distributed import process_group_kwargs
 from .optim import build_optimizer
-from .preemption import Preempted, PreemptionFlag
+from .preemption import Preempted, PreemptionFlag, mark_preempted
 from .schedule import build_scheduler
 from .trainer import Trainer
 
 
 def build_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
-    trackers = "wandb" if cfg.tracking.wandb and wandb_available() else None
-    return Accelerator(mixed_precision=cfg.run.mixed_precision, log_with=trackers,
+    return Accelerator(mixed_precision=cfg.run.mixed_precision, log_with=wandb_tracker(cfg),
                        project_config=ProjectConfiguration(project_dir=str(run_dir)),
                        step_scheduler_with_optimizer=False, kwargs_handlers=process_group_kwargs())
 
@@ -150,19 +149,22 @@ def train(cfg: Config) -> dict:
     if state.finished:
         acc.print(f"run {cfg.run.name} already finished; evaluating its best checkpoint")
     state.wandb_run_id = state.wandb_run_id or new_run_id()
-    acc.init_trackers(cfg.tracking.project, config=wandb_config(cfg, acc.num_processes),
-                      init_kwargs={"wandb": wandb_init_kwargs(cfg, run.folder.path, state.wandb_run_id)})
+    start_tracking(acc, cfg, run.folder.path, state.wandb_run_id)
 
     save = lambda: checkpoints.save(state)  # noqa: E731
     trainer = Trainer(cfg, acc, run.model, optimizer, scheduler, run.loss_fn, state, preemption, save,
                       run.scorer.classify)
     run.current_step = lambda: state.global_step  # evaluations are logged at the training step
     record = lambda row: run.folder.append_history(row) if acc.is_main_process else None  # noqa: E731
-    trainer.fit(run.data.train, run.evaluator, lambda: run.save_best(state), record, run.progress)
-
-    if preemption.should_stop(acc):  # signalled during the last epoch's evaluation or checkpoint
-        acc.print(f"preempted before the final evaluation; checkpoint at step {state.global_step} is complete")
-        raise Preempted()
+    try:
+        trainer.fit(run.data.train, run.evaluator, lambda: run.save_best(state), record, run.progress)
+        if preemption.should_stop(acc):  # signalled during the last epoch's evaluation or checkpoint
+            acc.print(f"preempted before the final evaluation; checkpoint at step {state.global_step} is complete")
+            raise Preempted()
+    except Preempted:
+        mark_preempted()  # the checkpoint is complete: tell the launcher before W&B's flush (it may be slow online)
+        stop_tracking(acc)  # flush this attempt's W&B rows; a dead W&B service costs one line, not the exit code
+        raise
     if (run.folder.checkpoints / "best" / "weights.safetensors").is_file():
         run.load_best()
     run.eval_prefix = "final"

@@ -83,8 +83,20 @@ class Trainer:
         self.loss_fn = loss_fn
         self.state = state
         self.preemption = preemption
-        self.on_checkpoint = on_checkpoint
+        self._save = on_checkpoint
+        self._clock = time.time()
         self.fail_at = failure_hook_from_env()
+
+    def _count_time(self) -> None:
+        """Add the wall time since the last count to `state.train_time_s`."""
+        now = time.time()
+        self.state.train_time_s += now - self._clock
+        self._clock = now
+
+    def on_checkpoint(self) -> None:
+        """Save with the time up to now counted in, so an attempt that ends in preemption keeps its time."""
+        self._count_time()
+        self._save()
 
     def _maybe_fail(self) -> None:
         """The CSSR_FAIL_* test hook (see `failure_hook_from_env`)."""
@@ -192,7 +204,7 @@ class Trainer:
             progress: Callable[..., Any]) -> None:
         """Train until the schedule ends (or max_steps), validating each epoch; raises Preempted."""
         cfg, state, acc = self.cfg, self.state, self.accelerator
-        start = time.time()
+        start = self._clock = time.time()
         while state.epoch < cfg.schedule.epochs and not state.finished:
             train.set_epoch(state.epoch)
             bar = progress(None, f"epoch {state.epoch + 1}/{cfg.schedule.epochs}", total=len(train))
@@ -221,9 +233,10 @@ class Trainer:
             state.finished = last
             self.on_checkpoint()
             if not last and self.preemption.should_stop(acc):  # signalled during evaluation or the write
-                acc.print(f"preempted at the end of epoch {state.epoch}; checkpoint written, exiting for requeue")
+                acc.print(f"preempted at step {state.global_step} (end of epoch {state.epoch}); checkpoint written, "
+                          "exiting for requeue")
                 raise Preempted()
-        state.train_time_s = state.train_time_s + (time.time() - start)
+        self._count_time()
 
     def _select_best(self, row: dict, save_best: Callable[[], None]) -> None:
         """Keep the weights of the best epoch by `eval.select_best_by` (validation only)."""
