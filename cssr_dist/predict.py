@@ -148,20 +148,9 @@ def read_best(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_weights(best)[0]
 
 
-def _apply_best(tensors: dict[str, torch.Tensor], where: Path, model: torch.nn.Module, stats: torch.nn.Module) -> None:
-    """best/ into the model and score statistics, after checking names and shapes (one line if not this model's)."""
-    for prefix, module in (("model.", model), ("stats.", stats)):
-        part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        live = {k: v for k, v in module.state_dict().items() if v is not None}
-        wrong = sorted(set(part) ^ set(live)) or [k for k in live if tuple(part[k].shape) != tuple(live[k].shape)]
-        if wrong:
-            raise DataError(f"{where / BEST_DIR} does not fit the model of {where}/config.yaml "
-                            f"({prefix[:-1]} tensors differ, e.g. {wrong[0]}); the folder was mixed from two runs")
-        module.load_state_dict(part)
-
-
 def restore_run(run_dir: str | os.PathLike, device: str = "auto", threshold: float | None = None) -> RestoredRun:
     """Model, score statistics, test transform and threshold of a trained run, on `device`."""
+    from .engine.checkpoint import WEIGHTS_FILE, apply_best
     from .models.osr_model import build_model
     from .scoring.scores import Scorer, primary_score
 
@@ -178,7 +167,8 @@ def restore_run(run_dir: str | os.PathLike, device: str = "auto", threshold: flo
     model = build_model(model_cfg, num_classes, cfg.data.in_chans)
     channels = model.feature_channels(cfg.data.in_chans, cfg.data.image_size)
     scorer = Scorer(cfg.model.head, num_classes, channels, primary_score(cfg.model.head, cfg.run.method, cfg.eval.score))
-    _apply_best(tensors, path, model, scorer.stats)
+    apply_best(tensors, model, scorer.stats, path / BEST_DIR / WEIGHTS_FILE,
+               "the folder was mixed from two runs (best/ and config.yaml differ)")
     model.to(torch_device).eval()
     scorer.to(torch_device)
     source = "--threshold"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import runpy
 import shutil
 from pathlib import Path
@@ -132,6 +133,15 @@ def test_bad_inputs_and_incomplete_runs_fail_in_one_line(trained_run, pngs, tmp_
 
     assert predict_main(["--run", str(tmp_path / "absent"), str(pngs)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+    mixed = tmp_path / "mixed"  # best/ of this run, config.yaml of a run with another latent size
+    shutil.copytree(trained_run, mixed, ignore=shutil.ignore_patterns("wandb"))
+    config = (mixed / "config.yaml").read_text()
+    latent = re.search(r"latent_dim: (\d+)", config)
+    (mixed / "config.yaml").write_text(config.replace(latent[0], f"latent_dim: {int(latent[1]) + 4}"))
+    assert predict_main(["--run", str(mixed), str(pngs)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has shape" in err and "mixed from two runs" in err, err
 
 
 def test_tool_is_a_thin_wrapper(trained_run, pngs, capsys):

@@ -4,24 +4,30 @@
 this rank's share of every set for either data.format (`run_data.py`).
 """
 
-from .open_set import OpenSetConcat, OpenSetDataset, per_class_subset, train_val_split
-from .run_data import DataMeta, RunData, build_run_data
-from .sources import build_source
-from .splits import OpenSetSplit, resolve_split, split_by_name, split_from_reference_file
-from .transforms import build_transform
+import importlib
+from typing import Any
 
-__all__ = [
-    "DataMeta",
-    "OpenSetConcat",
-    "OpenSetDataset",
-    "OpenSetSplit",
-    "RunData",
-    "build_run_data",
-    "build_source",
-    "build_transform",
-    "per_class_subset",
-    "resolve_split",
-    "split_by_name",
-    "split_from_reference_file",
-    "train_val_split",
-]
+# name -> submodule, imported on first use (PEP 562): a tool that needs one light submodule (the tar
+# reader, the split files) does not pay for torch, torchvision and Accelerate.
+_EXPORTS = {
+    "DataMeta": "run_data",
+    "OpenSetConcat": "open_set",
+    "OpenSetDataset": "open_set",
+    "OpenSetSplit": "splits",
+    "RunData": "run_data",
+    "build_run_data": "run_data",
+    "build_source": "sources",
+    "build_transform": "transforms",
+    "per_class_subset": "open_set",
+    "resolve_split": "splits",
+    "split_by_name": "splits",
+    "split_from_reference_file": "splits",
+    "train_val_split": "open_set",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

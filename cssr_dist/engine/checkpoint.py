@@ -380,18 +380,25 @@ class Checkpointer:
         """Load `best/` into the model and statistics; returns its metadata (epoch, fingerprint, ...)."""
         path = self.root / name
         tensors, meta = load_weights(path)
-        model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-        stats = {k[6:]: v for k, v in tensors.items() if k.startswith("stats.")}
-        try:
-            _same_keys(model, self._model_state(), f"{path}/{WEIGHTS_FILE}")
-            self._bare_model().load_state_dict(model)
-            if self.stats is not None:
-                _same_keys(stats, self.stats.state_dict(), f"{path}/{WEIGHTS_FILE} (statistics)")
-                self.stats.load_state_dict(stats)
-        except CheckpointUnusable as err:
-            raise DataError(f"{err}: the weights do not fit this model; evaluate with the run's own "
-                            "config.yaml (model settings)") from None
+        apply_best(tensors, self._bare_model(), self.stats, path / WEIGHTS_FILE,
+                   "evaluate with the run's own config.yaml (model settings)")
         return meta
+
+
+def apply_best(tensors: dict[str, torch.Tensor], model: torch.nn.Module, stats: torch.nn.Module | None,
+               file: Path, hint: str) -> None:
+    """`best/` tensors (`model.*`, `stats.*`) into a bare model and its score statistics, every
+    name and shape checked first: one line (DataError, ending in `hint`) when they are another model's.
+    The one loader of best/ for training, `--test` and tools/predict.py."""
+    for prefix, module, what in (("model.", model, f"{file}"), ("stats.", stats, f"{file} (statistics)")):
+        if module is None:
+            continue
+        part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            _same_keys(part, module.state_dict(), what)
+        except CheckpointMismatch as err:
+            raise DataError(f"{err}: the weights do not fit this model; {hint}") from None
+        module.load_state_dict(part)
 
 
 def _same_keys(loaded: dict[str, torch.Tensor], live: dict[str, torch.Tensor], what: str) -> None:
