@@ -129,10 +129,9 @@ class FailSoftWandBTracker(WandBTracker):
     run id is known only after the checkpoint is restored: `start_tracking` sets them.
     """
 
-    def __init__(self, project: str, warn: Callable[[str], None] | None = None):
+    def __init__(self, project: str):
         super().__init__(project)
         self.failure: str | None = None
-        self._warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
 
     def _guarded(self, what: str, call: Callable[[], Any]) -> Any:
         if self.failure is not None:
@@ -141,8 +140,8 @@ class FailSoftWandBTracker(WandBTracker):
             return call()
         except Exception as err:  # noqa: BLE001 - any W&B failure: the run goes on without W&B
             self.failure = f"{type(err).__name__}: {err}"
-            self._warn(f"W&B {what} failed ({self.failure}); W&B is off for the rest of this attempt (the run "
-                       "folder keeps every record; a restart resumes the W&B run)")
+            print(f"W&B {what} failed ({self.failure}); W&B is off for the rest of this attempt (the run folder "
+                  "keeps every record; a restart resumes the W&B run)", file=sys.stderr, flush=True)
             self._release()
             return None
 
