@@ -194,12 +194,11 @@ def test_requeued_job_resumed_from_the_preemption_checkpoint(preempted):
     for attempt in (0, 1):
         assert sorted(p.name for p in (logs / f"{job}.{attempt}").glob("node*.log")) == ["node0.log", "node1.log"]
     first, second = (logs / f"{job}.0" / "node0.log").read_text(), (logs / f"{job}.1" / "node0.log").read_text()
-    stopped = re.search(r"preempted at step (\d+)(?: \(end of epoch \d+\))?; checkpoint written", first)
+    stopped = re.search(r"preempted at step (\d+)(?: \(end of epoch (\d+)\))?; checkpoint written", first)
     assert stopped, first[-3000:]
     assert "launch.py: workers stopped for requeue" in first
-    step = int(stopped.group(1))
-    resumed = re.search(rf"resuming pre from step_{step:09d} \(epoch (\d), step (\d+)\)", second)
-    assert resumed and (int(resumed[1]), int(resumed[2])) in ((0, step), (1, 0)), second[-3000:]  # mid-epoch or its end
+    step, epoch = int(stopped[1]), int(stopped[2] or 0)  # stopped mid-epoch 1, or after its evaluation
+    assert f"resuming pre from step_{step:09d} (epoch {epoch}, step {step})" in second, second[-3000:]
 
 
 @pytest.mark.slow
