@@ -105,13 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(dump_yaml(cfg), end="")
             return 0
-        from .engine.preemption import REQUEUE_EXIT_CODE, Preempted, mark_preempted
+        from .engine.preemption import REQUEUE_EXIT_CODE, Preempted
         from .engine.runner import evaluate_only, train
 
         try:
             evaluate_only(cfg) if args.test else train(cfg)
-        except Preempted:
-            mark_preempted()
+        except Preempted:  # the checkpoint is written and the launcher's marker left (runner.train)
             return REQUEUE_EXIT_CODE
     except CssrError as err:
         print(f"error: {err}", file=sys.stderr)

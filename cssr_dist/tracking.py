@@ -169,8 +169,7 @@ class FailSoftWandBTracker(WandBTracker):
                       lambda: super(FailSoftWandBTracker, self).log_images(values, step, **kwargs))
 
     def finish(self) -> None:
-        if self.failure is None and getattr(self, "run", None) is not None:
-            self._guarded("finish", super().finish)
+        self._guarded("finish", super().finish)
 
 
 def wandb_tracker(cfg: Config) -> list[FailSoftWandBTracker] | None:

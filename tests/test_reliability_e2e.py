@@ -124,8 +124,7 @@ def test_a_dead_wandb_service_costs_one_line_not_the_preemption_checkpoint(tmp_p
     """Slurm signals every process of the step, W&B's service (own session) included: with the
     service killed first, the run still writes its preemption checkpoint, exits 42 with one
     W&B line and no traceback, and the requeued attempt resumes and finishes with W&B on."""
-    wandb_on = [a for a in TINY if a != "tracking.wandb=false"] + ["tracking.log_every=1"]
-    cmd = [sys.executable, str(ROOT / "train.py"), *wandb_on, *LONG[:2], "run.checkpoint_every_steps=4", "run.name=w",
+    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, *LONG, "tracking.wandb=true", "run.name=w",
            f"run.output_dir={tmp_path / 'runs'}"]
     with open(tmp_path / "stdout.log", "w") as stdout:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(tmp_path), stdout=stdout, stderr=subprocess.PIPE,
@@ -145,8 +144,7 @@ def test_a_dead_wandb_service_costs_one_line_not_the_preemption_checkpoint(tmp_p
     stopped = re.search(r"preempted at step (\d+)", out + err)
     assert stopped, (out + err)[-3000:]
     assert (run / "checkpoints" / f"step_{int(stopped[1]):09d}" / "trainer_state.json").is_file()
-    resumed = train(tmp_path, *LONG[:2], "run.checkpoint_every_steps=4", "run.name=w", "tracking.wandb=true",
-                    "tracking.log_every=1", timeout=280)
+    resumed = train(tmp_path, *LONG, "run.name=w", "tracking.wandb=true", timeout=280)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"from step_{int(stopped[1]):09d}" in resumed.stdout + resumed.stderr
     assert len(list((run / "wandb").glob("offline-run-*"))) >= 1

@@ -44,7 +44,8 @@ class PreemptionFlag:
 
 
 class Preempted(Exception):
-    """Raised after the checkpoint is written; train.py exits with REQUEUE_EXIT_CODE."""
+    """Raised after the checkpoint is written; `runner.train` leaves the launcher's marker
+    (`mark_preempted`) and train.py exits with REQUEUE_EXIT_CODE."""
 
 
 def mark_preempted(reason: str = "checkpoint written") -> None:
