@@ -27,7 +27,7 @@ from ..eval.evaluator import Evaluator
 from ..eval.plots import write_evaluation_plots
 from ..eval.report import metrics_table
 from ..models.losses import build_loss
-from ..models.osr_model import build_model, compile_or_eager
+from ..models.osr_model import build_model, compile_or_eager, resolve_compile_mode
 from ..protocol import batch_plan, describe_protocol
 from ..scoring.scores import Scorer, primary_score
 from ..tracking import (RunFolder, config_fingerprint, environment_record, log_evaluation, new_run_id,
@@ -72,7 +72,7 @@ class Run:
             self.model = self.model.to(memory_format=torch.channels_last)
         channels = self.model.feature_channels(cfg.data.in_chans, cfg.data.image_size)
         if cfg.model.compile:
-            self.model = compile_or_eager(self.model, cfg.model.compile_mode)
+            self.model = compile_or_eager(self.model, resolve_compile_mode(cfg.model.compile_mode, cfg.data.image_size))
         primary = primary_score(cfg.model.head, cfg.run.method, cfg.eval.score)
         self.scorer = Scorer(cfg.model.head, num_classes, channels, primary).to(acc.device)
         self.loss_fn = build_loss(cfg.model.head)
