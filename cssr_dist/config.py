@@ -96,7 +96,7 @@ class ModelConfig:
     clamp: float = option('logits are clamped to [-clamp, clamp]', 100.0)
     freeze_backbone: bool = option('backbone in eval mode without gradients (cssr_ft)', False)
     class_chunk: int | None = option('classes per chunk in the CSSR L1 kernel (default: sized for cache)', None)
-    l1_kernel: str = option('CSSR L1 distance: auto (fused Triton kernel on CUDA, measured 4.8-5.5x faster on an H200; chunked elsewhere) | chunked | triton (fused kernel, CUDA)', "auto")
+    l1_kernel: str = option('CSSR L1 distance: auto (fused Triton kernel on CUDA, measured 4.7-5.4x faster on an H200; chunked elsewhere) | chunked | triton (fused kernel, CUDA)', "auto")
     sync_bn: bool = option('SyncBatchNorm across ranks', False)
     channels_last: bool = option('channels-last memory format', False)
     compile: bool = option('torch.compile the model (falls back to eager when unavailable)', False)
