@@ -41,10 +41,10 @@ from torchvision import transforms as tv_transforms  # noqa: E402
 
 from cssr_dist.config import DataConfig  # noqa: E402
 from cssr_dist.data.batch_transform import split_at_to_tensor  # noqa: E402
-from cssr_dist.data.shards.cli import ShardOptions, make_shard_set  # noqa: E402
-from cssr_dist.data.shards.listings import list_imagefolder  # noqa: E402
-from cssr_dist.data.shards.stream import build_shard_loaders  # noqa: E402
-from cssr_dist.data.shards.stream import TAR_READER_ENV  # noqa: E402
+from cssr_dist.apps.make_shards.cli import ShardOptions, make_shard_set  # noqa: E402
+from cssr_dist.data.layouts import list_imagefolder  # noqa: E402
+from cssr_dist.data.readers.shards import build_shard_loaders  # noqa: E402
+from cssr_dist.data.readers.shards import TAR_READER_ENV  # noqa: E402
 from cssr_dist.data.splits import OpenSetSplit  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -270,7 +270,7 @@ def decode_rate(prefix: str, decode_on: str, workers: int, batch: int, batches: 
     process; the caller pins it to DECODE_CORES cores. Ends with the batch on the device."""
     from cssr_dist.config import DataConfig
     from cssr_dist.data.device_augment import DeviceBatchStage
-    from cssr_dist.data.shards.stream import ShardLoader, ShardSet, ShardStream
+    from cssr_dist.data.readers.shards import ShardLoader, ShardSet, ShardStream
     from cssr_dist.data.transforms import build_train_transform
 
     torch.set_num_threads(1)

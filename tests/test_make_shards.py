@@ -18,11 +18,11 @@ import pytest
 import scipy.io
 import webdataset as wds
 
-from cssr_dist.data.shards import cli as make_shards_cli
-from cssr_dist.data.shards.cli import main, verify_shard_set
+from cssr_dist.apps.make_shards import cli as make_shards_cli
+from cssr_dist.apps.make_shards.cli import main, verify_shard_set
 from cssr_dist.data.shards.index import read_index
-from cssr_dist.data.shards.writer import TAR_OVERHEAD
-from cssr_dist.data.shards.stream import iter_shard
+from cssr_dist.apps.make_shards.writer import TAR_OVERHEAD
+from cssr_dist.data.readers.shards import iter_shard
 
 REPO = Path(__file__).resolve().parents[1]
 WNIDS = ["n01440764", "n01443537", "n01484850"]

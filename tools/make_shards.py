@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from cssr_dist.data.shards.cli import main  # noqa: E402
+from cssr_dist.apps.make_shards.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,7 +7,7 @@ PATH: image files, folders of images (recursive) or shard prefixes made by tools
 The run's config.yaml, best checkpoint (weights + score statistics, safetensors) and the
 threshold its summary.json chose on validation are restored; nothing in the run folder is
 unpickled or executed. Each row: path, prediction (class name or `unknown`: score below the
-threshold), score, threshold, closed-set class. Logic: cssr_dist.predict.
+threshold), score, threshold, closed-set class. Logic: cssr_dist.apps.predict.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights come from the run folder, never the network
 
-from cssr_dist.predict import main  # noqa: E402
+from cssr_dist.apps.predict import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

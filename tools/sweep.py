@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cssr_dist.errors import CssrError  # noqa: E402
-from cssr_dist.sweep import expand, main_launcher_default, run_local, slurm_submission  # noqa: E402
+from cssr_dist.apps.sweep import expand, main_launcher_default, run_local, slurm_submission  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["DEFAULT_SPLITS", "RunSpec", "expand", "run_state", "train_command", "run_local", "slurm_submission",
            "format_duration"]
