@@ -334,10 +334,12 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys):
     assert "needs --dataset" in capsys.readouterr().err
 
 
-def test_tool_script_runs_from_a_checkout(tmp_path):
+def test_tool_script_is_a_thin_wrapper_of_the_installed_package(tmp_path):
+    """tools/make_shards.py patches no sys.path: it imports the package as installed (`pip install -e .`
+    puts the checkout on the path; PYTHONPATH stands in for it here, the shared venv's install being another)."""
     jpeg(tmp_path / "ood" / "x.jpg", 3)
     result = subprocess.run([sys.executable, str(REPO / "tools" / "make_shards.py"), "--source", "ood", "--root",
                              str(tmp_path / "ood"), "--out", str(tmp_path / "o"), "--no-progress"],
-                            capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
+                            capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "o.json").read_text())["total"] == 1

@@ -1,11 +1,10 @@
-#!/usr/bin/env python
 """Paper-style table from finished runs: rows methods (x scores), columns data sets, cells
-mean ± std over splits; lists missing and unfinished runs. Logic: cssr_dist/results.py.
+mean ± std over splits; lists missing and unfinished runs (`cssr-collect`). Logic: results.py.
 
-    python tools/collect_metrics.py runs/ --metric auroc --scores primary msp mls energy
-    python tools/collect_metrics.py runs/ --metric oscr --format latex --percent
-    python tools/collect_metrics.py runs/ --source wandb          # from the offline W&B files
-    python tools/collect_metrics.py runs/ --datasets mnist --methods linear rcssr   # expect a sweep grid
+    cssr-collect runs/ --metric auroc --scores primary msp mls energy
+    cssr-collect runs/ --metric oscr --format latex --percent
+    cssr-collect runs/ --source wandb          # from the offline W&B files
+    cssr-collect runs/ --datasets mnist --methods linear rcssr   # expect a sweep grid
 """
 
 from __future__ import annotations
@@ -14,12 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from cssr_dist.errors import CssrError  # noqa: E402
-from cssr_dist.results import build_table, render, scan  # noqa: E402
-from cssr_dist.sweep import expand  # noqa: E402
+from ..errors import CssrError
+from .results import build_table, render, scan
+from .sweep import REPO_ROOT, expand
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", choices=["markdown", "csv", "latex"], default="markdown")
     p.add_argument("--digits", type=int, default=3)
     p.add_argument("--percent", action="store_true", help="x100, as the paper's tables")
-    p.add_argument("--datasets", nargs="+", help="expected grid (as tools/sweep.py): lists missing runs")
+    p.add_argument("--datasets", nargs="+", help="expected grid (as cssr-sweep): lists missing runs")
     p.add_argument("--methods", nargs="+", default=["linear", "pcssr", "rcssr"])
     p.add_argument("--splits", nargs="+")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -43,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         results = scan(args.paths, args.source, args.wandb_prefix)
-        expected = (expand(args.datasets, args.methods, args.splits, args.seeds, args.tag, ROOT / "configs")
+        expected = (expand(args.datasets, args.methods, args.splits, args.seeds, args.tag, REPO_ROOT / "configs")
                     if args.datasets else None)
         table = build_table(results, args.metric, args.scores, args.eval_set, expected)
     except CssrError as err:

@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """Convert a weight file of another layout onto a timm model, written as safetensors.
 
-    python tools/convert_weights.py SOURCE.pth MODEL_NAME OUT.safetensors
-    python tools/convert_weights.py efficientnet-lite0-57934424.pth tf_efficientnet_lite0 lite0.safetensors
+    cssr-convert-weights SOURCE.pth MODEL_NAME OUT.safetensors
+    cssr-convert-weights efficientnet-lite0-57934424.pth tf_efficientnet_lite0 lite0.safetensors
 
 Tensors are matched by ORDER with a shape check on every pair (the file must be the same
 architecture under other key names, with or without its classifier); any mismatch refuses
@@ -14,14 +13,11 @@ read (safetensors, or torch.load with weights_only=True). Logic: cssr_dist.model
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # building the timm model never needs the network
-
-from cssr_dist.errors import CssrError  # noqa: E402
+from ..errors import CssrError
+from ..models.backbones import check_backbone_name
+from ..models.pretrained import convert_weights
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,9 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out.endswith(".safetensors"):
         print(f"error: {args.out} must end in .safetensors", file=sys.stderr)
         return 2
-    from cssr_dist.models.backbones import check_backbone_name
-    from cssr_dist.models.pretrained import convert_weights
-
     try:
         check_backbone_name(args.model)
         done = convert_weights(args.source, args.model, args.out)

@@ -42,6 +42,7 @@ from ..data.shards.samples import CorruptSample, check_members, decode_image, it
 from ..data.transforms import build_transform
 from ..engine.build import build_model_and_scorer
 from ..engine.checkpoint import WEIGHTS_FILE, apply_best, load_weights
+from ..models.backbones import resolve_backbone_data_config
 from ..errors import ConfigError, DataError
 
 #: Where a run keeps the selected weights + score statistics (engine/checkpoint.py writes it).
@@ -143,6 +144,7 @@ def restore_run(run_dir: str | os.PathLike, device: str = "auto", threshold: flo
     if not path.is_dir():
         raise DataError(f"run folder {path} does not exist; pass --run runs/<run.name>")
     cfg = read_run_config(path)
+    cfg.data = resolve_backbone_data_config(cfg.model, cfg.data)  # config.yaml holds them; older runs may not
     torch_device = resolve_device(device)
     # every weight comes from best/: no pretrained file or cache is needed (or read) here
     model_cfg = dataclasses.replace(cfg.model, pretrained=False, pretrained_file=None, compile=False, sync_bn=False,

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Evaluate one finished run's best checkpoint again under evaluation variants, same weights.
 
 Answers "does this evaluation option change the numbers?" without retraining: BatchNorm
@@ -11,17 +10,21 @@ weight (1/std) in `integrated`. Two combinations fitted on the validation KNOWNS
 (`val_z`, `val_rank`, see `validation_combinations`) are reported beside them; nothing here
 looks at test labels to choose anything. Nothing is written to the run folder.
 
-    python tools/reevaluate.py runs/NAME --variants base recal stats_train --json out.json
+    cssr-reevaluate runs/NAME --variants base recal stats_train --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+
+from ..config import load_config
+from ..distributed import eval_module
+from ..engine.runner import Run
+from ..eval import metrics
 
 VARIANTS = {
     "base": [],
@@ -35,8 +38,6 @@ def validation_combinations(val: dict, test: dict, terms) -> dict:
     """Two ways to add the terms with moments / quantiles of the validation knowns instead of the
     training images: `val_z` (z-scores), `val_rank` (sum of log empirical CDF: robust to the
     heavy tail of S2, whose Gram power 8 makes a few images dominate its std)."""
-    import numpy as np
-
     val_z = np.zeros(len(test["labels"]))
     val_rank = np.zeros(len(test["labels"]))
     for n in terms:
@@ -49,13 +50,7 @@ def validation_combinations(val: dict, test: dict, terms) -> dict:
 
 
 def evaluate_variant(run_dir: Path, overrides: list[str]) -> dict:
-    import numpy as np
-
-    from cssr_dist.config import load_config
-    from cssr_dist.engine.runner import Run
-    from cssr_dist.eval import metrics
-    from cssr_dist.distributed import eval_module
-
+    """One variant: the run's best weights, statistics refitted under `overrides`; nothing written."""
     cfg = load_config(str(run_dir / "config.yaml"), [*overrides, "tracking.wandb=false", "run.progress=false",
                                                       f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}"])
     run = Run(cfg, test_only=True)

@@ -26,16 +26,17 @@ from ..errors import ConfigError
 from ..eval.evaluator import Evaluator
 from ..eval.plots import write_evaluation_plots
 from ..eval.report import metrics_table
+from ..models.backbones import resolve_backbone_data_config
 from ..models.losses import build_loss
 from ..models.osr_model import compile_or_eager
 from ..protocol import batch_plan, describe_protocol
-from ..tracking import (RunFolder, config_fingerprint, environment_record, log_evaluation, new_run_id,
-                        start_tracking, stop_tracking, wandb_tracker)
+from ..tracking import log_evaluation, new_run_id, start_tracking, stop_tracking, wandb_tracker
 from .build import build_model_and_scorer
 from .checkpoint import Checkpointer, TrainerState
 from .distributed import process_group_kwargs
 from .optim import build_optimizer
 from .preemption import Preempted, PreemptionFlag, mark_preempted
+from .run_folder import RunFolder, config_fingerprint, environment_record
 from .schedule import build_scheduler
 from .trainer import Trainer
 
@@ -50,6 +51,9 @@ class Run:
     """One experiment on this rank: the assembled components, shared by training and --test."""
 
     def __init__(self, cfg: Config, test_only: bool = False):
+        # null data.mean/std/image_size: the backbone's own (timm), resolved before the fingerprint
+        # and config.yaml so that both show the values the run used
+        cfg.data = resolve_backbone_data_config(cfg.model, cfg.data)
         self.cfg = cfg
         self.folder = RunFolder(cfg)
         self.fingerprint = config_fingerprint(cfg)  # of the config as given (before the per-process batch)

@@ -18,7 +18,6 @@ from typing import Iterable
 import PIL.Image
 import webdataset as wds
 
-from ...data.layouts import Record
 from ...data.shards.index import KEY_FORMAT, ShardInfo
 from ...errors import DataError
 

@@ -23,7 +23,7 @@ from .index import ALLOWED_EXTS, IMAGE_EXTS
 from .tar import open_tar_stream, tar_members
 
 #: The project's tar reader (tar.py) is kept only while the end-to-end loader benchmark
-#: measures it at least 5% faster than webdataset's `tar_file_iterator` (tools/bench_data.py
+#: measures it at least 5% faster than webdataset's `tar_file_iterator` (benchmarks/bench_data.py
 #: --tar-readers; docs/benchmarks/data.md). `CSSR_DIST_TAR_READER=webdataset` switches, for
 #: that benchmark.
 TAR_READER_ENV = "CSSR_DIST_TAR_READER"
