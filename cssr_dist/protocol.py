@@ -1,7 +1,7 @@
 """Evaluation protocols: which numbers a run reports, and under which rules.
 
 Two protocols (``eval.protocol``), both legitimate, giving different numbers for the same
-model (ALGORITHM.md §3-§5):
+model (docs/method.md §3-§5):
 
 * ``clean`` (default, for new work): a validation slice of the known training images picks
   the best checkpoint and the macro-F1 threshold; score statistics come from test-transformed
@@ -43,7 +43,7 @@ REFERENCE_SETTINGS: dict[str, object] = {
     "eval.recalibrate_bn": False,  # ... and BatchNorm statistics as training left them
 }
 
-#: The reference recipe's batch: 128 images on one GPU (ALGORITHM.md §5).
+#: The reference recipe's batch: 128 images on one GPU (docs/method.md §5).
 RECIPE_BATCH = 128
 
 

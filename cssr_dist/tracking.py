@@ -8,6 +8,7 @@ configured, because wandb with a key but no network blocks for minutes.
 
 from __future__ import annotations
 
+import io
 import json
 import netrc
 import os
@@ -18,9 +19,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 from accelerate.tracking import WandBTracker
+from PIL import Image
 
-from .config import Config
+from .config import Config, to_dict
+from .eval import metrics
+from .eval.plots import histogram_figure, per_class_rows, thin_curve
 
 def wandb_has_api_key() -> bool:
     """True when wandb could authenticate: WANDB_API_KEY or a netrc entry for the API host."""
@@ -101,8 +106,6 @@ def wandb_config(cfg: Config, world_size: int | None = None) -> dict[str, Any]:
     Only the config schema's values go in: no environment variable is read, so no API key
     or other secret can reach the W&B config.
     """
-    from .config import to_dict
-
     config = {k: (str(v) if isinstance(v, list) else v) for k, v in flatten("", to_dict(cfg)).items()}
     config.update({"git_revision": git_revision(), "split": split_name(cfg), "world_size": world_size,
                    "experiment_group": experiment_group(cfg)})
@@ -144,7 +147,7 @@ class FailSoftWandBTracker(WandBTracker):
     def _release() -> None:
         """Drop W&B's service connection now, so its exit hook does not fail again at exit."""
         try:
-            import wandb
+            import wandb  # start-up time: wandb loads only when a W&B run exists
 
             wandb.teardown()
         except Exception:  # noqa: BLE001 - the service is gone; nothing left to release
@@ -200,14 +203,7 @@ def evaluation_payload(summary: dict, scores: dict, labels, prefix: str) -> dict
     (`<prefix>/tables/per_unknown_class_auroc`; its values are also scalars), and the AUROC of
     every score, the CSSR terms s0/s1/s2 included, under `<prefix>/auroc_by_score/<score>`
     (the summary holds only the primary score and `eval.baselines`)."""
-    import io
-
-    import numpy as np
-    import wandb
-    from PIL import Image
-
-    from .eval import metrics
-    from .eval.plots import histogram_figure, per_class_rows, thin_curve
+    import wandb  # start-up time: wandb loads only when a W&B run exists
 
     labels = np.asarray(labels)
     known = labels >= 0

@@ -278,7 +278,7 @@ def test_seeded_samples_make_augmentation_a_function_of_the_sample():
 
 
 def test_imagenet_config_carries_the_fine_tuning_recipe():
-    """configs/imagenet/rcssr.yaml, what slurm/imagenet_rcssr.sh runs by default (ALGORITHM.md §5)."""
+    """configs/imagenet/rcssr.yaml, what slurm/imagenet_rcssr.sh runs by default (docs/method.md §5)."""
     from cssr_dist.cli import config_from_args, parse
 
     cfg = config_from_args(parse(["--config", "configs/imagenet/rcssr.yaml"]))

@@ -19,6 +19,7 @@ Inputs are image files, folders (every image below, sorted) or shard prefixes ma
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import io
@@ -302,7 +303,6 @@ def summary_line(rows: list[dict], run: RestoredRun) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
 
     p = argparse.ArgumentParser(prog="predict.py", description="Known class or 'unknown' per image, from a trained run.")
     p.add_argument("--run", required=True, help="run folder (runs/<run.name>) with config.yaml, checkpoints/best, summary.json")

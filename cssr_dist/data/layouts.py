@@ -149,7 +149,7 @@ def read_id_map(path: str | Path) -> dict[int, str]:
     if not path.is_file():
         raise DataError(f"ILSVRC id map not found: {path}; pass the devkit's data/meta.mat or an 'id wnid' file")
     if path.suffix == ".mat":
-        import scipy.io
+        import scipy.io  # start-up time: scipy only for the devkit's meta.mat
 
         synsets = scipy.io.loadmat(str(path), squeeze_me=True)["synsets"]
         return {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}

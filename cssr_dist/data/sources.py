@@ -96,7 +96,7 @@ def _svhn(root: Path, train: bool, download: bool) -> ArraySource:
         builtin_data.torchvision_download("SVHN", root, train=train)
     if not path.is_file():
         raise _missing("SVHN", path, "set data.download=true or put train_32x32.mat / test_32x32.mat in data.root")
-    from scipy.io import loadmat
+    from scipy.io import loadmat  # start-up time: scipy only for SVHN's .mat files
 
     mat = loadmat(str(path))
     images = np.ascontiguousarray(np.transpose(mat["X"], (3, 0, 1, 2)), dtype=np.uint8)
