@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .protocol import apply_protocol
 
 
 def option(help: str, default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING) -> Any:
@@ -355,15 +356,11 @@ def validate(cfg: Config) -> Config:
 
 def build_config(tree: dict, where: str = "") -> Config:
     """Schema-checked config with its evaluation protocol applied (eval.protocol), so the
-    saved config.yaml shows the settings the run really used."""
-    from .protocol import apply_protocol  # protocol.py reads this module's schema
-
-    cfg = validate(apply_protocol(validate(_build(Config, tree, "", where))))
-    if cfg.data.mean is None or cfg.data.image_size is None:  # "the backbone's own": ask timm once
-        from .models.backbones import resolve_backbone_data_config
-
-        cfg.data = resolve_backbone_data_config(cfg.model, cfg.data)
-    return validate(cfg)
+    saved config.yaml shows the settings the run really used. Null data.mean/std/image_size
+    ("the backbone's own") stay null here: the engine resolves them from timm's tables as a
+    step of its own (`models.backbones.resolve_backbone_data_config`), so this schema needs
+    no model registry."""
+    return validate(apply_protocol(validate(_build(Config, tree, "", where))))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

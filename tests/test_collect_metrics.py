@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cssr_dist.results import build_table, metric_value, read_run_folder, render, scan
-from cssr_dist.sweep import expand
+from cssr_dist.apps.results import build_table, metric_value, read_run_folder, render, scan
+from cssr_dist.apps.sweep import expand
 
 ROOT = Path(__file__).resolve().parent.parent
 

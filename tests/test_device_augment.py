@@ -19,9 +19,9 @@ import torch
 
 from cssr_dist.config import DataConfig
 from cssr_dist.data.device_augment import DeviceBatchStage, EncodedImages, collate_encoded, device_stage
-from cssr_dist.data.shards.cli import ShardOptions, make_shard_set
-from cssr_dist.data.shards.listings import list_imagefolder
-from cssr_dist.data.shards.stream import build_shard_loaders
+from cssr_dist.apps.make_shards.cli import ShardOptions, make_shard_set
+from cssr_dist.data.layouts import list_imagefolder
+from cssr_dist.data.readers.shards import build_shard_loaders
 from cssr_dist.data.splits import OpenSetSplit
 from cssr_dist.data.transforms import build_test_transform
 from cssr_dist.errors import ConfigError, DataError

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cssr_dist.data.run_data import eval_loader
+from cssr_dist.data.readers.native import eval_loader
 from cssr_dist.distributed import gather_by_id
 from tests.helpers import ROOT, VENV_BIN, free_port, launch_train, run_session
 from tests.helpers import test_env as run_env
@@ -254,7 +254,7 @@ def test_process_group_timeout_from_the_environment(monkeypatch):
 
 def test_seeded_samples_make_augmentation_a_function_of_the_sample():
     """The same (seed, epoch, index) gives the same random draws whatever was drawn before."""
-    from cssr_dist.data.run_data import SeededSamples
+    from cssr_dist.data.readers.native import SeededSamples
 
     class Noise(torch.utils.data.Dataset):
         def __len__(self):
@@ -278,7 +278,7 @@ def test_seeded_samples_make_augmentation_a_function_of_the_sample():
 
 
 def test_imagenet_config_carries_the_fine_tuning_recipe():
-    """configs/imagenet/rcssr.yaml, what slurm/imagenet_rcssr.sh runs by default (ALGORITHM.md §5)."""
+    """configs/imagenet/rcssr.yaml, what slurm/imagenet_rcssr.sh runs by default (docs/method.md §5)."""
     from cssr_dist.cli import config_from_args, parse
 
     cfg = config_from_args(parse(["--config", "configs/imagenet/rcssr.yaml"]))

@@ -1,6 +1,6 @@
 """Train and test transforms: PIL image -> normalised float tensor [C, image_size, image_size].
 
-`data.train_augment` picks the training recipe: 'cssr' (ALGORITHM.md section 5 exactly;
+`data.train_augment` picks the training recipe: 'cssr' (docs/method.md §5 exactly;
 `data.manual_contrast` belongs to it and is ignored by the others), 'flip_crop',
 'flip_crop_cutout' (flip, crop and the recipe's grey cutout without the op pool: the
 built-in Fashion-MNIST default, chosen by docs/recipe_sweep.md), 'imagenet' (fine-tuning)

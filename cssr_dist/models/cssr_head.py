@@ -2,7 +2,7 @@
 
     z_k(p) = sign * gamma * || AE_k(x_p) - x_p ||      clamped to [-clamp, clamp]
 
-(ALGORITHM.md section 1; sign -1 = PCSSR, +1 = RCSSR; L1 norm, or squared L2.)
+(docs/method.md §1; sign -1 = PCSSR, +1 = RCSSR; L1 norm, or squared L2.)
 
 The K auto-encoders are stored as batched weights ([K, out, in] per layer, i.e. K 1x1
 convs without bias) so every layer is ONE GEMM over all classes. The last decoder layer,

@@ -173,7 +173,7 @@ def compile_or_eager(model: nn.Module, mode: str = "default") -> nn.Module:
     """torch.compile (model.compile_mode; reduce-overhead = CUDA graphs) with a silent fallback
     to eager where a graph fails (e.g. no compiler)."""
     try:
-        import torch._dynamo
+        import torch._dynamo  # start-up time: dynamo loads only for model.compile=true
 
         torch._dynamo.config.suppress_errors = True
         return torch.compile(model, mode=mode)

@@ -1,7 +1,7 @@
 """Per-sample open-set scores (higher = more likely KNOWN) and a registry to pick them by name.
 
 Inputs are one model output: features x [B, C, H, W] and the per-pixel logit map
-z [B, K, H, W]. Heads work per pixel; every score averages over pixels (ALGORITHM.md 3).
+z [B, K, H, W]. Heads work per pixel; every score averages over pixels (docs/method.md §3).
 
 * ``s0``: the head score. RCSSR: mean_p z_pred(p). PCSSR: mean_p z_pred(p) / m(p)^2 with
   m(p) = mean_c |x_c(p)| + PCSSR_EPS (the reference divides by zero for an all-zero

@@ -24,7 +24,8 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
-from .errors import DataError
+from ..errors import DataError
+from ..wandb_offline import find_offline_runs, read_offline_run
 from .sweep import RunSpec
 
 __all__ = ["RunResult", "read_run_folder", "read_wandb_run", "scan", "metric_value", "Table", "build_table",
@@ -94,7 +95,6 @@ def _unflatten(flat: dict[str, Any]) -> dict:
 def read_wandb_run(path: str | Path, prefix: str = "final") -> RunResult | None:
     """A run's result from its latest offline W&B run: the config W&B holds and the summary
     keys logged under `prefix/` (unfinished when there are none)."""
-    from .wandb_offline import find_offline_runs, read_offline_run
 
     path = Path(path)
     runs = find_offline_runs(path) if not path.name.startswith("offline-run-") else [path]
