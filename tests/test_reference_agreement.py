@@ -8,8 +8,8 @@ the reference's numbers. A drift in the project's math (an activation slope, a B
 momentum, the layer order, the head's error, the loss's pooling, a score or a metric
 definition, the augmentation pool) fails a test.
 
-Everything runs in float64: the comparisons then test the math, not the rounding of one
-machine's BLAS.
+The network tests run in float64, so they test the math, not the rounding of one machine's
+BLAS; the score tests run in float32, the precision of the evaluation.
 """
 
 from __future__ import annotations
