@@ -71,6 +71,7 @@ class DataConfig:
     train_augment: str = option("cssr (the paper's pool + cutout) | flip_crop | flip_crop_cutout (flip, crop, grey cutout of half the side) | imagenet | none", "cssr")
     manual_contrast: bool = option('multiply normalised images by U(0.1, 2) (cssr recipe)', True)
     test_resize: int | None = option('resize shorter side to this before the centre crop at test time', None)
+    fit: str = option("how an image of another size reaches data.image_size: resize (shorter side, then centre crop) | pad (a centred zero border around a smaller image, e.g. 28 px Fashion-MNIST in a 32 px network as the reference code ran it; larger images are resized)", "resize")
     val_fraction: float = option('fraction of known training images held out for validation (thresholds, best checkpoint)', 0.1)
     train_per_class: int | None = option('cap of training images per known class (subsets)', None)
     test_per_class: int | None = option('cap of test images per class', None)
@@ -180,6 +181,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("native", "shards"),
     "data.split_family": ("builtin", "cssr", "arpl", "none"),
     "data.train_augment": ("cssr", "flip_crop", "flip_crop_cutout", "imagenet", "none"),
+    "data.fit": ("resize", "pad"),
     "model.head": ("linear", "pcssr", "rcssr"),
     "model.distance": ("l1", "l2"),
     "model.l1_kernel": ("auto", "chunked", "triton"),

@@ -166,3 +166,5 @@ def test_device_mode_is_opt_in_and_refuses_cpu_only_augmentations(shards):
         DeviceBatchStage(config(shards, "device", train_augment="cssr"), training=True, device="cpu")
     assert isinstance(device_stage(config(shards, "device", train_augment="cssr"), training=False, device="cpu"),
                       DeviceBatchStage)  # evaluation has one geometry whatever the training recipe
+    with pytest.raises(ConfigError, match="data.fit=pad is not supported"):
+        DeviceBatchStage(config(shards, "device", fit="pad"), training=False, device="cpu")

@@ -103,6 +103,8 @@ class DeviceBatchStage:
                               f"{' | '.join(DEVICE_AUGMENTS)}, not {self.kind!r}; use decode_on=cpu for it")
         if data_cfg.in_chans not in (1, 3):
             raise ConfigError(f"data.in_chans = {data_cfg.in_chans} is not supported; use 1 (grey) or 3 (RGB)")
+        if getattr(data_cfg, "fit", "resize") != "resize":
+            raise ConfigError("data.fit=pad is not supported with data.shards.decode_on=device; use decode_on=cpu")
         self.device = torch.device(device)
         self.size, self.channels = int(data_cfg.image_size), int(data_cfg.in_chans)
         self.test_resize = data_cfg.test_resize
