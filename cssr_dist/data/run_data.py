@@ -81,11 +81,15 @@ class RunData:
     ood: dict[str, Any]
     meta: DataMeta
     device: Any = "cpu"  # where collectives over data counts run (the accelerator's device)
+    #: the train_eval images under the TRAINING augmentation (augmented_statistics only):
+    #: the reference protocol's z-normalisation moments
+    train_eval_augmented: Any | None = None
 
     def corrupt_samples(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, dict[str, int]]:
         """{set: {"seen", "skipped"}} of the evaluation sets that skip corrupt samples (shards),
         summed over ranks by `reduce_sum` (a collective: every rank calls it)."""
-        sets = {"val": self.val, "train_eval": self.train_eval, "test": self.test,
+        sets = {"val": self.val, "train_eval": self.train_eval, "train_eval_augmented": self.train_eval_augmented,
+                "test": self.test,
                 **{f"ood/{name}": loader for name, loader in self.ood.items()}}
         named = {name: loader for name, loader in sets.items() if hasattr(loader, "corrupt_counts")}
         if not named:
@@ -96,7 +100,8 @@ class RunData:
 
     def close(self) -> None:
         """Stop loader workers (shard streams keep a shard open between epochs)."""
-        for loader in (self.train, self.val, self.train_eval, self.test, *self.ood.values()):
+        for loader in (self.train, self.val, self.train_eval, self.train_eval_augmented, self.test,
+                       *self.ood.values()):
             if hasattr(loader, "close"):
                 loader.close()
 
@@ -115,15 +120,16 @@ def build_run_data(data_cfg: Any, seed: int, rank: int = 0, world: int = 1,
                    augmented_statistics: bool = False, device: torch.device | str = "cpu") -> RunData:
     """This rank's share of every set of the run, for data.format native or shards.
 
-    `augmented_statistics`: the statistics set (train_eval) gets the TRAINING transforms,
-    as the reference protocol fits its score statistics (eval.stats_transform=train).
+    `augmented_statistics`: the statistics images also come under the TRAINING transforms
+    (`train_eval_augmented`), for the reference protocol's z-normalisation moments
+    (eval.stats_transform=train); `train_eval` keeps the test transforms.
     `device`: where `data.shards.decode_on: device` decodes and augments (the loaders then
     yield batches already there).
     """
     if not 0 <= rank < world:
         raise DataError(f"rank {rank} is not in 0..{world - 1} (world size {world}); check RANK / WORLD_SIZE")
     train_tf, test_tf = build_transform(data_cfg, train=True), build_transform(data_cfg, train=False)
-    stats_tf = train_tf if augmented_statistics else test_tf
+    stats_tf = train_tf if augmented_statistics else None
     if data_cfg.format == "shards":
         from .shards.stream import shard_run_data
 
@@ -169,17 +175,51 @@ class SeededSamples(Dataset):
             generator.set_state(state)
 
 
-class NativeTrainLoader:
-    """Seeded shuffled full batches of this rank; resumable at a batch without loading the skipped ones."""
+class KeepLastBatchSampler(BatchSampler):
+    """Every sample once per epoch, the last batch partial (as the reference trains), except
+    that a last batch of ONE sample joins the batch before it: BatchNorm in training mode
+    has no variance to normalise one image with where a feature map is 1 x 1."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, rank: int, world: int, num_workers: int):
+    def __init__(self, sampler, batch_size: int):
+        super().__init__(sampler, batch_size, drop_last=False)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        pending = None
+        for batch in super().__iter__():
+            if pending is not None and len(batch) == 1:
+                batch, pending = pending + batch, None
+            if pending is not None:
+                yield pending
+            pending = batch
+        if pending is not None:
+            yield pending
+
+    def __len__(self) -> int:
+        full, tail = divmod(len(self.sampler), self.batch_size)
+        return full + int(tail > 1 or (tail == 1 and full == 0))
+
+
+class NativeTrainLoader:
+    """Seeded shuffled batches of this rank; resumable at a batch without loading the skipped ones.
+
+    `drop_last` (data.drop_last): full batches only (BatchNorm never sees a tiny batch), or
+    every image every epoch (the reference protocol). With several processes the last global
+    batch is then topped up from the start of the epoch's order (Accelerate's even_batches),
+    so every rank takes the same number of equal batches.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, rank: int, world: int, num_workers: int,
+                 drop_last: bool = True):
         if len(dataset) < batch_size * world:
             raise DataError(f"training set has {len(dataset)} samples, fewer than one global batch "
                             f"({batch_size} x {world} processes); lower data.batch_size or enlarge data.train_per_class")
         self.samples = SeededSamples(dataset, seed)
         self.sampler = SeedableRandomSampler(self.samples, data_seed=int(seed))
-        batches = BatchSampler(self.sampler, batch_size, drop_last=True)  # BatchNorm: no tiny last batch
-        self.batch_sampler = batches if world == 1 else BatchSamplerShard(batches, world, rank, even_batches=True)
+        if world == 1 and not drop_last:
+            self.batch_sampler = KeepLastBatchSampler(self.sampler, batch_size)
+        else:
+            batches = BatchSampler(self.sampler, batch_size, drop_last=drop_last)
+            self.batch_sampler = batches if world == 1 else BatchSamplerShard(batches, world, rank, even_batches=True)
         self.num_workers = num_workers
         self._loader = self._data_loader(self.batch_sampler)
 
@@ -227,7 +267,7 @@ def _native_test_set(data_cfg: Any, split: OpenSetSplit, transform: Callable, se
 
 
 def _native_run_data(data_cfg: Any, train_tf: Callable, test_tf: Callable, seed: int, rank: int, world: int,
-                     stats_tf: Callable) -> RunData:
+                     stats_tf: Callable | None) -> RunData:
     def training_source(name: str):
         return build_source(name, data_cfg.root, train=True, download=data_cfg.download)
 
@@ -256,9 +296,10 @@ def _native_run_data(data_cfg: Any, train_tf: Callable, test_tf: Callable, seed:
               "test_known": int((test.labels >= 0).sum()), "test_unknown": int((test.labels < 0).sum()),
               "ood": {name: len(ds) for name, ds in ood.items()}}
     return RunData(
-        train=NativeTrainLoader(train, data_cfg.batch_size, seed, rank, world, workers),
+        train=NativeTrainLoader(train, data_cfg.batch_size, seed, rank, world, workers, data_cfg.drop_last),
         val=evaluate(view(chosen.val, test_tf, "val")) if len(chosen.val) else None,
-        train_eval=evaluate(view(chosen.train_eval, stats_tf, "train_eval")),
+        train_eval=evaluate(view(chosen.train_eval, test_tf, "train_eval")),
+        train_eval_augmented=None if stats_tf is None else evaluate(view(chosen.train_eval, stats_tf, "train_eval")),
         test=evaluate(test),
         ood={name: evaluate(ds) for name, ds in ood.items()},
         meta=DataMeta(split=split, num_classes=split.num_known, class_names=train.known_class_names,
