@@ -78,6 +78,8 @@ class DataConfig:
     stats_per_class: int | None = option('cap of training images per class used for score statistics', None)
     batch_size: int = option('training batch per process (ignored when data.global_batch_size is set)', 128)
     global_batch_size: int | None = option('training batch summed over all processes: per process = global / processes (the recipe holds at any process count); null: data.batch_size per process', None)
+    drop_last: bool = option('drop the last partial training batch of each epoch (data.format native; the reference protocol keeps it: every image trains every epoch)', True)
+    reference_global_batch_size: int | None = option('global training batch under eval.protocol=reference, the batch the reference ran (fine-tuning: 128 on one GPU); null: data.global_batch_size, else data.batch_size read as global', None)
     eval_batch_size: int = option('evaluation batch per process', 256)
     num_workers: int = option('DataLoader workers per process', 2)
     download: bool = option('allow torchvision downloads when files are missing', False)
@@ -124,6 +126,7 @@ class ScheduleConfig:
     milestones: list[float] = option('multistep: epochs where lr is multiplied by schedule.gamma', factory=lambda: [120.0, 190.0])
     gamma: float = option('multistep decay factor', 0.1)
     min_lr: float = option('cosine floor as a fraction of the base lr', 0.0)
+    formula: str = option("project (warm-up (s+1)/W, decay and cosine per step) | reference (the reference code's: warm-up s/W from 0, milestones and cosine per whole epoch; forced by eval.protocol=reference)", "project")
 
 
 @dataclass
@@ -133,8 +136,8 @@ class EvalConfig:
     baselines: list[str] = option('scores reported beside the primary one', factory=lambda: ["msp", "mls", "energy"])
     tpr: float = option('TPR (on validation knowns) that sets the macro-F1 threshold', 0.95)
     select_best_by: str = option("val_acc | val_loss | last: which checkpoint is 'best' (never test metrics)", "val_acc")
-    protocol: str = option("clean (validation slice, best-by-validation, clean metric definitions) | reference (the paper's: all training images, last epoch, reference AUPR/FPR95, train-transform statistics); see cssr_dist/protocol.py", "clean")
-    stats_transform: str = option("test | train: transform of the training images behind the score statistics (reference: train, the strong augmentation)", "test")
+    protocol: str = option("clean (validation slice, best-by-validation, clean metric definitions) | reference (the paper's: all training images every epoch, last epoch, its lr formula, reference AUPR/FPR95/OSCR, z-norm moments from augmented images); see cssr_dist/protocol.py", "clean")
+    stats_transform: str = option("test | train: transform of the training images behind the z-normalisation moments of the integrated score (reference: train, the strong augmentation); prototypes and Gram means always use test transforms", "test")
     recalibrate_bn: bool = option("recompute BatchNorm running statistics on training images (test transforms) before evaluating", False)
     recalibrate_bn_batches: int | None = option("batches per process for BatchNorm recalibration (null: the whole training set)", None)
 
@@ -189,6 +192,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.shards.decode_on": ("cpu", "device"),
     "optim.name": ("sgd", "adamw"),
     "schedule.kind": ("multistep", "cosine", "constant"),
+    "schedule.formula": ("project", "reference"),
     "run.method": ("cssr", "cssr_ft"),
     "run.mixed_precision": ("no", "fp16", "bf16"),
     "eval.select_best_by": ("val_acc", "val_loss", "last"),
@@ -336,8 +340,9 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"'{key}' = {value!r} is not valid; {hint}")
     if cfg.data.batch_size < 1 or cfg.data.eval_batch_size < 1:
         raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
-    if cfg.data.global_batch_size is not None and cfg.data.global_batch_size < 1:
-        raise ConfigError("data.global_batch_size must be >= 1 (or null: data.batch_size per process)")
+    for key in ("global_batch_size", "reference_global_batch_size"):
+        if getattr(cfg.data, key) is not None and getattr(cfg.data, key) < 1:
+            raise ConfigError(f"data.{key} must be >= 1 (or null)")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction = {cfg.data.val_fraction} must be in [0, 1)")
     if cfg.schedule.epochs < 1:

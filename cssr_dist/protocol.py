@@ -8,11 +8,14 @@ model (docs/method.md §3-§5):
   training images; AUPR is average precision; FPR95 is taken at the first threshold reaching
   TPR 0.95, reported with known and with OOD as the positive class.
 * ``reference``: the CSSR paper's protocol, for reproducing its tables: every known
-  training image trains (no validation slice), the LAST epoch is evaluated, the recipe's
-  batch is the GLOBAL batch at any process count, score statistics come from the strongly
-  augmented training images, AUPR / FPR95 use the reference code's definitions, and
-  macro-F1 is not reported (the reference tunes its threshold on the test set; without a
-  validation slice there is no honest threshold).
+  training image trains, every epoch (no validation slice, the last partial batch kept),
+  the LAST epoch is evaluated, the recipe's batch is the GLOBAL batch at any process count
+  (`data.reference_global_batch_size` where the config's batch is per process), the lr
+  follows the reference code's schedule formula (warm-up from 0), the class statistics of
+  S1/S2 come from all training images with test transforms and only the z-normalisation
+  moments from the augmented ones, AUPR / FPR95 / OSCR use the reference code's
+  definitions, and macro-F1 is not reported (the reference tunes its threshold on the test
+  set; without a validation slice there is no honest threshold).
 
 :func:`apply_protocol` runs inside ``config.build_config``, so the config saved in a run
 folder already shows the settings the run used; :func:`describe_protocol` and
@@ -38,8 +41,11 @@ PROTOCOLS = ("clean", "reference")
 #: What ``reference`` forces, as dotted config keys (the global batch is handled apart).
 REFERENCE_SETTINGS: dict[str, object] = {
     "data.val_fraction": 0.0,  # the reference trains on every known training image
+    "data.drop_last": False,  # ... every epoch (its loader keeps the last partial batch)
+    "schedule.formula": "reference",  # ... at its schedule's rates (warm-up from 0, epoch-wise)
     "eval.select_best_by": "last",  # ... and reports the last epoch
-    "eval.stats_transform": "train",  # ... with z-norm statistics of augmented images
+    "data.stats_per_class": None,  # ... with score statistics over all training images,
+    "eval.stats_transform": "train",  # ... z-norm moments of augmented ones (class statistics: test transforms)
     "eval.recalibrate_bn": False,  # ... and BatchNorm statistics as training left them
 }
 
@@ -61,8 +67,10 @@ def apply_protocol(cfg: Config) -> Config:
     """A copy of ``cfg`` with the protocol's settings in force (``clean``: unchanged).
 
     ``reference`` overrides :data:`REFERENCE_SETTINGS` whatever the config says, and makes
-    the batch global: without ``data.global_batch_size`` the config's ``data.batch_size``
-    is read as the global batch (the reference ran on one GPU). Idempotent.
+    the batch global: ``data.reference_global_batch_size`` when the config states the
+    reference's batch apart (the ImageNet configs, whose ``data.batch_size`` is per GPU),
+    else ``data.global_batch_size``, else ``data.batch_size`` read as the global batch (the
+    reference ran on one GPU). Idempotent.
     """
     if cfg.eval.protocol not in PROTOCOLS:
         raise ConfigError(f"eval.protocol = {cfg.eval.protocol!r} is not valid; choose one of {', '.join(PROTOCOLS)}")
@@ -71,7 +79,9 @@ def apply_protocol(cfg: Config) -> Config:
     out = copy.deepcopy(cfg)
     for key, value in REFERENCE_SETTINGS.items():
         _set(out, key, value)
-    if out.data.global_batch_size is None:
+    if out.data.reference_global_batch_size is not None:
+        out.data.global_batch_size = out.data.reference_global_batch_size
+    elif out.data.global_batch_size is None:
         out.data.global_batch_size = out.data.batch_size
     return out
 
@@ -89,9 +99,11 @@ def not_reported(cfg: Config) -> dict[str, str]:
 def describe_protocol(cfg: Config) -> str:
     """One line saying which protocol produced the numbers, printed at start and in reports."""
     if cfg.eval.protocol == "reference":
-        return ("protocol reference (the paper's): all known training images (data.val_fraction 0), last epoch "
-                "evaluated, global batch as the recipe, score statistics from training-augmented images, AUPR = "
-                "trapezoid area, FPR95 at the ROC point closest to TPR 0.95 (known positive); macro-F1 "
+        return ("protocol reference (the paper's): all known training images every epoch (data.val_fraction 0, "
+                "last partial batch kept), last epoch evaluated, global batch as the recipe, the reference's lr "
+                "formula (warm-up from 0), class statistics from test-transformed and z-norm moments from "
+                "training-augmented training images, AUPR = trapezoid area, FPR95 at the ROC point closest to TPR "
+                "0.95 (known positive), OSCR closed at CCR 1 (oscr_to_1); macro-F1 "
                 + NOT_REPORTED["reference"]["macro_f1"])
     return (f"protocol clean: {cfg.data.val_fraction:g} of the known training images held out for validation, "
             f"checkpoint chosen by {cfg.eval.select_best_by}, score statistics from {cfg.eval.stats_transform}-"
@@ -120,7 +132,9 @@ class BatchPlan(NamedTuple):
                   if cfg.optim.scale_lr_by_batch else f"lr {self.lr:g} for global batch {self.global_batch} (not scaled)")
         bn = ("BatchNorm over the global batch (model.sync_bn)" if cfg.model.sync_bn or world == 1
               else f"BatchNorm over {self.per_process} images per process (model.sync_bn=true: the global batch)")
-        return f"batch: global {self.global_batch} = {world} process(es) x {self.per_process}; {scaled}; {bn}"
+        source = (" (data.reference_global_batch_size: the reference's batch)"
+                  if cfg.eval.protocol == "reference" and cfg.data.reference_global_batch_size is not None else "")
+        return f"batch: global {self.global_batch}{source} = {world} process(es) x {self.per_process}; {scaled}; {bn}"
 
 
 def batch_plan(cfg: Config, world: int) -> BatchPlan:

@@ -73,7 +73,13 @@ def test_exact_full_data_moments_and_nothing_else_changes():
 
 
 class _Gloo:
-    """The two Accelerator methods the function uses, on a real gloo process group."""
+    """The Accelerator methods and attributes the function uses, on a real gloo process group."""
+
+    num_processes = 2
+
+    @property
+    def process_index(self) -> int:
+        return dist.get_rank()
 
     def unwrap_model(self, model):
         return model
@@ -117,3 +123,34 @@ def test_two_gloo_ranks_equal_one_process_over_all_images(tmp_path):
     first, second = _expected(model, x[:20], 8), _expected(model, x[20:], 8)
     mean = (first[1][0] * 20 + second[1][0] * 17) / 37  # per-position counts are equal (4x4 maps)
     torch.testing.assert_close(ranks[0]["state"]["5.running_mean"].double(), mean, rtol=1e-5, atol=1e-5)
+
+
+def _worker_different_stats(rank: int, port: int, result_dir: str) -> None:
+    """As after DDP steps: each rank's running statistics are its own."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    model, x = _model(), _data()
+    for bn in batchnorm_layers(model):
+        bn.running_mean.fill_(3.0 if rank == 0 else -40.0)
+        bn.running_var.fill_(1.0 if rank == 0 else 9.0)
+    share = x[:20] if rank == 0 else x[20:]
+    recalibrate_batchnorm(model, _batches(share, 8), _Gloo())
+    torch.save({k: v for k, v in model.state_dict().items() if "running" in k}, os.path.join(result_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_from_different_running_statistics_equal_one_process(tmp_path):
+    """Ranks that start from different running statistics (after DDP steps they do) end with
+    the exact single-process statistics over the union of their images."""
+    mp.spawn(_worker_different_stats, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for key in ranks[0]:
+        torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=0, atol=0)  # one result on every rank
+    single = _model()
+    recalibrate_batchnorm(single, _batches(_data(), 8))  # one process, all 37 images
+    torch.testing.assert_close(ranks[0]["1.running_mean"], single[1].running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ranks[0]["1.running_var"], single[1].running_var, rtol=1e-5, atol=1e-6)
+    model, x = _model(), _data()
+    first, second = _expected(model, x[:20], 8), _expected(model, x[20:], 8)
+    mean = (first[1][0] * 20 + second[1][0] * 17) / 37
+    torch.testing.assert_close(ranks[0]["5.running_mean"].double(), mean, rtol=1e-5, atol=1e-5)

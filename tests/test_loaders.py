@@ -224,3 +224,51 @@ def test_shards_format_dispatch(monkeypatch, data_cfg):
     cfg = data_cfg(format="shards", dataset="cifar10", split_family="cssr", split="b")
     assert build_run_data(cfg, seed=7, rank=1, world=2).name == "R"
     assert seen == {"seed": 7, "rank": 1}
+
+
+def test_keep_last_batch_every_image_once_and_no_batch_of_one(data_cfg):
+    """data.drop_last=false (the reference protocol): N = k x batch + 1 images train every one
+    of them once per epoch; the lone last image joins the batch before it, so a BatchNorm over a
+    1 x 1 map (which cannot normalise one image) trains without error."""
+    cfg = data_cfg(train_per_class=11, val_fraction=0.0, batch_size=13, drop_last=False)  # 66 = 5 x 13 + 1
+    data = build_run_data(cfg, seed=0)
+    every = np.sort(data.train.samples.dataset.ids)
+    assert len(every) == 66 and len(data.train) == 5
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 28), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 6)).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        model(torch.zeros(1, 1, 28, 28))  # what a batch of one would do
+    for epoch in range(2):
+        data.train.set_epoch(epoch)
+        sizes, ids = [], []
+        for images, labels, batch_ids in data.train:
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sizes.append(len(batch_ids))
+            ids.append(batch_ids)
+        assert sizes == [13, 13, 13, 13, 14]
+        assert torch.equal(torch.sort(torch.cat(ids)).values, torch.from_numpy(every))  # each image once
+    resumed = [len(b[2]) for b in data.train.iter_from(3)]
+    assert resumed == [13, 14]
+    # a longer tail is kept as it is (the reference's partial last batch); the default drops it
+    cfg = data_cfg(train_per_class=11, val_fraction=0.0, batch_size=16, drop_last=False)  # 66 = 4 x 16 + 2
+    assert [len(b[2]) for b in build_run_data(cfg, seed=0).train] == [16, 16, 16, 16, 2]
+    cfg.drop_last = True
+    assert [len(b[2]) for b in build_run_data(cfg, seed=0).train] == [16, 16, 16, 16]
+
+
+def test_keep_last_batch_on_two_ranks_equal_full_batches(data_cfg):
+    """Two ranks keep Accelerate's even_batches: both take the same number of full batches; the
+    last global batch is topped up from the start of the epoch, so every image trains."""
+    cfg = data_cfg(train_per_class=11, val_fraction=0.0, batch_size=13, drop_last=False)  # 66 = 2 x 26 + 14
+    ranks = [build_run_data(cfg, seed=0, rank=r, world=2) for r in range(2)]
+    batches = [[b[2] for b in data.train] for data in ranks]
+    assert len(ranks[0].train) == len(ranks[1].train) == len(batches[0]) == len(batches[1]) == 3
+    assert all(len(b) == 13 for rank in batches for b in rank)
+    seen = torch.cat([b for rank in batches for b in rank])
+    assert set(seen.tolist()) == set(ranks[0].train.samples.dataset.ids.tolist())  # every image, 12 twice
+    assert len(seen) - len(set(seen.tolist())) == 2 * 3 * 13 - 66

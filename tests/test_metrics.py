@@ -259,3 +259,55 @@ def test_protocol_metrics_keys_and_not_reported():
                                                             "reference").items() if k != "closed_acc")
     with pytest.raises(ValueError, match="protocol"):
         M.protocol_metrics(scores, preds, labels, 3, "paper")
+
+
+# ------------------------------------------------- the reference code's OSCR (issue 16)
+def _reference_oscr_loop(known: np.ndarray, correct: np.ndarray, unknown: np.ndarray) -> float:
+    """The CSSR reference code's compute_oscr, transcribed: every score a threshold with a
+    STRICT '>', points (0, 0) first and (1, 1) last, sorted by value, trapezoid rule."""
+    scores = np.r_[known, unknown]
+    ccr_pts, fpr_pts = [0.0], [0.0]
+    for s in -np.sort(-scores):
+        ccr_pts.append(((known > s) & correct).sum() / known.size)
+        fpr_pts.append((unknown > s).sum() / unknown.size)
+    ccr_pts.append(1.0)
+    fpr_pts.append(1.0)
+    roc = sorted(zip(fpr_pts, ccr_pts), reverse=True)
+    area = 0.0
+    for j in range(len(ccr_pts) - 1):
+        area += (roc[j][0] - roc[j + 1][0]) * (roc[j][1] + roc[j + 1][1]) / 2.0
+    return area
+
+
+@pytest.mark.parametrize("seed,nk,nu,levels", CASES + [(8, 120, 80, 1), (9, 60, 300, 2)])
+def test_oscr_to_1_equals_the_reference_loop_and_the_tie_formula(seed, nk, nu, levels):
+    k, u = _data(seed, nk, nu, levels)
+    correct = np.random.default_rng(seed + 200).random(nk) < 0.7
+    if levels is not None:  # force ties at the lowest score, unknowns among them
+        low = min(k.min(), u.min())
+        u[: max(1, nu // 5)] = low
+    expected = _reference_oscr_loop(k, correct, u)
+    assert M.oscr_to_1(k, correct, u) == pytest.approx(expected, abs=1e-12)
+    # the difference to the clean OSCR is f x (1 - acc) / 2, f = unknowns at the lowest score
+    lowest = min(k.min(), u.min())
+    f, acc = np.mean(u == lowest), correct.mean()
+    assert M.oscr_to_1(k, correct, u) - M.oscr(k, correct, u) == pytest.approx(f * (1 - acc) / 2, abs=1e-12)
+
+
+def test_oscr_to_1_all_tied_and_reported_under_reference():
+    correct = np.array([True, False, True, True, True])  # accuracy 0.8
+    assert M.oscr(np.ones(5), correct, np.ones(3)) == pytest.approx(0.4)
+    assert M.oscr_to_1(np.ones(5), correct, np.ones(3)) == pytest.approx(0.5)  # 0.10 apart
+    assert M.oscr_to_1(np.ones(5), correct, np.ones(3)) == pytest.approx(_reference_oscr_loop(np.ones(5), correct,
+                                                                                              np.ones(3)))
+    # a known sample alone at the lowest score: the two definitions agree
+    k, u = np.array([0.0, 2.0, 3.0]), np.array([1.0, 2.5])
+    assert M.oscr_to_1(k, np.ones(3, bool), u) == pytest.approx(M.oscr(k, np.ones(3, bool), u))
+    labels = np.r_[np.zeros(5, int), -np.ones(3, int)]
+    preds = np.r_[np.where(correct, 0, 1), np.zeros(3, int)]
+    scores = np.ones(8)
+    ref = M.protocol_metrics(scores, preds, labels, 2, "reference")
+    clean = M.protocol_metrics(scores, preds, labels, 2, "clean")
+    assert ref["oscr_to_1"] == pytest.approx(0.5) and "oscr" not in ref
+    assert clean["oscr"] == pytest.approx(0.4) and "oscr_to_1" not in clean
+    assert math.isnan(M.oscr_to_1(np.array([]), np.array([], bool), np.ones(2)))

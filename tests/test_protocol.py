@@ -33,6 +33,8 @@ def test_reference_forces_the_papers_settings_whatever_the_config_says():
     assert cfg.data.val_fraction == 0.0
     assert cfg.eval.select_best_by == "last"
     assert cfg.eval.stats_transform == "train"
+    assert cfg.data.stats_per_class is None  # statistics over every training image, as the reference
+    assert cfg.data.drop_last is False and cfg.schedule.formula == "reference"
     assert cfg.data.global_batch_size == 96  # the config's batch is read as the global one
     assert metric_keys(cfg) == M.REFERENCE_METRIC_KEYS and "macro_f1" not in metric_keys(cfg)
     assert "without test data" in not_reported(cfg)["macro_f1"]
@@ -104,3 +106,70 @@ def test_ds_without_config_picks_the_data_sets_own_config(capsys):
     # an explicit --config still wins, and no --ds keeps the built-in default
     cfg = config_from_args(parse(["--config", str(REPO / "configs/smoke.yaml"), "--ds", "exps/cifar10/spl_a.json"]))
     assert cfg.data.dataset == "fashion_mnist" and "using" not in capsys.readouterr().err
+
+
+def test_reference_statistics_class_stats_on_test_transforms_moments_on_augmented(data_cfg):
+    """Under reference, prototypes and Gram means come from the training images with TEST
+    transforms and only the z-norm moments from the augmented ones (the reference code's two
+    passes); clean takes both from test-transformed images."""
+    import random
+
+    import numpy as np
+    import torch
+    from accelerate import Accelerator
+
+    from cssr_dist.config import EvalConfig, ModelConfig
+    from cssr_dist.data.run_data import build_run_data
+    from cssr_dist.eval.evaluator import Evaluator
+    from cssr_dist.models.osr_model import build_model
+    from cssr_dist.scoring.scores import Scorer
+
+    cfg = data_cfg(train_per_class=6, val_fraction=0.0, eval_batch_size=16)
+    data = build_run_data(cfg, seed=0, augmented_statistics=True)
+    assert data.train_eval_augmented is not None
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(), data.meta.num_classes, cfg.in_chans).eval()
+    channels = model.feature_channels(cfg.in_chans, cfg.image_size)
+    acc = Accelerator(cpu=True)
+
+    def fitted(moment_loader) -> Scorer:
+        scorer = Scorer("rcssr", data.meta.num_classes, channels, "integrated")
+        outputs = lambda loader: lambda: (tuple(model(x)) for x, _, _ in loader)  # noqa: E731
+        with torch.no_grad():
+            scorer.fit(outputs(data.train_eval), lambda t: t, outputs(moment_loader))
+        return scorer
+
+    def seeded() -> None:
+        random.seed(5), np.random.seed(5), torch.manual_seed(5)
+
+    seeded()
+    evaluator = Evaluator(acc, Scorer("rcssr", data.meta.num_classes, channels, "integrated"), data, EvalConfig(),
+                          lambda z, y: z.sum())
+    evaluator.fit(model)
+    got = evaluator.scorer.stats
+    seeded()
+    expected = fitted(data.train_eval_augmented).stats  # the same augmented draws
+    clean = fitted(data.train_eval).stats
+    for name in ("proto_sum", "proto_count", "gram_sum", "gram_count"):
+        torch.testing.assert_close(getattr(got, name), getattr(clean, name), rtol=1e-12, atol=0)
+    torch.testing.assert_close(got.moments, expected.moments, rtol=1e-9, atol=0)
+    assert not torch.allclose(got.moments, clean.moments)  # the moments do see the augmentation
+    assert build_run_data(cfg, seed=0).train_eval_augmented is None  # clean: nothing augmented
+
+
+IMAGENET_CONFIGS = sorted((REPO / "configs" / "imagenet").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", IMAGENET_CONFIGS, ids=lambda p: p.name)
+def test_imagenet_configs_state_the_references_global_batch_and_lr(path):
+    """The reference fine-tuned with batch 128 on one GPU at lr learn_rate x 128 / 128 = 0.4;
+    under reference that holds at any process count (the config's 64 is per GPU)."""
+    ref = load_config(path, ["eval.protocol=reference"])
+    for world in (1, 2, 8, 16):
+        plan = batch_plan(ref, world)
+        assert (plan.global_batch, plan.per_process) == (128, 128 // world)
+        assert plan.lr == pytest.approx(0.4)
+        line = plan.describe(world, ref)
+        assert "global 128 (data.reference_global_batch_size" in line and "= 0.4" in line
+    clean = load_config(path)  # clean: 64 per GPU, lr scaled with the global batch, as before
+    assert batch_plan(clean, 16) == (64, 1024, pytest.approx(3.2))

@@ -328,3 +328,23 @@ def test_registry_errors_and_plugins():
             S.register_score("neg_mls_test")(_neg)
     finally:
         del S.SCORE_REGISTRY["neg_mls_test"]
+
+
+def test_fit_takes_the_moments_from_other_images_when_given():
+    """The reference protocol: class statistics from one pass, z-norm moments from another."""
+    plain, augmented = [_batch(20 + i, b=8) for i in range(2)], [_batch(40 + i, b=8) for i in range(3)]
+    scorer = S.Scorer("rcssr", K, C, "integrated")
+    scorer.fit(lambda: plain, lambda t: t, moment_outputs=lambda: augmented)
+    expected = ScoreStatistics(K, C)
+    for f, z in plain:
+        expected.update_class_stats(f, scorer.classify(z))
+    for f, z in augmented:
+        raw = S.compute_scores("rcssr", f, z, expected)
+        expected.update_moments({n: raw[n] for n in expected.score_names})
+    for name, buf in expected.state_dict().items():
+        torch.testing.assert_close(scorer.stats.state_dict()[name], buf, rtol=0, atol=0)
+    assert scorer.stats.moments[0, 0] == 24  # three augmented batches of 8, not the two plain ones
+    same = S.Scorer("rcssr", K, C, "integrated")
+    same.fit(lambda: plain, lambda t: t)  # default: both passes on the same images
+    torch.testing.assert_close(same.stats.proto_sum, scorer.stats.proto_sum, rtol=0, atol=0)
+    assert same.stats.moments[0, 0] == 16

@@ -68,7 +68,7 @@ def evaluate_variant(run_dir: Path, overrides: list[str]) -> dict:
         val = run.evaluator.scores(eval_module(run.accelerator, run.model), run.data.val, "val")
         for name, combined in validation_combinations(val, test, terms).items():
             auroc[name] = metrics.auroc(combined[known], combined[~known])
-    out = {"overrides": overrides, "closed_acc": summary["closed_acc"], "oscr": summary["oscr"], "auroc": auroc,
+    out = {"overrides": overrides, "closed_acc": summary["closed_acc"], "oscr": summary.get("oscr", summary.get("oscr_to_1")), "auroc": auroc,
            "term_mean_std": {n: [float(t) for t in run.scorer.stats.zstats(n)] for n in terms},
            "term_test_std": {n: float(np.std(test[n][known])) for n in terms}}
     run.close()

@@ -260,7 +260,7 @@ def epoch_line(row: dict) -> str:
     parts = [f"epoch {row['epoch']}", f"loss {row['train_loss']:.4f}"]
     if "val_acc" in row:
         parts.append(f"val_acc {row['val_acc']:.4f}")
-    for key in ("closed_acc", "auroc", "oscr"):
+    for key in ("closed_acc", "auroc", "oscr", "oscr_to_1"):  # oscr_to_1: reference protocol
         if key in (row.get("test") or {}):
             parts.append(f"{key} {row['test'][key]:.4f}")
     return " | ".join(parts)

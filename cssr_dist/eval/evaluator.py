@@ -1,9 +1,9 @@
 """The Evaluator: fits the score statistics, runs the one forward loop over a set,
 validates, and writes the per-set report.
 
-Statistics are fitted on known TRAINING images, with test transforms (`clean`) or the
-training augmentation (`eval.stats_transform=train`, the reference protocol), summed across
-ranks. Thresholds for macro-F1 come from the validation slice, never the test set. Every
+Statistics are fitted on known TRAINING images with test transforms, summed across ranks;
+under `eval.stats_transform=train` (the reference protocol) the z-normalisation moments
+alone come from the same images under the training augmentation. Thresholds for macro-F1 come from the validation slice, never the test set. Every
 score is reported with the same metrics so baselines sit beside CSSR; every OOD set gets its
 own row, and near/far groups their means (OpenOOD's evaluator is the pattern).
 """
@@ -59,10 +59,17 @@ class Evaluator:
             recalibrate_batchnorm(model, self.data.train_eval, self.accelerator, self.cfg.recalibrate_bn_batches)
 
     def fit(self, model) -> None:
-        """Fit the scorer's statistics on the training images (both passes, all ranks)."""
+        """Fit the scorer's statistics on the training images (both passes, all ranks): class
+        statistics on `train_eval`, moments on `train_eval_augmented` where the data has it."""
         module = eval_module(self.accelerator, model)
-        features_logits = lambda: ((f, z) for f, z, _, _ in self.outputs(module, self.data.train_eval, "statistics"))  # noqa: E731
-        self.scorer.fit(features_logits, lambda t: self.accelerator.reduce(t, reduction="sum"))
+
+        def features_logits(loader, desc: str) -> Callable[[], Iterator]:
+            return lambda: ((f, z) for f, z, _, _ in self.outputs(module, loader, desc))
+
+        augmented = self.data.train_eval_augmented
+        self.scorer.fit(features_logits(self.data.train_eval, "statistics"),
+                        lambda t: self.accelerator.reduce(t, reduction="sum"),
+                        None if augmented is None else features_logits(augmented, "statistics (augmented)"))
 
     def scores(self, module, loader, desc: str) -> dict[str, np.ndarray]:
         """Per-sample labels, ids, prediction and every score of a set, gathered from all ranks by id."""

@@ -29,8 +29,15 @@ result in a table is then visibly "undefined" instead of a crash at the end of a
 
 Every ranking metric sorts the scores once (O(N log N)) and works on cumulative counts at
 the DISTINCT score values, so tied scores always move together across a threshold. This is
-what makes the numbers equal scikit-learn's (which also collapses ties) and makes OSCR
-exact where the O(N^2) reference loop depends on the order of tied samples.
+what makes the numbers equal scikit-learn's (which also collapses ties).
+
+OSCR has two definitions. ``oscr`` (clean) closes its curve at (FPR 1, CCR = closed-set
+accuracy): every sample accepted. The reference code's O(N^2) loop (``oscr_to_1``,
+reference protocol) takes each score as a threshold with a STRICT ``>``, so no point
+accepts every sample, and closes the curve at (1, 1) instead. It sorts its points by
+value, so the order of tied samples does not matter; the two differ by exactly
+f x (1 - acc) / 2, f being the share of unknowns tied at the lowest score (0 when a known
+sample alone holds the lowest score; (1 - acc) / 2 when every score is equal).
 
 This module must not import torch.distributed (evaluation gathers first, then calls these).
 """
@@ -52,6 +59,7 @@ __all__ = [
     "aupr_out",
     "fpr_at_tpr",
     "oscr",
+    "oscr_to_1",
     "closed_set_accuracy",
     "threshold_at_tpr",
     "open_set_macro_f1",
@@ -78,7 +86,7 @@ CLEAN_METRIC_KEYS = (
     "closed_acc", "auroc", "aupr_in", "aupr_out", "fpr95_known_pos", "fpr95_ood_pos", "oscr", "macro_f1",
 )
 REFERENCE_METRIC_KEYS = (
-    "closed_acc", "auroc", "aupr_in_trapz", "aupr_out_trapz", "fpr95_known_pos_closest", "oscr",
+    "closed_acc", "auroc", "aupr_in_trapz", "aupr_out_trapz", "fpr95_known_pos_closest", "oscr_to_1",
 )
 
 #: Metrics a protocol deliberately leaves out, with the reason (write it into reports).
@@ -213,22 +221,17 @@ def fpr_at_tpr(known_scores: np.ndarray, unknown_scores: np.ndarray, tpr: float 
     return _two_groups(known_scores, unknown_scores, lambda c: _fpr_at_tpr_from_curve(c, tpr))
 
 
-def oscr(known_scores: np.ndarray, known_correct: np.ndarray, unknown_scores: np.ndarray) -> float:
-    """Open-Set Classification Rate: area under CCR(t) versus FPR(t) (Dhamija et al. 2018).
-
-    For a threshold t, CCR(t) = #{known, correctly classified, score >= t} / #known and
-    FPR(t) = #{unknown, score >= t} / #unknown. The curve has one point per distinct score
-    plus (0, 0) (threshold above every score); the area is the trapezoid rule over it.
-    O(N log N): one sort, cumulative sums at distinct scores (ties move together).
-    NaN when either group is empty or a score is NaN.
-    """
+def _oscr_curve(known_scores: np.ndarray, known_correct: np.ndarray,
+                unknown_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(FPR, CCR) at (0, 0) and at each distinct score (>= threshold, descending); None when
+    undefined (a group empty or a score NaN). O(N log N): one sort, cumulative sums."""
     pos = _as_1d_float(known_scores, "known_scores")
     neg = _as_1d_float(unknown_scores, "unknown_scores")
     correct = np.asarray(known_correct, dtype=bool)
     if correct.shape != pos.shape:
         raise ValueError(f"known_correct shape {correct.shape} != known_scores shape {pos.shape}")
     if not _binary_ready(pos, neg):
-        return NAN
+        return None
     # "positives" = known AND correct; known-but-wrong samples count in neither numerator.
     scores = np.concatenate([pos, neg])
     cc_w = np.concatenate([correct, np.zeros(neg.size, bool)])
@@ -238,6 +241,35 @@ def oscr(known_scores: np.ndarray, known_correct: np.ndarray, unknown_scores: np
     ends = np.flatnonzero(np.r_[s[1:] != s[:-1], True])
     ccr = np.r_[0.0, np.cumsum(cc_w[order], dtype=np.int64)[ends] / pos.size]
     fpr = np.r_[0.0, np.cumsum(fp_w[order], dtype=np.int64)[ends] / neg.size]
+    return fpr, ccr
+
+
+def oscr(known_scores: np.ndarray, known_correct: np.ndarray, unknown_scores: np.ndarray) -> float:
+    """Open-Set Classification Rate: area under CCR(t) versus FPR(t) (Dhamija et al. 2018).
+
+    For a threshold t, CCR(t) = #{known, correctly classified, score >= t} / #known and
+    FPR(t) = #{unknown, score >= t} / #unknown. The curve has one point per distinct score
+    plus (0, 0) (threshold above every score); the area is the trapezoid rule over it.
+    It ends at (1, closed-set accuracy). NaN when either group is empty or a score is NaN.
+    """
+    curve = _oscr_curve(known_scores, known_correct, unknown_scores)
+    return NAN if curve is None else _trapezoid(curve[1], curve[0])
+
+
+def oscr_to_1(known_scores: np.ndarray, known_correct: np.ndarray, unknown_scores: np.ndarray) -> float:
+    """OSCR as the CSSR reference code computes it (the reference protocol's ``oscr_to_1``).
+
+    Its loop thresholds at every score with a strict ``>``: its points are (0, 0), the
+    points of :func:`oscr` except the last (the lowest score accepts nothing more), and a
+    closing (1, 1) where :func:`oscr` ends at (1, accuracy). So it equals :func:`oscr` plus
+    f x (1 - acc) / 2, f = share of unknowns at the lowest score. O(N log N).
+    """
+    curve = _oscr_curve(known_scores, known_correct, unknown_scores)
+    if curve is None:
+        return NAN
+    fpr, ccr = curve
+    ccr = ccr.copy()
+    ccr[-1] = 1.0  # fpr[-1] is 1: every unknown has a score >= the lowest
     return _trapezoid(ccr, fpr)
 
 
@@ -467,6 +499,7 @@ def protocol_metrics(
             fpr95_known_pos=_fpr_at_tpr_from_curve(c, 0.95),
             fpr95_ood_pos=_fpr_at_tpr_from_curve(c_out, 0.95),
             oscr=oscr(pos, preds[known] == labels[known], neg),
+            oscr_to_1=oscr_to_1(pos, preds[known] == labels[known], neg),
             aupr_in_trapz=_pr_trapezoid_from_curve(c),
             aupr_out_trapz=_pr_trapezoid_from_curve(c_out),
             fpr95_known_pos_closest=_fpr_closest_from_curve(c, 0.95),

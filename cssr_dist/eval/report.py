@@ -10,6 +10,7 @@ NOTES = {
     "fpr95_ood_pos": "fpr95_ood_pos: FPR of knowns at 95% TPR of unknowns (OOD = positive, OpenOOD's convention).",
     "fpr95_known_pos_closest": "fpr95_known_pos_closest: the reference code's FPR95 (ROC point closest to TPR 0.95).",
     "aupr_in_trapz": "aupr_*_trapz: the reference code's AUPR (trapezoid area under the PR curve).",
+    "oscr_to_1": "oscr_to_1: the reference code's OSCR (its curve ends at CCR 1, not at the closed-set accuracy).",
 }
 
 

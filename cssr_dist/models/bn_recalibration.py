@@ -19,6 +19,9 @@ How, and why this way:
   full one, and leave each rank with different statistics.
 * The pass runs on the unwrapped model: DDP would otherwise broadcast rank 0's buffers at
   every forward. All ranks end with identical statistics (the reduce is the same on all).
+* Every rank centres on the SAME shift, rank 0's running means, sent to all ranks first:
+  running statistics differ between ranks after DDP steps (DDP broadcasts buffers only at
+  a forward), and sums centred on different shifts cannot be added.
 
 Momenta are never changed (nothing to restore); every module's train/eval mode is restored.
 SyncBatchNorm layers all-reduce their batch statistics at every forward, so with them every
@@ -45,6 +48,17 @@ def _first(batch: Any) -> torch.Tensor:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
+def _common_shifts(layers: list[nn.modules.batchnorm._BatchNorm], accelerator: Any) -> list[torch.Tensor]:
+    """Rank 0's running means in float64, on every rank (a broadcast written as a sum to which
+    only rank 0 contributes, so it needs nothing but `accelerator.reduce`)."""
+    shifts = [bn.running_mean.detach().double().clone() for bn in layers]
+    if accelerator is None or accelerator.num_processes == 1:
+        return shifts
+    flat = torch.cat(shifts) * float(accelerator.process_index == 0)
+    flat = accelerator.reduce(flat, reduction="sum")
+    return list(flat.split([s.numel() for s in shifts]))
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, loader: Iterable, accelerator: Any = None, max_batches: int | None = None,
                           inputs: Callable[[Any], torch.Tensor] = _first) -> int:
@@ -60,7 +74,7 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable, accelerator: Any =
     if not layers:
         return 0
     device = layers[0].running_mean.device
-    shifts = [bn.running_mean.detach().double().clone() for bn in layers]
+    shifts = _common_shifts(layers, accelerator)
     sums = [torch.zeros_like(s) for s in shifts]
     squares = [torch.zeros_like(s) for s in shifts]
     counts = torch.zeros(len(layers), dtype=torch.float64, device=device)

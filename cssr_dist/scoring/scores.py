@@ -12,7 +12,8 @@ z [B, K, H, W]. Heads work per pixel; every score averages over pixels (docs/met
 * ``msp``, ``mls``, ``energy``: cheap baselines on any head.
 
 S1, S2 and the z-normalisation use :class:`ScoreStatistics` measured on the training set
-with TEST transforms (the reference used strongly augmented images; see statistics.py).
+with TEST transforms; the reference protocol takes the z-normalisation moments alone from
+strongly augmented images, as the reference code (see statistics.py).
 
 One protocol for every score (OpenOOD's postprocessors are the pattern): a :class:`Scorer`
 is made once per model, `fit` on training data, then called on a batch of model outputs;
@@ -319,16 +320,22 @@ class Scorer:
         return _predicted(self.head_kind, logits)
 
     @torch.no_grad()
-    def fit(self, outputs: Callable[[], Iterable[tuple[Tensor, Tensor]]], reduce: Callable[[Tensor], Tensor]) -> None:
+    def fit(self, outputs: Callable[[], Iterable[tuple[Tensor, Tensor]]], reduce: Callable[[Tensor], Tensor],
+            moment_outputs: Optional[Callable[[], Iterable[tuple[Tensor, Tensor]]]] = None) -> None:
         """Two passes over (features, logits) of training images: class statistics, then the
-        moments of S0/S1/S2 that z-normalise the integrated score."""
+        moments of S0/S1/S2 that z-normalise the integrated score.
+
+        `moment_outputs` (default: `outputs`) gives the second pass other images: the
+        reference protocol measures the moments on AUGMENTED training images while its
+        prototypes and Gram means come from test-transformed ones, as the reference code.
+        """
         if not self.needs_fit:
             return
         self.stats.reset_()
         for features, logits in outputs():
             self.stats.update_class_stats(features.float(), self.classify(logits.float()))
         self.stats.reduce_(reduce, "class")
-        for features, logits in outputs():
+        for features, logits in (moment_outputs or outputs)():
             raw = compute_scores(self.head_kind, features.float(), logits.float(), self.stats)
             self.stats.update_moments({k: raw[k] for k in self.stats.score_names})
         self.stats.reduce_(reduce, "moments")

@@ -14,10 +14,11 @@ How the engine fills them (two passes over the training set, model in eval mode)
 2. pass 2 with TEST transforms: ``compute_scores(...)`` (S0, S1, S2 now available) and
    ``update_moments(scores)`` per batch, then ``reduce_(all_reduce_sum, which="moments")``.
 
-Fix versus the CSSR reference: the reference measures the z-normalisation statistics on
-STRONGLY AUGMENTED training images (its test-mode flag is reset before the second pass);
-here both passes must use the test transforms, so the statistics describe the same image
-distribution the scores are later computed on.
+The CSSR reference runs pass 1 on test-transformed images but pass 2 on STRONGLY
+AUGMENTED training images (its test-mode flag is reset before the second pass). The clean
+protocol runs both passes with test transforms, so the moments describe the same image
+distribution the scores are later computed on; the reference protocol
+(``eval.stats_transform=train``) reproduces the reference's pass 2.
 
 Buffers are float64 and keep that dtype under ``module.half()`` / ``.to(dtype)`` (only
 device moves apply): counts reach 1e6 and Gram sums 1e20, beyond what fp16/bf16 hold.

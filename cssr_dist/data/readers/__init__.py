@@ -55,15 +55,16 @@ def build_run_data(data_cfg: Any, seed: int, rank: int = 0, world: int = 1,
                    augmented_statistics: bool = False, device: torch.device | str = "cpu") -> RunData:
     """This rank's share of every set of the run, for data.format native or shards.
 
-    `augmented_statistics`: the statistics set (train_eval) gets the TRAINING transforms,
-    as the reference protocol fits its score statistics (eval.stats_transform=train).
+    `augmented_statistics`: the statistics images also come under the TRAINING transforms
+    (`train_eval_augmented`), for the reference protocol's z-normalisation moments
+    (eval.stats_transform=train); `train_eval` keeps the test transforms.
     `device`: where `data.shards.decode_on: device` decodes and augments (the loaders then
     yield batches already there).
     """
     check_rank(rank, world)
     train_tf, test_tf = build_transform(data_cfg, train=True), build_transform(data_cfg, train=False)
     data = reader_for(data_cfg).read(data_cfg, seed, rank, world, train_tf=train_tf, test_tf=test_tf,
-                                     stats_tf=train_tf if augmented_statistics else test_tf,
+                                     stats_tf=train_tf if augmented_statistics else None,
                                      augmented_statistics=augmented_statistics, device=device)
     data.device = device
     return data

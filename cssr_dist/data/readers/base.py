@@ -56,11 +56,15 @@ class RunData:
     ood: dict[str, Any]
     meta: DataMeta
     device: Any = "cpu"  # where collectives over data counts run (the accelerator's device)
+    #: the train_eval images under the TRAINING augmentation (augmented_statistics only):
+    #: the reference protocol's z-normalisation moments
+    train_eval_augmented: Any | None = None
 
     def corrupt_samples(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, dict[str, int]]:
         """{set: {"seen", "skipped"}} of the evaluation sets that skip corrupt samples (shards),
         summed over ranks by `reduce_sum` (a collective: every rank calls it)."""
-        sets = {"val": self.val, "train_eval": self.train_eval, "test": self.test,
+        sets = {"val": self.val, "train_eval": self.train_eval, "train_eval_augmented": self.train_eval_augmented,
+                "test": self.test,
                 **{f"ood/{name}": loader for name, loader in self.ood.items()}}
         named = {name: loader for name, loader in sets.items() if hasattr(loader, "corrupt_counts")}
         if not named:
@@ -71,7 +75,8 @@ class RunData:
 
     def close(self) -> None:
         """Stop loader workers (shard streams keep a shard open between epochs)."""
-        for loader in (self.train, self.val, self.train_eval, self.test, *self.ood.values()):
+        for loader in (self.train, self.val, self.train_eval, self.train_eval_augmented, self.test,
+                       *self.ood.values()):
             if hasattr(loader, "close"):
                 loader.close()
 

@@ -72,17 +72,51 @@ class SeededSamples(Dataset):
             generator.set_state(state)
 
 
-class NativeTrainLoader:
-    """Seeded shuffled full batches of this rank; resumable at a batch without loading the skipped ones."""
+class KeepLastBatchSampler(BatchSampler):
+    """Every sample once per epoch, the last batch partial (as the reference trains), except
+    that a last batch of ONE sample joins the batch before it: BatchNorm in training mode
+    has no variance to normalise one image with where a feature map is 1 x 1."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, rank: int, world: int, num_workers: int):
+    def __init__(self, sampler, batch_size: int):
+        super().__init__(sampler, batch_size, drop_last=False)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        pending = None
+        for batch in super().__iter__():
+            if pending is not None and len(batch) == 1:
+                batch, pending = pending + batch, None
+            if pending is not None:
+                yield pending
+            pending = batch
+        if pending is not None:
+            yield pending
+
+    def __len__(self) -> int:
+        full, tail = divmod(len(self.sampler), self.batch_size)
+        return full + int(tail > 1 or (tail == 1 and full == 0))
+
+
+class NativeTrainLoader:
+    """Seeded shuffled batches of this rank; resumable at a batch without loading the skipped ones.
+
+    `drop_last` (data.drop_last): full batches only (BatchNorm never sees a tiny batch), or
+    every image every epoch (the reference protocol). With several processes the last global
+    batch is then topped up from the start of the epoch's order (Accelerate's even_batches),
+    so every rank takes the same number of equal batches.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, rank: int, world: int, num_workers: int,
+                 drop_last: bool = True):
         if len(dataset) < batch_size * world:
             raise DataError(f"training set has {len(dataset)} samples, fewer than one global batch "
                             f"({batch_size} x {world} processes); lower data.batch_size or enlarge data.train_per_class")
         self.samples = SeededSamples(dataset, seed)
         self.sampler = SeedableRandomSampler(self.samples, data_seed=int(seed))
-        batches = BatchSampler(self.sampler, batch_size, drop_last=True)  # BatchNorm: no tiny last batch
-        self.batch_sampler = batches if world == 1 else BatchSamplerShard(batches, world, rank, even_batches=True)
+        if world == 1 and not drop_last:
+            self.batch_sampler = KeepLastBatchSampler(self.sampler, batch_size)
+        else:
+            batches = BatchSampler(self.sampler, batch_size, drop_last=drop_last)
+            self.batch_sampler = batches if world == 1 else BatchSamplerShard(batches, world, rank, even_batches=True)
         self.num_workers = num_workers
         self._loader = self._data_loader(self.batch_sampler)
 
@@ -135,7 +169,7 @@ def training_classes(data_cfg: Any, dataset: str) -> list[str]:
 
 
 def read(data_cfg: Any, seed: int, rank: int, world: int, *, train_tf: Callable, test_tf: Callable,
-         stats_tf: Callable, augmented_statistics: bool = False, device: Any = "cpu") -> RunData:
+         stats_tf: Callable | None, augmented_statistics: bool = False, device: Any = "cpu") -> RunData:
     """This rank's share of every set from files on disk (`augmented_statistics`, `device`: shards only)."""
     def training_source(name: str):
         return build_source(name, data_cfg.root, train=True, download=data_cfg.download)
@@ -165,9 +199,10 @@ def read(data_cfg: Any, seed: int, rank: int, world: int, *, train_tf: Callable,
               "test_known": int((test.labels >= 0).sum()), "test_unknown": int((test.labels < 0).sum()),
               "ood": {name: len(ds) for name, ds in ood.items()}}
     return RunData(
-        train=NativeTrainLoader(train, data_cfg.batch_size, seed, rank, world, workers),
+        train=NativeTrainLoader(train, data_cfg.batch_size, seed, rank, world, workers, data_cfg.drop_last),
         val=evaluate(view(chosen.val, test_tf, "val")) if len(chosen.val) else None,
-        train_eval=evaluate(view(chosen.train_eval, stats_tf, "train_eval")),
+        train_eval=evaluate(view(chosen.train_eval, test_tf, "train_eval")),
+        train_eval_augmented=None if stats_tf is None else evaluate(view(chosen.train_eval, stats_tf, "train_eval")),
         test=evaluate(test),
         ood={name: evaluate(ds) for name, ds in ood.items()},
         meta=DataMeta(split=split, num_classes=split.num_known, class_names=train.known_class_names,

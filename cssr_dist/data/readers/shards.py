@@ -517,7 +517,10 @@ def build_shard_loaders(data_cfg: Any, split: Any, train_transform: Callable, te
     return {
         "train": loader(train_set, "train", chosen.train, True),
         "val": loader(train_set, "val", chosen.val, False) if len(chosen.val) else None,
-        "train_eval": loader(train_set, "train_eval", chosen.train_eval, False, transform=stats_transform),
+        "train_eval": loader(train_set, "train_eval", chosen.train_eval, False),
+        # the same images augmented: the reference protocol's z-normalisation moments
+        "train_eval_augmented": None if stats_transform is None else
+        loader(train_set, "train_eval", chosen.train_eval, False, transform=stats_transform),
         "test": loader(test_set, "test", test_idx, False),
         "ood": ood,
         "metadata": {
@@ -573,7 +576,8 @@ def _staged(loaders: dict[str, Any], data_cfg: Any, device: Any, seed: int, rank
         if augmented_statistics else test
     wrap = lambda loader, stage: None if loader is None else StagedLoader(loader, stage)  # noqa: E731
     return {**loaders, "train": wrap(loaders["train"], train), "val": wrap(loaders["val"], test),
-            "train_eval": wrap(loaders["train_eval"], stats), "test": wrap(loaders["test"], test),
+            "train_eval": wrap(loaders["train_eval"], test),
+            "train_eval_augmented": wrap(loaders["train_eval_augmented"], stats), "test": wrap(loaders["test"], test),
             "ood": {name: wrap(loader, test) for name, loader in loaders["ood"].items()}}
 
 
@@ -593,7 +597,7 @@ def read(data_cfg: Any, seed: int, rank: int, world: int, *, train_tf: Callable,
     loaders = _staged(loaders, data_cfg, device, seed, rank, augmented_statistics)
     return RunData(
         train=loaders["train"], val=loaders["val"], train_eval=loaders["train_eval"], test=loaders["test"],
-        ood=loaders["ood"],
+        ood=loaders["ood"], train_eval_augmented=loaders["train_eval_augmented"],
         meta=DataMeta(split=split, num_classes=meta["num_classes"], class_names=meta["class_names"],
                       test_original_of=lambda ids: original[ids], original_class_names=meta["original_class_names"],
                       ood_groups=meta["ood_groups"], counts=meta["counts"]),
