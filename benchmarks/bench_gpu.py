@@ -235,7 +235,7 @@ def make_jpegs(count: int, width: int = 500, height: int = 375, seed: int = 0) -
 
 def write_jpeg_shards(folder: Path, blobs: list[bytes], per_shard: int, classes: int = 10) -> str:
     """A shard set in the project's layout (keys %09d, .jpg, .cls; index + labels) written with
-    the stdlib tarfile: the GPU image has no webdataset (data/shards/writer.py uses its TarWriter)."""
+    the stdlib tarfile: the GPU image has no webdataset (apps/make_shards/writer.py uses its TarWriter)."""
     from cssr_dist.data.shards.index import (KEY_FORMAT, ShardIndex, ShardInfo, labels_name, shard_name,
                                              write_index, write_labels)
 
