@@ -74,7 +74,8 @@ class Run:
         if cfg.model.compile:
             self.model = compile_or_eager(self.model, cfg.model.compile_mode)
         primary = primary_score(cfg.model.head, cfg.run.method, cfg.eval.score)
-        self.scorer = Scorer(cfg.model.head, num_classes, channels, primary).to(acc.device)
+        self.scorer = Scorer(cfg.model.head, num_classes, channels, primary, cfg.eval.baselines,
+                             cfg.eval.posthoc_fit_samples, cfg.eval.posthoc_fit_maps).to(acc.device)
         self.loss_fn = build_loss(cfg.model.head)
         self.evaluator = Evaluator(acc, self.scorer, self.data, cfg.eval, self.loss_fn, self.progress,
                                    self.record_evaluation)

@@ -58,11 +58,14 @@ class Evaluator:
         if self.cfg.recalibrate_bn:
             recalibrate_batchnorm(model, self.data.train_eval, self.accelerator, self.cfg.recalibrate_bn_batches)
 
-    def fit(self, model) -> None:
-        """Fit the scorer's statistics on the training images (both passes, all ranks)."""
-        module = eval_module(self.accelerator, model)
-        features_logits = lambda: ((f, z) for f, z, _, _ in self.outputs(module, self.data.train_eval, "statistics"))  # noqa: E731
-        self.scorer.fit(features_logits, lambda t: self.accelerator.reduce(t, reduction="sum"))
+    def fit(self, model, statistics: bool = True) -> None:
+        """Fit the scorer on the training images (all ranks): its statistics (both passes) and
+        its post-hoc detectors (first pass); `statistics=False`: the detectors only."""
+        acc = self.accelerator
+        module = eval_module(acc, model)
+        self.scorer.fit(lambda: self.outputs(module, self.data.train_eval, "statistics"),
+                        lambda t: acc.reduce(t, reduction="sum"),
+                        lambda local: gather_by_id(local, acc.num_processes), module.head, statistics)
 
     def scores(self, module, loader, desc: str) -> dict[str, np.ndarray]:
         """Per-sample labels, ids, prediction and every score of a set, gathered from all ranks by id."""
@@ -90,13 +93,15 @@ class Evaluator:
 
     # ------------------------------------------------------------------ the report
     def evaluate(self, model, fit: bool = True) -> dict:
-        """Fit (unless restored), score validation, test and every OOD set once; report each."""
+        """Fit (unless restored: then the post-hoc detectors only), score validation, test and every OOD set once; report each."""
         if fit:
             self.recalibrate(model)
             self.fit(model)
+        elif self.scorer.fits_detectors:  # restored statistics; post-hoc detectors are not saved
+            self.fit(model, statistics=False)
         module, cfg, meta = eval_module(self.accelerator, model), self.cfg, self.data.meta
         primary = self.scorer.primary
-        baselines = [b for b in cfg.baselines if b != primary]
+        baselines = self.scorer.baselines
         val = self.scores(module, self.data.val, "val") if self.data.val is not None else {}
         per_set = {"test": self.scores(module, self.data.test, "test")}
         test = per_set["test"]
