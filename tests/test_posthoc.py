@@ -137,3 +137,15 @@ def test_training_sample_is_capped_by_smallest_id_keys():
     assert rows["ids"].tolist() == expected.tolist() and maps == {}
     torch.testing.assert_close(rows["features"], feats[expected].mean(dim=(2, 3)))
 
+
+
+def test_a_detector_that_cannot_be_fitted_costs_one_warning_not_the_evaluation():
+    model = _model("linear")
+    out = model(torch.rand(10, 1, SIDE, SIDE))
+    scorer = Scorer("linear", K, C, "msp", baselines=["knn", "entropy"])  # k = 50 > 10 training images
+    batch = (out.features, out.logits, torch.arange(10) % K, torch.arange(10))
+    with pytest.warns(UserWarning, match="post-hoc detector knn not fitted .*k=50"):
+        scorer.fit(lambda: [batch], lambda t: t, head=model.head)
+    scores = scorer(out.features, out.logits)
+    assert "knn" not in scores and scores["entropy"].shape == (10,)
+    assert scorer.detectors.not_fitted["knn"].startswith("ValueError: k=50 exceeds")

@@ -10,6 +10,7 @@ own row, and near/far groups their means (OpenOOD's evaluator is the pattern).
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -94,6 +95,7 @@ class Evaluator:
     # ------------------------------------------------------------------ the report
     def evaluate(self, model, fit: bool = True) -> dict:
         """Fit (unless restored: then the post-hoc detectors only), score validation, test and every OOD set once; report each."""
+        started = time.perf_counter()
         if fit:
             self.recalibrate(model)
             self.fit(model)
@@ -127,6 +129,9 @@ class Evaluator:
             if summary["num_test_unknown"]:  # the split's own unknown classes: the nearest OOD there is
                 members, groups = {TEST_UNKNOWNS: summary, **members}, {TEST_UNKNOWNS: "near", **groups}
             summary["ood_groups"] = group_means(members, groups)
+        if self.scorer.detectors.not_fitted:
+            summary["posthoc_not_fitted"] = dict(self.scorer.detectors.not_fitted)
+        summary["eval_time_s"] = round(time.perf_counter() - started, 2)  # fit + every set (no plots, no W&B)
         if self.on_evaluation is not None:
             self.on_evaluation(summary, per_set)
         return summary

@@ -32,6 +32,7 @@ fixed subsample of at most `cap` images, the same for any number of processes.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -79,6 +80,7 @@ class Spec:
     input: str
     build: Callable[[Parts], Detector]
     linear: bool = False  # needs the last layer as a linear map on pooled features
+    fit_on_cpu: bool = False  # pytorch-ood fits it with scikit-learn / numpy from the tensor as given
 
     @property
     def needs_fit(self) -> bool:
@@ -101,7 +103,7 @@ DETECTORS: dict[str, Spec] = _specs(
     Spec("mahalanobis", "Mahalanobis", "features", lambda p: pood.Mahalanobis(p.encoder)),
     Spec("rmd", "RMD", "features", lambda p: pood.RMD(p.encoder)),
     Spec("gmm", "GMM", "features", lambda p: pood.GMM(p.encoder)),
-    Spec("knn", "KNN", "features", lambda p: pood.KNN(p.encoder, k=50)),
+    Spec("knn", "KNN", "features", lambda p: pood.KNN(p.encoder, k=50), fit_on_cpu=True),
     Spec("vim", "ViM", "features", lambda p: pood.ViM(p.encoder, d=max(1, p.channels // 2), w=p.linear.weight,
                                                        b=p.linear.bias), linear=True),
     Spec("dice", "DICE", "features", lambda p: pood.DICE(p.encoder, w=p.linear.weight, b=p.linear.bias, p=0.9),
@@ -264,6 +266,7 @@ class PosthocDetectors:
         self.head_kind, self.num_classes, self.channels = head_kind, num_classes, channels
         self.cap, self.cap_maps = cap, cap_maps
         self.detectors: dict[str, Detector] = {}
+        self.not_fitted: dict[str, str] = {}  # name -> why its fit failed in the last evaluation
 
     @property
     def needs_data(self) -> bool:
@@ -283,16 +286,30 @@ class PosthocDetectors:
                      linear=linear)
 
     def fit(self, head: Optional[nn.Module], rows: dict[str, Tensor], maps: dict[str, Tensor]) -> None:
-        """Build every detector on the current head and fit those that need fitting."""
+        """Build every detector on the current head and fit those that need fitting; their
+        state then moves to the head's device (pytorch-ood keeps some on the CPU), so that
+        scores come back on the device of the outputs."""
         parts = self.parts(head)
-        self.detectors = {}
+        device = next(head.parameters()).device if head is not None else torch.device("cpu")
+        self.detectors, self.not_fitted = {}, {}
         for name in self.names:
             spec = DETECTORS[name]
             det = spec.build(parts)
             if spec.needs_fit:
                 data = maps if spec.input == "maps" else rows
-                getattr(det, _FIT[spec.input])(data[spec.input], data["labels"])
-            self.detectors[name] = det
+                x, y = data[spec.input], data["labels"]
+                if spec.fit_on_cpu:
+                    x, y = x.cpu(), y.cpu()
+                try:
+                    getattr(det, _FIT[spec.input])(x, y)
+                except (ValueError, RuntimeError, AssertionError) as err:
+                    # e.g. GMM on fewer images per class than feature channels, KNN with k >
+                    # the sample: one line and a missing row, never the run (same on every rank)
+                    self.not_fitted[name] = f"{type(err).__name__}: {err}".splitlines()[0][:200]
+                    warnings.warn(f"post-hoc detector {name} not fitted ({self.not_fitted[name]}); "
+                                  "it is left out of this evaluation", stacklevel=2)
+                    continue
+            self.detectors[name] = det.to(device)
 
     @torch.no_grad()
     def score(self, name: str, pooled: Pooled) -> Optional[Tensor]:
