@@ -133,7 +133,9 @@ class ScheduleConfig:
 class EvalConfig:
     test_interval: int = option('full test evaluation every N epochs (0: at the end only)', 1)
     score: str = option('auto | s0 | s1 | s2 | integrated | msp | mls | energy', "auto")
-    baselines: list[str] = option('scores reported beside the primary one', factory=lambda: ["msp", "mls", "energy"])
+    baselines: list[str] | str = option("scores reported beside the primary one: score names (s0 s1 s2 integrated msp mls energy, or pytorch-ood's post-hoc detectors: docs/posthoc.md) or all (every one that applies to the head)", factory=lambda: ["msp", "mls", "energy"])
+    posthoc_fit_samples: int = option("cap of training images whose pooled features and logits fit the post-hoc detectors (a fixed id-hashed subsample, gathered on every rank)", 20000)
+    posthoc_fit_maps: int = option("cap of training feature maps kept for the post-hoc detectors fitted on feature maps (ReAct, VRA)", 1000)
     tpr: float = option('TPR (on validation knowns) that sets the macro-F1 threshold', 0.95)
     select_best_by: str = option("val_acc | val_loss | last: which checkpoint is 'best' (never test metrics)", "val_acc")
     protocol: str = option("clean (validation slice, best-by-validation, clean metric definitions) | reference (the paper's: all training images every epoch, last epoch, its lr formula, reference AUPR/FPR95/OSCR, z-norm moments from augmented images); see cssr_dist/protocol.py", "clean")
@@ -347,6 +349,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.val_fraction = {cfg.data.val_fraction} must be in [0, 1)")
     if cfg.schedule.epochs < 1:
         raise ConfigError(f"schedule.epochs = {cfg.schedule.epochs} must be >= 1")
+    if cfg.eval.posthoc_fit_samples < 1 or cfg.eval.posthoc_fit_maps < 1:
+        raise ConfigError("eval.posthoc_fit_samples and eval.posthoc_fit_maps must be >= 1")
+    if isinstance(cfg.eval.baselines, str) and cfg.eval.baselines != "all":
+        raise ConfigError(f"eval.baselines = {cfg.eval.baselines!r}: give a list of score names or 'all'")
     if cfg.eval.test_interval < 0:
         raise ConfigError("eval.test_interval must be >= 0 (0 = evaluate at the end only)")
     if (cfg.data.mean is None) != (cfg.data.std is None):

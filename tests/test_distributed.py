@@ -71,7 +71,8 @@ def trained(tmp_path_factory):
 
 
 def _test_summary(tmp: Path, processes: int) -> dict:
-    out = launch_train(tmp, [*TINY, f"run.output_dir={tmp / 'runs'}", "run.name=base", "--test"],
+    # every post-hoc detector too: their bounded training sample is the same for any process count
+    out = launch_train(tmp, [*TINY, f"run.output_dir={tmp / 'runs'}", "run.name=base", "--test", "eval.baselines=all"],
                        processes=processes, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads((tmp / "runs" / "base" / "summary_test.json").read_text())
@@ -85,6 +86,7 @@ def test_checkpoint_metrics_identical_on_one_and_two_processes(trained):
     assert one["num_test_unknown"] == two["num_test_unknown"] == 80
     for key in METRICS:
         assert two[key] == pytest.approx(one[key], abs=1e-6), key
+    assert {"knn", "vim", "react", "mahalanobis"} <= set(one["baselines"]) and "posthoc_not_fitted" not in one
     for name, base in one["baselines"].items():
         for key in METRICS:
             assert two["baselines"][name][key] == pytest.approx(base[key], abs=1e-6), (name, key)

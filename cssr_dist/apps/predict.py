@@ -154,7 +154,7 @@ def restore_run(run_dir: str | os.PathLike, device: str = "auto", threshold: flo
     # K known classes from the statistics saved beside the weights: no training data needed here
     num_classes = int(tensors["stats.proto_count"].shape[0]) if "stats.proto_count" in tensors \
         else readers.run_split(cfg.data).num_known
-    model, scorer = build_model_and_scorer(cfg, num_classes, "cpu", model_cfg)
+    model, scorer = build_model_and_scorer(cfg, num_classes, "cpu", model_cfg, posthoc=False)
     apply_best(tensors, model, scorer.stats, path / BEST_DIR / WEIGHTS_FILE,
                "the folder was mixed from two runs (best/ and config.yaml differ)")
     model.to(torch_device).eval()

@@ -13,16 +13,24 @@ import torch
 
 from ..config import Config, ModelConfig
 from ..models.osr_model import OSRModel, build_model
-from ..scoring.scores import Scorer, primary_score
+from ..scoring.scores import DEFAULT_BASELINES, Scorer, primary_score
 
 
 def build_model_and_scorer(cfg: Config, num_classes: int, device: torch.device | str = "cpu",
-                           model_cfg: ModelConfig | None = None) -> tuple[OSRModel, Scorer]:
-    """`cfg`'s model (or `model_cfg`'s: a restored run builds without pretrained weights) and scorer on `device`."""
+                           model_cfg: ModelConfig | None = None,
+                           posthoc: bool = True) -> tuple[OSRModel, Scorer]:
+    """`cfg`'s model (or `model_cfg`'s: a restored run builds without pretrained weights) and scorer on `device`.
+
+    `posthoc=False`: the scorer leaves out the post-hoc detectors of `eval.baselines` (they are
+    fitted on training images at evaluation; a program that only applies the primary score,
+    cssr-predict, has none to fit them on)."""
     model_cfg = cfg.model if model_cfg is None else model_cfg
     model: Any = build_model(model_cfg, num_classes, cfg.data.in_chans).to(device)
     if model_cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     channels = model.feature_channels(cfg.data.in_chans, cfg.data.image_size)
     primary = primary_score(cfg.model.head, cfg.run.method, cfg.eval.score)
-    return model, Scorer(cfg.model.head, num_classes, channels, primary).to(device)
+    baselines = cfg.eval.baselines if posthoc else DEFAULT_BASELINES
+    scorer = Scorer(cfg.model.head, num_classes, channels, primary, baselines,
+                    cfg.eval.posthoc_fit_samples, cfg.eval.posthoc_fit_maps)
+    return model, scorer.to(device)

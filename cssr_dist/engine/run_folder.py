@@ -9,6 +9,7 @@ and whether it may, is decided here (`RunFolder.check_training_start`).
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import hashlib
 import json
@@ -71,6 +72,25 @@ NOT_FINGERPRINTED = (
 )
 
 
+#: Keys that tell the splits and seeds of one experiment apart (result tables average over them).
+SPLIT_AND_SEED = ("data.split", "data.split_file", "data.known", "data.unknown", "run.seed")
+
+
+def _tree_hash(tree: dict, drop: tuple[str, ...]) -> str:
+    """16 hex digits of a config tree without the `drop` keys and without where OOD sets are stored."""
+    tree = copy.deepcopy(tree)
+    for key in drop:
+        *parents, leaf = key.split(".")
+        node = tree
+        for name in parents:
+            node = node.get(name, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    for entry in (tree.get("data") or {}).get("ood") or []:
+        entry.pop("root", None), entry.pop("shards", None)
+    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def config_fingerprint(cfg: Config) -> str:
     """Hash of the settings that change training (data selection, model, optim, schedule, seed).
 
@@ -78,18 +98,16 @@ def config_fingerprint(cfg: Config) -> str:
     instead of mixing two configs in one run. A split file counts by content, not path.
     """
     tree = to_dict(cfg)
-    for key in NOT_FINGERPRINTED:
-        *parents, leaf = key.split(".")
-        node = tree
-        for name in parents:
-            node = node.get(name, {})
-        node.pop(leaf, None)
-    for entry in tree.get("data", {}).get("ood", []):
-        entry.pop("root", None), entry.pop("shards", None)
     split_file = cfg.data.split_file
     if split_file and Path(split_file).is_file():
         tree["data"]["split_file"] = hashlib.sha256(Path(split_file).read_bytes()).hexdigest()
-    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return _tree_hash(tree, NOT_FINGERPRINTED)
+
+
+def experiment_fingerprint(config: dict) -> str:
+    """The fingerprint of a saved config (config.yaml as a dict) without split and seed: runs
+    that share it are the splits and seeds of ONE experiment (`apps/results.py` averages over them)."""
+    return _tree_hash(config, NOT_FINGERPRINTED + SPLIT_AND_SEED)
 
 
 class RunFolder:
