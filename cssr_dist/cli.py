@@ -74,7 +74,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     flags: list[tuple[str, object]] = []
     if args.ds:
         flags.append(("data.split_file", args.ds))
-    if args.save:
+    if args.save is not None:  # `--save ""` is refused by the name check, not ignored
         flags.append(("run.name", args.save))
     if args.method:
         flags.append(("run.method", args.method))

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, check_plain_name
 
 
 def option(help: str, default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING) -> Any:
@@ -343,7 +343,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("eval.test_interval must be >= 0 (0 = evaluate at the end only)")
     if (cfg.data.mean is None) != (cfg.data.std is None):
         raise ConfigError("data.mean and data.std must both be set or both be null (null: the backbone's own)")
+    check_plain_name(cfg.run.name, "run.name")  # it becomes <run.output_dir>/<name>/
     for i, entry in enumerate(cfg.data.ood):
+        check_plain_name(entry.name or entry.source, f"data.ood[{i}].name")  # reports and <data.root>/<name>
         if entry.group not in OOD_GROUPS:
             raise ConfigError(f"data.ood[{i}].group = {entry.group!r} is not valid; choose one of {', '.join(OOD_GROUPS)}")
     if cfg.model.gamma_reference_width is not None and cfg.model.gamma_reference_width < 1:
