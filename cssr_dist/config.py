@@ -160,6 +160,7 @@ class RunConfig:
     max_steps: int | None = option('stop after N optimizer steps (smoke tests, benchmarks)', None)
     progress: bool = option('progress bars on rank 0', True)
     force_resume: bool = option('resume even when the config differs from the checkpoint (fingerprint): your settings from now on', False)
+    force_restart: bool = option('start the run over: its previous files (checkpoints, best/, history, summaries) move to <run>/replaced_<N>/, nothing is deleted', False)
 
 
 @dataclass
