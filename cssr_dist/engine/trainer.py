@@ -2,7 +2,11 @@
 
 The loss is accumulated on the device and only read (`.item()`) on logging steps, because
 each read stalls a GPU pipeline. Preemption is checked on those same steps so that all
-ranks take the collective decision together. The best checkpoint is chosen on the
+ranks take the collective decision together. A loss that becomes NaN or inf is caught by
+those same reads (a non-finite step makes the window's sum non-finite): on a logging step,
+before every checkpoint and at the end of every epoch, so at most `tracking.log_every` steps
+late and never after a checkpoint or `best/` of the diverged model is written; the exact
+step and the last finite loss are kept on the device (`DivergenceWatch`) at no host cost. The best checkpoint is chosen on the
 validation slice of known classes (never on test metrics).
 """
 
@@ -18,9 +22,48 @@ from typing import Any, Callable
 import torch
 
 from ..config import Config
+from ..errors import CssrError
 from ..models.osr_model import check_logit_saturation
 from .checkpoint import TrainerState
 from .preemption import Preempted, PreemptionFlag
+
+
+class TrainingDiverged(CssrError):
+    """The loss became NaN or inf: the run stops (exit 2) instead of training on garbage."""
+
+
+class DivergenceWatch:
+    """Device-side record of the first non-finite loss and the last finite one before it:
+    a few elementwise ops per step, no host read. `check(value)` is called where the host
+    reads a sum of losses anyway and raises `TrainingDiverged` (one line) when it is not finite."""
+
+    def __init__(self, device: torch.device):
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.last_finite = torch.full((), math.nan, dtype=torch.float32, device=device)
+        self.bad_value = torch.full((), math.nan, dtype=torch.float32, device=device)
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        loss = loss.detach().float()
+        finite, fresh = torch.isfinite(loss), self.first_bad < 0
+        self.last_finite = torch.where(finite & fresh, loss, self.last_finite)
+        self.bad_value = torch.where(~finite & fresh, loss, self.bad_value)
+        self.first_bad = torch.where(~finite & fresh, torch.full_like(self.first_bad, step), self.first_bad)
+
+    def check(self, value: float, step: int, cfg: Config, where: str) -> None:
+        if math.isfinite(value):
+            return
+        first, last = int(self.first_bad.item()), float(self.last_finite.item())  # only on the way out
+        if first >= 0:
+            value, at = float(self.bad_value.item()), f"step {first}"
+        else:
+            at = f"a step up to {step} (on another rank)"
+        cause = f"optim.lr={cfg.optim.lr} too high for this batch"
+        if cfg.run.mixed_precision == "fp16":
+            cause += " or fp16 overflow (try run.mixed_precision=bf16 or no)"
+        raise TrainingDiverged(
+            f"training diverged: the loss became {value} at {at} (seen at step {step}, {where}); last finite loss "
+            f"{last:.4g}; likely cause: {cause}. Checkpoints and best/ from before it are kept; resume with a "
+            f"lower optim.lr and run.force_resume=true, or start a new run.name")
 
 
 @dataclass
@@ -86,6 +129,7 @@ class Trainer:
         self._save = on_checkpoint
         self._clock = time.time()
         self.fail_at = failure_hook_from_env()
+        self.divergence = DivergenceWatch(accelerator.device)
 
     def _count_time(self) -> None:
         """Add the wall time since the last count to `state.train_time_s`."""
@@ -120,6 +164,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         correct = (self.classify(out.logits.detach().float()) == labels).sum() if self.classify else loss.new_zeros(())
+        self.divergence.update(loss, self.state.global_step + 1)
         return torch.stack([loss.detach(), correct.to(loss.dtype)])
 
     def _log(self, window: torch.Tensor, steps: int, images: int, seconds: float) -> float:
@@ -127,6 +172,7 @@ class Trainer:
         world = self.accelerator.num_processes
         loss_sum, correct = (self.accelerator.reduce(window, reduction="sum") / world).tolist()
         value = loss_sum / max(1, steps)
+        self.divergence.check(value, self.state.global_step, self.cfg, "a logging step")
         self.accelerator.log({"train/loss": value, "train/lr": self.scheduler.get_last_lr()[0],
                               "train/accuracy": correct / max(1, images),
                               "train/images_per_s": images * world / max(seconds, 1e-9),
@@ -196,6 +242,7 @@ class Trainer:
         """Collective. Puts the epoch's loss so far (before a resume + since) into the state
         (checkpoints carry it) and returns the epoch's mean loss per step."""
         total = base[0] + self.accelerator.reduce(loss_sum, reduction="mean").item()
+        self.divergence.check(total, self.state.global_step, self.cfg, "before a checkpoint or the epoch's end")
         self.state.epoch_loss_sum, self.state.epoch_loss_steps = total, base[1] + steps
         return total / max(1, base[1] + steps)
 
