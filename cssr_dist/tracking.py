@@ -438,7 +438,8 @@ class RunFolder:
 
     def trained_files(self) -> list[str]:
         """What of a trained run this folder holds (step checkpoints, best/, summary, history)."""
-        trained = [name for name in ("checkpoints/best", "summary.json") if (self.path / name).exists()]
+        trained = [name for name, file in (("checkpoints/best", "checkpoints/best/weights.safetensors"),
+                                           ("summary.json", "summary.json")) if (self.path / file).exists()]
         if self.checkpoints.is_dir() and any(self.checkpoints.glob("step_*")):
             trained.append("checkpoints/step_*")
         if (self.path / "history.jsonl").is_file() and (self.path / "history.jsonl").stat().st_size:

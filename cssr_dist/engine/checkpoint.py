@@ -30,6 +30,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, StorageError, storage_error
 
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -202,8 +203,14 @@ def _write_json(path: Path, value: Any) -> None:
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     # clone: safetensors refuses tensors sharing storage (tied weights, views)
-    save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}, str(path),
-              metadata=metadata)
+    try:
+        save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}, str(path),
+                  metadata=metadata)
+    except SafetensorError as err:  # its Rust writer reports a full disk as "I/O error: ... (os error 28)"
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
     _fsync_file(path)
 
 
@@ -297,36 +304,75 @@ class Checkpointer:
 
     # -- saving
     def save(self, state: TrainerState) -> Path:
-        """Write a complete checkpoint of `state` and prune to the newest `keep_last`."""
+        """Write a complete checkpoint of `state` and prune to the newest `keep_last`.
+
+        A failed write (disk full, quota, read-only folder, I/O error) on any rank removes the
+        unfinished `.tmp_` folder and raises `StorageError` on every rank (one line: folder,
+        space needed and free); the previous complete checkpoint is untouched."""
         acc = self.acc
         state.fingerprint = self.fingerprint
         final = self.root / _ckpt_name(state.global_step)
         tmp = self.root / (TMP_PREFIX + final.name)
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        rng_tensors, rng_plain = rng_to_files()
-        _write_tensors(tmp / f"rng.{acc.process_index}.safetensors", rng_tensors)
-        _write_json(tmp / f"rng.{acc.process_index}.json", rng_plain)
-        if acc.is_main_process:
-            _write_tensors(tmp / MODEL_FILE, self._model_state())
-            if self.optimizer is not None:
-                tensors, plain = optimizer_to_files(self.optimizer.state_dict())
-                _write_tensors(tmp / OPTIM_TENSORS, tensors)
-                _write_json(tmp / OPTIM_JSON, plain)
-            if self.scheduler is not None:
-                _write_json(tmp / SCHEDULER_JSON, self.scheduler.state_dict())
-            if self.stats is not None:
-                _write_tensors(tmp / STATS_FILE, self.stats.state_dict())
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            _write_json(tmp / STATE_FILE, asdict(state))
-            _install(tmp, final)
-            for old in list_checkpoints(self.root)[:-self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
+
+        def main_makes_tmp() -> None:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+
+        def write_parts() -> None:
+            rng_tensors, rng_plain = rng_to_files()
+            _write_tensors(tmp / f"rng.{acc.process_index}.safetensors", rng_tensors)
+            _write_json(tmp / f"rng.{acc.process_index}.json", rng_plain)
+            if acc.is_main_process:
+                _write_tensors(tmp / MODEL_FILE, self._model_state())
+                if self.optimizer is not None:
+                    tensors, plain = optimizer_to_files(self.optimizer.state_dict())
+                    _write_tensors(tmp / OPTIM_TENSORS, tensors)
+                    _write_json(tmp / OPTIM_JSON, plain)
+                if self.scheduler is not None:
+                    _write_json(tmp / SCHEDULER_JSON, self.scheduler.state_dict())
+                if self.stats is not None:
+                    _write_tensors(tmp / STATS_FILE, self.stats.state_dict())
+
+        def main_installs() -> None:
+            if acc.is_main_process:
+                _write_json(tmp / STATE_FILE, asdict(state))
+                _install(tmp, final)
+                for old in list_checkpoints(self.root)[:-self.keep_last]:
+                    shutil.rmtree(old, ignore_errors=True)
+
+        for phase in (main_makes_tmp, write_parts, main_installs):  # each ends in a collective, like a barrier
+            self._written_everywhere(phase, tmp, f"checkpoint {final.name}")
         return final
+
+    def _written_everywhere(self, phase, tmp: Path, what: str) -> None:
+        """Run one write phase; if it failed on any rank, every rank raises StorageError."""
+        error = None
+        try:
+            phase()
+        except OSError as err:
+            error = err
+        if self._all_ranks_ok(error is None):
+            return
+        if self.acc.is_main_process:
+            try:  # the unfinished copy; the previous checkpoint stays (a leftover goes on the next start)
+                shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+        if error is None:
+            raise StorageError(f"cannot write {what} in {self.root}: a write failed on another rank (see its "
+                               "error); the previous checkpoint is intact")
+        raise storage_error(error, what, self.root, self._checkpoint_bytes()) from None
+
+    def _checkpoint_bytes(self) -> int:
+        """About what one checkpoint needs on disk (tensors; the JSON files are small), twice
+        while a checkpoint of the same step is being replaced."""
+        parts = [self._model_state()]
+        if self.optimizer is not None:
+            parts.append(optimizer_to_files(self.optimizer.state_dict())[0])
+        if self.stats is not None:
+            parts.append(self.stats.state_dict())
+        return sum(t.numel() * t.element_size() for part in parts for t in part.values() if t is not None) + 65536
 
     def _bare_model(self) -> torch.nn.Module:
         """Without DDP and torch.compile wrappers: the same keys whether model.compile is on or not."""
@@ -427,13 +473,15 @@ class Checkpointer:
     # -- best weights (what --test evaluates)
     def save_best(self, *, epoch: int, best_value: float | None, score: str, name: str = "best") -> None:
         """Weights + statistics of the model AS IT IS NOW, labelled with the epoch they are best for."""
-        if self.acc.is_main_process:
-            tensors = {f"model.{k}": v for k, v in self._model_state().items()}
-            if self.stats is not None:
-                tensors.update({f"stats.{k}": v for k, v in self.stats.state_dict().items()})
-            save_weights(self.root / name, tensors, {"epoch": epoch, "best_value": best_value, "score": score,
-                                                     "fingerprint": self.fingerprint})
-        self.acc.wait_for_everyone()
+        def main_writes() -> None:
+            if self.acc.is_main_process:
+                tensors = {f"model.{k}": v for k, v in self._model_state().items()}
+                if self.stats is not None:
+                    tensors.update({f"stats.{k}": v for k, v in self.stats.state_dict().items()})
+                save_weights(self.root / name, tensors, {"epoch": epoch, "best_value": best_value, "score": score,
+                                                         "fingerprint": self.fingerprint})
+
+        self._written_everywhere(main_writes, self.root / name / (WEIGHTS_FILE + ".tmp"), f"{name}/")
 
     def load_best(self, name: str = "best") -> dict:
         """Load `best/` into the model and statistics; returns its metadata (epoch, fingerprint, ...)."""
