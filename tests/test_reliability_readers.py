@@ -50,6 +50,23 @@ def test_real_cifar_batches_still_load_at_every_protocol(tmp_path):
         assert len(source.targets) == 100 and source.classes[0] == "c10_0"
 
 
+def test_a_crafted_weight_file_runs_nothing(tmp_path):
+    """model.pretrained_file / tools/convert_weights.py: a .pth whose pickle names os.system."""
+    import torch
+
+    from cssr_dist.models.pretrained import read_state_dict
+
+    marker = tmp_path / "MARKER"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "x": _Payload(marker)}, tmp_path / "w.pth")
+    with pytest.raises(DataError, match=r"cannot read weights from .*w.pth: UnpicklingError"):
+        read_state_dict(tmp_path / "w.pth")
+    assert not marker.exists()
+    (tmp_path / "w.safetensors").write_bytes((tmp_path / "w.pth").read_bytes())  # a pickle in disguise
+    with pytest.raises(DataError, match="cannot read weights"):
+        read_state_dict(tmp_path / "w.safetensors")
+    assert not marker.exists()
+
+
 # (pattern, what it means, allowed lines as "path: text" substrings)
 FORBIDDEN = [
     (r"\bpickle\.loads?\(", "a bare unpickle", []),
