@@ -291,7 +291,8 @@ def iter_images(inputs: Iterable[tuple[str, str]]) -> Iterator[Item]:
         if kind == "shards":
             yield from _shard_images(spec)
             continue
-        files = [Path(spec)] if kind == "file" else sorted(p for p in Path(spec).rglob("*") if p.is_file() and _is_image(p))
+        files = ([Path(spec)] if kind == "file"
+                 else sorted(p for p in Path(spec).rglob("*") if p.is_file() and _is_image(p)))
         for path in files:
             name = spec if kind == "file" else str(path)
             try:
@@ -301,7 +302,8 @@ def iter_images(inputs: Iterable[tuple[str, str]]) -> Iterator[Item]:
 
 
 # ---------------------------------------------------------------- prediction
-def _batches(items: Iterator[Item], transform, size: int) -> Iterator[tuple[list[str], torch.Tensor | None, list[tuple[str, str]]]]:
+def _batches(items: Iterator[Item], transform,
+             size: int) -> Iterator[tuple[list[str], torch.Tensor | None, list[tuple[str, str]]]]:
     """(names, images) of up to `size` usable images, with the (name, reason) of unusable ones met on the way."""
     names, tensors, failed = [], [], []
     for name, image, error in items:

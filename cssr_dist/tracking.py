@@ -324,7 +324,8 @@ def environment_record(cfg: Config, world_size: int) -> dict[str, Any]:
 # a resume may change them; anything else changes the fingerprint and is refused.
 NOT_FINGERPRINTED = (
     "run.name", "run.output_dir", "run.progress", "run.keep_last", "run.checkpoint_every_steps", "run.max_steps",
-    "run.force_resume", "run.force_restart", "run.deterministic", "tracking", "eval", "data.root", "data.num_workers", "data.download",
+    "run.force_resume", "run.force_restart", "run.deterministic", "tracking", "eval", "data.root", "data.num_workers",
+    "data.download",
     "data.eval_batch_size", "data.shards.train", "data.shards.test", "data.shards.max_corrupt_fraction",
     "data.shards.allow_url_schemes", "model.compile", "model.channels_last", "model.class_chunk",
 )

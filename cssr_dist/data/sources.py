@@ -76,7 +76,8 @@ def _cifar(name: str, root: Path, train: bool, download: bool) -> ArraySource:
         batch = builtin_data.read_cifar_batch(folder / file)
         images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         labels.extend(batch["labels" if ten else "fine_labels"])
-    classes = builtin_data.read_cifar_batch(meta)["label_names" if ten else "fine_label_names"] if meta.is_file() else []
+    names_key = "label_names" if ten else "fine_label_names"
+    classes = builtin_data.read_cifar_batch(meta)[names_key] if meta.is_file() else []
     data = np.concatenate(images).transpose(0, 2, 3, 1).copy()
     return ArraySource(name, data, np.asarray(labels), classes or [str(i) for i in range(10 if ten else 100)])
 

@@ -301,7 +301,8 @@ def check_split_names_dataset(split: OpenSetSplit, data_cfg: Any) -> OpenSetSpli
     """A split file that names another data set than `data.dataset` is refused: the run would
     read one and record the other (summary, W&B, results tables)."""
     plus = data_cfg.dataset in ("cifar_plus10", "cifar_plus50")  # CIFAR+N: knowns of cifar10, unknowns of cifar100
-    if split.dataset != data_cfg.dataset and not (plus and (split.dataset, split.unknown_dataset) == ("cifar10", "cifar100")):
+    plus_pair = plus and (split.dataset, split.unknown_dataset) == ("cifar10", "cifar100")
+    if split.dataset != data_cfg.dataset and not plus_pair:
         raise DataError(f"split file {data_cfg.split_file} is a split of '{split.dataset}', but data.dataset is "
                         f"'{data_cfg.dataset}'; set data.dataset={split.dataset} (with its config, "
                         f"configs/{split.dataset}/<method>.yaml) or pass a split file of '{data_cfg.dataset}'")

@@ -156,7 +156,8 @@ def train(cfg: Config) -> dict:
     optimizer = build_optimizer(run.model.parameters(), cfg.optim, run.batches.global_batch)
     run.model, optimizer = acc.prepare(run.model, optimizer)
     scheduler = build_scheduler(optimizer, cfg.schedule, len(run.data.train))
-    checkpoints = run.checkpoints.for_training(run.model, optimizer, scheduler, (cfg.schedule.epochs, len(run.data.train)))
+    checkpoints = run.checkpoints.for_training(run.model, optimizer, scheduler,
+                                               (cfg.schedule.epochs, len(run.data.train)))
 
     state = run.restore(checkpoints)
     if checkpoints.restored_from is not None:
