@@ -47,7 +47,7 @@ def test_the_reference_cli_with_a_mismatched_split_file_fails_before_training(tm
                f"run.output_dir={tmp_path}", "run.name=x", f"data.root={tmp_path}"])
     err = capsys.readouterr().err
     assert rc == 2 and "is a split of 'cifar10', but data.dataset is 'svhn'" in err, err
-    assert not (tmp_path / "x" / "summary.json").exists()
+    assert not (tmp_path / "x").exists()  # refused before the run folder is made
 
 
 def _rewrite(tar_path: Path, reorder=None, rename=None) -> None:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..config import Config
 from ..data.run_data import build_run_data
+from ..data.splits import resolve_split
 from ..errors import ConfigError
 from ..eval.evaluator import Evaluator
 from ..eval.plots import write_evaluation_plots
@@ -51,6 +52,8 @@ class Run:
 
     def __init__(self, cfg: Config, test_only: bool = False):
         self.cfg = cfg
+        if cfg.data.split_file:  # a split of another data set is refused before the run folder is touched
+            resolve_split(cfg.data)
         self.folder = RunFolder(cfg)
         self.fingerprint = config_fingerprint(cfg)  # of the config as given (before the per-process batch)
         self.accelerator = acc = build_accelerator(cfg, self.folder.path)
