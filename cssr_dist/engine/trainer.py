@@ -138,7 +138,7 @@ class Trainer:
         self._save = on_checkpoint
         self._clock = time.time()
         self.fail_at = failure_hook_from_env()
-        self.divergence = DivergenceWatch(accelerator.device, max(1, cfg.tracking.log_every))
+        self.divergence: DivergenceWatch | None = None  # made on the first epoch, on the run's device
         self._window = 0  # steps since the last logging step (the divergence buffer's position)
 
     def _count_time(self) -> None:
@@ -204,6 +204,8 @@ class Trainer:
         """Train over `batches` (already positioned after resume); update the state as it goes."""
         self.model.train()
         log_every = max(1, self.cfg.tracking.log_every)
+        if self.divergence is None:
+            self.divergence = DivergenceWatch(self.accelerator.device, log_every)
         ckpt_every = self.cfg.run.checkpoint_every_steps
         if self.state.step_in_epoch == 0:  # a fresh epoch; else resume its running loss
             self.state.epoch_loss_sum, self.state.epoch_loss_steps = 0.0, 0

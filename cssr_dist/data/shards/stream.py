@@ -303,7 +303,7 @@ class ShardStream(IterableDataset):
                     got.add(sid)
                     yield sample, sid
         if len(got) < expected:
-            reason = f"unreadable or crafted shard ({errors[0]})" if errors else "shard ended early"
+            reason = f"truncated or unreadable shard ({errors[0]})" if errors else "shard ended early"
             self._corrupt(worker, f"{reason}: {expected - len(got)} of {expected} samples missing", url, "-",
                           expected - len(got))
 
