@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .config import Config, apply_override, build_config, dump_yaml, load_yaml_tree, parse_override
-from .errors import ConfigError, CssrError
+from .errors import STORAGE_ERRNOS, ConfigError, CssrError, storage_error
 
 GPU_NOTE = ("note: --gpu is ignored: Accelerate chooses devices (use `accelerate launch --gpu_ids 0,1` "
             "or CUDA_VISIBLE_DEVICES)")
@@ -74,7 +74,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     flags: list[tuple[str, object]] = []
     if args.ds:
         flags.append(("data.split_file", args.ds))
-    if args.save:
+    if args.save is not None:  # `--save ""` is refused by the name check, not ignored
         flags.append(("run.name", args.save))
     if args.method:
         flags.append(("run.method", args.method))
@@ -115,5 +115,11 @@ def main(argv: list[str] | None = None) -> int:
             return REQUEUE_EXIT_CODE
     except CssrError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # any other write the storage refused (history, summary, plots): one line too
+        if err.errno not in STORAGE_ERRNOS:
+            raise
+        folder = Path(err.filename).parent if err.filename else Path(".")
+        print(f"error: {storage_error(err, Path(err.filename or '?').name, folder)}", file=sys.stderr)
         return 2
     return 0

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, check_plain_name
 from .protocol import apply_protocol
 
 
@@ -167,6 +167,7 @@ class RunConfig:
     max_steps: int | None = option('stop after N optimizer steps (smoke tests, benchmarks)', None)
     progress: bool = option('progress bars on rank 0', True)
     force_resume: bool = option('resume even when the config differs from the checkpoint (fingerprint): your settings from now on', False)
+    force_restart: bool = option('start the run over: its previous files (checkpoints, best/, history, summaries) move to <run>/replaced_<N>/, nothing is deleted', False)
 
 
 @dataclass
@@ -357,7 +358,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("eval.test_interval must be >= 0 (0 = evaluate at the end only)")
     if (cfg.data.mean is None) != (cfg.data.std is None):
         raise ConfigError("data.mean and data.std must both be set or both be null (null: the backbone's own)")
+    check_plain_name(cfg.run.name, "run.name")  # it becomes <run.output_dir>/<name>/
     for i, entry in enumerate(cfg.data.ood):
+        check_plain_name(entry.name or entry.source, f"data.ood[{i}].name")  # reports and <data.root>/<name>
         if entry.group not in OOD_GROUPS:
             raise ConfigError(f"data.ood[{i}].group = {entry.group!r} is not valid; choose one of {', '.join(OOD_GROUPS)}")
     if cfg.model.gamma_reference_width is not None and cfg.model.gamma_reference_width < 1:

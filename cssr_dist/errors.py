@@ -4,6 +4,11 @@
 researcher who mistyped a key needs the fix, not a stack.
 """
 
+import errno
+import os
+import shutil
+from pathlib import Path
+
 
 class CssrError(Exception):
     """Base class of errors caused by user input (config, data, files), not by bugs."""
@@ -15,3 +20,48 @@ class ConfigError(CssrError):
 
 class DataError(CssrError):
     """A data set, split file or shard is missing, malformed or inconsistent."""
+
+
+class StorageError(CssrError):
+    """Writing failed: disk full, quota, read-only folder or an I/O error."""
+
+
+#: errno values that mean "the storage refused the write", not a bug
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM})
+
+
+def storage_error(err: OSError, what: str, folder: str | os.PathLike, needed_bytes: int | None = None) -> StorageError:
+    """One line for a failed write: the folder, why, the space needed and free, what to do."""
+    folder = Path(folder)
+    probe = next((p for p in (folder, *folder.parents) if p.is_dir()), Path("/"))
+    try:
+        free = f"{shutil.disk_usage(probe).free / 1e6:.1f} MB free there"
+    except OSError:
+        free = "free space unknown"
+    needed = f"about {needed_bytes / 1e6:.1f} MB needed, " if needed_bytes else ""
+    reason = err.strerror or type(err).__name__
+    code = errno.errorcode.get(err.errno or 0, "")
+    return StorageError(f"cannot write {what} in {folder}: {reason}{f' ({code})' if code else ''}; {needed}{free}; "
+                        "free space or make the folder writable, then rerun the same command: the run resumes "
+                        "from its last complete checkpoint")
+
+
+def check_plain_name(name: object, what: str, error: type[CssrError] = ConfigError) -> str:
+    """`name` as ONE plain path component, or `error` in one line.
+
+    The project turns these names into paths (run names -> `<output_dir>/<name>/`, OOD set
+    names -> `<data.root>/<name>`, sweep names -> run folders), so a name like `..`, `/etc`,
+    `a/b`, an empty one or one with control characters would read or write outside the
+    folder the user chose. Paths given as paths (data roots, --out) are not names.
+    """
+    text = name if isinstance(name, str) else ""
+    bad = ("empty" if not text else "'.' or '..'" if text in (".", "..")
+           else "a path separator" if "/" in text or "\\" in text
+           else "a control character" if any(ord(c) < 32 or ord(c) == 127 for c in text)
+           else "a leading '-'" if text.startswith("-") else None)
+    if not isinstance(name, str):
+        bad = f"not a string ({type(name).__name__})"
+    if bad:
+        raise error(f"{what} = {name!r} is not a plain name ({bad}); use one folder name such as "
+                    "'fmnist_rcssr_a' (letters, digits, '_', '-', '.')")
+    return text

@@ -112,3 +112,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+#: Files whose every test performs a fault or attack of docs/reliability.md (`pytest -m faults`).
+FAULT_FILES = ("test_reliability_", "test_resume.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark the fault-injection suite so a reader runs it with one command: `pytest -m faults`."""
+    for item in items:
+        if item.path.name.startswith(FAULT_FILES):
+            item.add_marker(pytest.mark.faults)

@@ -146,7 +146,8 @@ def test_ood_sets_from_config_and_split_file(tmp_path, tiny, data_cfg):
             "test": [{"dataset": "imagenet", "convert_class": [0, 1, 2], "keep_class": [0, 1, 2]},
                      {"dataset": "oodinaturalist", "convert_class": [-1, -1, -1], "keep_class": [-1]}]}
     (tmp_path / "spl.json").write_text(json.dumps(spec))
-    cfg = data_cfg(root=str(tmp_path), split_file=str(tmp_path / "spl.json"), image_size=16, in_chans=3,
+    cfg = data_cfg(root=str(tmp_path), dataset="imagenet", split_file=str(tmp_path / "spl.json"), image_size=16,
+                   in_chans=3,
                    mean=[0.5] * 3, std=[0.25] * 3, train_augment="imagenet", val_fraction=0.25, batch_size=4,
                    ood=[OodSetConfig(name="textures", source="oodfolder", root=str(tmp_path / "textures"))])
     loaders = build_run_data(cfg, seed=0)

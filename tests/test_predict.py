@@ -71,7 +71,8 @@ def test_predicts_pngs_and_folders_with_the_validation_threshold(trained_run, pn
     rows = _rows(out)
     files = sorted(str(p) for p in pngs.rglob("*.png"))
     assert [r["path"] for r in rows] == files + [str(single)]  # folder sorted and recursive, then the file
-    assert list(rows[0]) == ["path", "prediction", "score", "threshold", "closed_set_class", "closed_set_index"]
+    assert list(rows[0]) == ["path", "prediction", "score", "threshold", "closed_set_class", "closed_set_index",
+                             "error"]  # error: why an unreadable image got no prediction (issue 20)
     assert all(float(r["threshold"]) == pytest.approx(summary["threshold"]) for r in rows)  # chosen on validation
     _check_rule(rows)
     assert float(rows[-1]["score"]) == pytest.approx(float(rows[files.index(str(single))]["score"]), rel=1e-5)

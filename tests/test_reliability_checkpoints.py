@@ -167,13 +167,15 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, da
         and log[0].endswith("; resuming from step_000000005")
 
 
-def test_only_damaged_checkpoints_means_a_fresh_start_said_in_one_line(tmp_path):
+def test_only_damaged_checkpoints_stop_the_run_in_one_line(tmp_path):
+    """A trained run whose checkpoints are all unusable is never trained over (issue 20: it
+    started from scratch before); tests/test_reliability_checkpoint_fit.py runs it through train.py."""
     saved_run(tmp_path, steps=(5,))
     (list_checkpoints(tmp_path)[0] / "model.safetensors").write_bytes(b"\0" * 10)
     saver, log = make(tmp_path)
-    assert saver.restore() is None and log == [
-        "checkpoints: none usable (step_000000005 (model.safetensors unreadable (SafetensorError: "
-        + log[0].split("SafetensorError: ", 1)[1]]
+    with pytest.raises(ConfigError, match=r"no usable checkpoint \(step_000000005 \(model.safetensors unreadable "
+                                          r".*run.force_restart=true .* or choose another run.name"):
+        saver.restore()
 
 
 def test_resume_with_another_config_is_refused(tmp_path):

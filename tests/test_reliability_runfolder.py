@@ -83,6 +83,7 @@ def test_a_fresh_start_over_a_trained_run_is_refused(tmp_path, left):
     folder = RunFolder(cfg)
     if left == "best":
         (folder.checkpoints / "best").mkdir(parents=True)
+        (folder.checkpoints / "best" / "weights.safetensors").write_bytes(b"x")
     elif left == "summary":
         folder.path.mkdir(parents=True)
         (folder.path / "summary.json").write_text("{}")
@@ -90,7 +91,8 @@ def test_a_fresh_start_over_a_trained_run_is_refused(tmp_path, left):
         folder.path.mkdir(parents=True)
         (folder.path / "history.jsonl").write_text('{"epoch": 1}\n')
     before = digest(tmp_path)
-    with pytest.raises(ConfigError, match=r"holds a trained run .* no checkpoint to resume; choose another run.name"):
+    with pytest.raises(ConfigError, match=r"holds a trained run .* no usable checkpoint to resume; nothing was changed. "
+                                          r"Start over with run.force_restart=true .*or choose another run.name"):
         folder.check_training_start(cfg, config_fingerprint(cfg))
     assert digest(tmp_path) == before
 

@@ -183,8 +183,12 @@ def test_resolve_split_precedence(data_cfg, tmp_path):
     path = _write(tmp_path, {"train": [{"dataset": "svhn", "convert_class": [0, 1, -1], "keep_class": [0, 1]}]})
     cfg = data_cfg(dataset="cifar10", split_family="cssr", split="c", known=[1, 2], unknown=[3])
     assert resolve_split(cfg).known == (1, 2) and resolve_split(cfg).unknown == (3,)
-    cfg.split_file = str(path)
+    cfg.split_file = str(path)  # a split of svhn with data.dataset cifar10: refused (issue 20), else it wins
+    with pytest.raises(DataError, match="is a split of 'svhn', but data.dataset is 'cifar10'"):
+        resolve_split(cfg)
+    cfg.dataset = "svhn"
     assert resolve_split(cfg).dataset == "svhn" and resolve_split(cfg).known == (0, 1)
+    cfg.dataset = "cifar10"
     cfg.split_file, cfg.known, cfg.unknown = None, None, None
     assert resolve_split(cfg).known == (0, 3, 4, 5, 6, 8)
     assert resolve_split(data_cfg()).name == "builtin/fashion_mnist/default"

@@ -15,6 +15,11 @@ nothing executed):
 Inputs are image files, folders (every image below, sorted) or shard prefixes made by
 `tools/make_shards.py` (`PREFIX` with `PREFIX.json` beside it; rows are named
 `PREFIX#<sample key>`). Images go through the model in batches on any torch device.
+
+Every image is untrusted too: one that cannot be read (unreadable, truncated, not an image,
+larger than PIL's `Image.MAX_IMAGE_PIXELS`, i.e. a decompression bomb) gets a row with
+`prediction` = `error` and the reason in `error`, and the rest is predicted. Images are
+decoded one batch at a time, so memory is bounded by the batch size and that pixel limit.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -49,7 +55,8 @@ from ..errors import ConfigError, DataError
 #: Where a run keeps the selected weights + score statistics (engine/checkpoint.py writes it).
 BEST_DIR = Path("checkpoints") / "best"
 UNKNOWN = "unknown"
-COLUMNS = ("path", "prediction", "score", "threshold", "closed_set_class", "closed_set_index")
+ERROR = "error"  # the prediction of an image that could not be read; its reason is in the `error` column
+COLUMNS = ("path", "prediction", "score", "threshold", "closed_set_class", "closed_set_index", "error")
 
 
 # ---------------------------------------------------------------- the restored run
@@ -203,56 +210,82 @@ def check_inputs(paths: Sequence[str]) -> list[tuple[str, str]]:
     return out
 
 
+class UnreadableImage(Exception):
+    """One input image cannot be used; its row reports why and prediction goes on."""
+
+
 def _open_image(path: Path) -> Image.Image:
+    """Fully decoded; an image over `Image.MAX_IMAGE_PIXELS` is refused from its header, before
+    decoding (PIL only warns up to twice that limit: here the warning is an error too)."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.copy()
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise DataError(f"cannot read image {path} ({type(err).__name__}: {str(err)[:100]})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                return img.copy()
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as err:
+        raise UnreadableImage(f"{type(err).__name__}: {str(err)[:160]}") from None
 
 
-def _shard_images(spec: str) -> Iterator[tuple[str, Image.Image]]:
-    """(PREFIX#key, image) of every sample of a shard set, shard by shard."""
+Item = tuple[str, "Image.Image | None", str]  # (name, image, why it is unusable: "" when usable)
+
+
+def _shard_images(spec: str) -> Iterator[Item]:
+    """(PREFIX#key, image, "") of every sample of a shard set, shard by shard; a sample that
+    does not decode, or a damaged shard, gives (name, None, reason)."""
     index, index_file = read_index(spec)
     prefix = spec[:-5] if spec.endswith(".json") else spec
-
-    def fail(url: str, err: Exception) -> None:
-        raise DataError(f"shard {url} is unreadable ({type(err).__name__}: {str(err)[:100]})")
-
     for url in shard_urls(index, index_file):
-        for sample in iter_shard(url, fail):
-            check_members(sample, url)
+        damage: list[str] = []
+        for sample in iter_shard(url, lambda _, err: damage.append(f"{type(err).__name__}: {str(err)[:160]}")):
             name = f"{prefix}#{sample.get('__key__')}"
             try:
-                yield name, decode_image(sample, None)
-            except CorruptSample as err:
-                raise DataError(f"{name}: {err}") from None
+                check_members(sample, url)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+                    yield name, decode_image(sample, None), ""
+            except (CorruptSample, DataError, Image.DecompressionBombWarning) as err:
+                yield name, None, str(err)[:200]
+        for reason in damage:
+            yield f"{prefix}#{Path(url).name}", None, f"shard damaged, samples after this point lost ({reason})"
 
 
-def iter_images(inputs: Iterable[tuple[str, str]]) -> Iterator[tuple[str, Image.Image]]:
-    """(name, PIL image) of every input, in order: files, folder contents (data/layouts.py's order), shard samples."""
+def iter_images(inputs: Iterable[tuple[str, str]]) -> Iterator[Item]:
+    """(name, PIL image, "") of every input, in order: files, folder contents (data/layouts.py's
+    order), shard samples; (name, None, reason) for one that cannot be read."""
     for kind, spec in inputs:
-        if kind == "file":
-            yield spec, _open_image(Path(spec))
-        elif kind == "folder":
-            for path in image_files(spec):
-                yield str(path), _open_image(path)
-        else:
+        if kind == "shards":
             yield from _shard_images(spec)
+            continue
+        files = [Path(spec)] if kind == "file" else image_files(spec)
+        for path in files:
+            name = spec if kind == "file" else str(path)
+            try:
+                yield name, _open_image(path), ""
+            except UnreadableImage as err:
+                yield name, None, str(err)
 
 
 # ---------------------------------------------------------------- prediction
-def _batches(items: Iterator[tuple[str, Image.Image]], transform, size: int) -> Iterator[tuple[list[str], torch.Tensor]]:
-    names, tensors = [], []
-    for name, image in items:
-        names.append(name)
-        tensors.append(transform(image))
+def _batches(items: Iterator[Item], transform,
+             size: int) -> Iterator[tuple[list[str], torch.Tensor | None, list[tuple[str, str]]]]:
+    """(names, images) of up to `size` usable images, with the (name, reason) of unusable ones met on the way."""
+    names, tensors, failed = [], [], []
+    for name, image, error in items:
+        if image is not None:
+            try:
+                tensors.append(transform(image))
+                names.append(name)
+            except (OSError, ValueError, RuntimeError, TypeError) as err:  # e.g. a mode the transform cannot take
+                failed.append((name, f"{type(err).__name__}: {str(err)[:160]}"))
+        else:
+            failed.append((name, error))
         if len(names) == size:
-            yield names, torch.stack(tensors)
-            names, tensors = [], []
-    if names:
-        yield names, torch.stack(tensors)
+            yield names, torch.stack(tensors), failed
+            names, tensors, failed = [], [], []
+    if names or failed:
+        yield names, torch.stack(tensors) if tensors else None, failed
 
 
 @torch.no_grad()
@@ -262,7 +295,11 @@ def predict(run: RestoredRun, paths: Sequence[str], batch_size: int = 256) -> li
         raise ConfigError(f"--batch-size {batch_size} must be >= 1")
     inputs = check_inputs(paths)
     rows = []
-    for names, images in _batches(iter_images(inputs), run.transform, batch_size):
+    for names, images, failed in _batches(iter_images(inputs), run.transform, batch_size):
+        rows.extend({"path": name, "prediction": ERROR, "score": None, "threshold": run.threshold,
+                     "closed_set_class": None, "closed_set_index": None, "error": reason} for name, reason in failed)
+        if images is None:
+            continue
         out = run.model(images.to(run.device))
         scores = run.scorer(out.features.float(), out.logits.float())
         score = scores[run.score].double().cpu().numpy()
@@ -270,7 +307,8 @@ def predict(run: RestoredRun, paths: Sequence[str], batch_size: int = 256) -> li
         for name, s, k in zip(names, score, pred):
             closed = run.class_names[int(k)]
             rows.append({"path": name, "prediction": closed if s >= run.threshold else UNKNOWN, "score": float(s),
-                         "threshold": run.threshold, "closed_set_class": closed, "closed_set_index": int(k)})
+                         "threshold": run.threshold, "closed_set_class": closed, "closed_set_index": int(k),
+                         "error": None})
     return rows
 
 
@@ -296,10 +334,13 @@ def write_predictions(rows: list[dict], run: RestoredRun, out: str | None) -> No
 
 def summary_line(rows: list[dict], run: RestoredRun) -> str:
     unknown = sum(r["prediction"] == UNKNOWN for r in rows)
-    counts = np.unique([r["closed_set_class"] for r in rows if r["prediction"] != UNKNOWN], return_counts=True)
+    failed = sum(r["prediction"] == ERROR for r in rows)
+    counts = np.unique([r["closed_set_class"] for r in rows if r["prediction"] not in (UNKNOWN, ERROR)],
+                       return_counts=True)
     known = ", ".join(f"{c} {n}" for c, n in zip(*counts))
+    unreadable = f"; {failed} unreadable (prediction '{ERROR}', reason in the error column)" if failed else ""
     return (f"{len(rows)} images: {unknown} unknown ({run.score} < {run.threshold:.6g}, threshold from "
-            f"{run.threshold_source}){'; ' + known if known else ''}")
+            f"{run.threshold_source}){'; ' + known if known else ''}{unreadable}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

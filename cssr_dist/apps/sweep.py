@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..errors import ConfigError, CssrError
+from ..errors import ConfigError, CssrError, check_plain_name
 
 #: The checkout this package runs from (an editable install): configs/, slurm/ and train.py live there.
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -68,6 +68,10 @@ def expand(datasets: Sequence[str], methods: Sequence[str], splits: Sequence[str
            seeds: Sequence[int] = (0,), tag: str = "", configs_dir: str | Path = "configs") -> list[RunSpec]:
     """The grid, data set -> split -> method -> seed (osr_sweep.sh's order). `splits=None`:
     each data set's own (:data:`DEFAULT_SPLITS`). A missing config is an error before any run."""
+    for what, names in (("--datasets", datasets), ("--methods", methods), ("--splits", splits or ()),
+                        ("--tag", [tag] if tag else [])):
+        for name in names:  # each becomes part of a run folder name or a config path
+            check_plain_name(str(name), what)
     for ds in datasets:
         if splits is None and ds not in DEFAULT_SPLITS:
             raise ConfigError(f"no default splits for data set '{ds}'; pass --splits (known: {', '.join(DEFAULT_SPLITS)})")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import logging
 import importlib.util
+import pickle
 import pickletools
 import struct
 from pathlib import Path
@@ -177,6 +178,38 @@ _ARRAY_PICKLE_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy", "ndarray"), ("numpy", "dtype"),
 }
+
+
+# ...and what a CIFAR python batch (a dict of arrays, lists, strings) may name besides: arrays
+# rebuilt from bytes (protocol 5) and bytes pickled by Python 3 at protocol 2
+_CIFAR_PICKLE_GLOBALS = _ARRAY_PICKLE_GLOBALS | {
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode"),
+}
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    """Python's documented way to restrict globals: any callable outside the allow-list is
+    refused BEFORE it is looked up, so a crafted file cannot run code."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"names {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path: str | Path) -> dict:
+    """A CIFAR python batch (`data_batch_1`, `test`, `batches.meta`): a dict of numpy arrays,
+    lists and strings. torchvision reads these with a bare `pickle.load`, which runs whatever
+    callables a crafted file names; here only numpy's array constructors may be named."""
+    try:
+        with open(path, "rb") as fh:
+            raw = _AllowListUnpickler(fh, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as err:
+        raise DataError(f"{path} is not a plain CIFAR batch ({type(err).__name__}: {str(err)[:100]}); refusing to "
+                        "read it - re-extract the python version of the archive") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{path} is not a CIFAR batch (a pickled dict); re-extract the python version of the archive")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
 
 
 def animal_mnist_dir() -> Path | None:

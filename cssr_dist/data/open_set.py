@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from ..errors import DataError
+from ..errors import DataError, check_plain_name
 from .splits import OpenSetSplit
 
 ROLES = ("train", "val", "train_eval", "test", "unknown", "ood")
@@ -234,6 +234,7 @@ def ood_entries(data_cfg: Any, split: OpenSetSplit) -> list[OodEntry]:
                                 getattr(entry, "group", "far")))
     named = {e.name for e in entries}
     for name in split.ood_datasets:
+        check_plain_name(name, f"split '{split.name}' OOD set", DataError)  # read from <data.root>/<name>
         if name not in named:
             entries.append(OodEntry(name, name, os.path.join(data_cfg.root, name), name, "far"))
     if len({e.name for e in entries}) != len(entries):

@@ -10,7 +10,6 @@ for Tiny-ImageNet / ImageNet); mapping to open-set labels is `OpenSetDataset`'s 
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Callable
 
@@ -64,12 +63,6 @@ def _missing(what: str, path: Path, how: str) -> DataError:
 
 
 # ---------------------------------------------------------------- CIFAR-10 / CIFAR-100 (python pickles)
-def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as fh:
-        raw = pickle.load(fh, encoding="latin1")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
-
-
 def _cifar(name: str, root: Path, train: bool, download: bool) -> ArraySource:
     ten = name == "cifar10"
     folder = root / ("cifar-10-batches-py" if ten else "cifar-100-python")
@@ -81,10 +74,11 @@ def _cifar(name: str, root: Path, train: bool, download: bool) -> ArraySource:
     for file in files:
         if not (folder / file).is_file():
             raise _missing(name.upper(), folder / file, "set data.download=true or extract the python version of the archive into data.root")
-        batch = _unpickle(folder / file)
+        batch = builtin_data.read_cifar_batch(folder / file)
         images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         labels.extend(batch["labels" if ten else "fine_labels"])
-    classes = _unpickle(meta)["label_names" if ten else "fine_label_names"] if meta.is_file() else []
+    names_key = "label_names" if ten else "fine_label_names"
+    classes = builtin_data.read_cifar_batch(meta)[names_key] if meta.is_file() else []
     data = np.concatenate(images).transpose(0, 2, 3, 1).copy()
     return ArraySource(name, data, np.asarray(labels), classes or [str(i) for i in range(10 if ten else 100)])
 

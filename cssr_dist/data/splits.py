@@ -297,10 +297,22 @@ def split_from_reference_file(path: str | Path) -> OpenSetSplit:
 
 
 # ---------------------------------------------------------------- from the config
+def check_split_names_dataset(split: OpenSetSplit, data_cfg: Any) -> OpenSetSplit:
+    """A split file that names another data set than `data.dataset` is refused: the run would
+    read one and record the other (summary, W&B, results tables)."""
+    plus = data_cfg.dataset in ("cifar_plus10", "cifar_plus50")  # CIFAR+N: knowns of cifar10, unknowns of cifar100
+    plus_pair = plus and (split.dataset, split.unknown_dataset) == ("cifar10", "cifar100")
+    if split.dataset != data_cfg.dataset and not plus_pair:
+        raise DataError(f"split file {data_cfg.split_file} is a split of '{split.dataset}', but data.dataset is "
+                        f"'{data_cfg.dataset}'; set data.dataset={split.dataset} (with its config, "
+                        f"configs/{split.dataset}/<method>.yaml) or pass a split file of '{data_cfg.dataset}'")
+    return split
+
+
 def resolve_split(data_cfg: Any, num_classes: int | None = None) -> OpenSetSplit:
     """The run's split: data.split_file > explicit data.known/unknown > data.split_family/data.split."""
     if data_cfg.split_file:
-        return split_from_reference_file(data_cfg.split_file)
+        return check_split_names_dataset(split_from_reference_file(data_cfg.split_file), data_cfg)
     if data_cfg.known:
         unknown = tuple(data_cfg.unknown) if data_cfg.unknown is not None else None
         return OpenSetSplit(data_cfg.dataset, tuple(data_cfg.known), unknown, data_cfg.unknown_dataset, name=f"custom/{data_cfg.dataset}")

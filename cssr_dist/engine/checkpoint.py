@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +41,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, StorageError, storage_error
 
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -47,6 +49,7 @@ MODEL_FILE, STATS_FILE = "model.safetensors", "stats.safetensors"
 OPTIM_TENSORS, OPTIM_JSON, SCHEDULER_JSON = "optimizer.safetensors", "optimizer.json", "scheduler.json"
 TMP_PREFIX, ASIDE_PREFIX = ".tmp_", ".old_"
 FORCE_HINT = "run.force_resume=true"
+RESTART_HINT = "run.force_restart=true"
 
 
 @dataclass
@@ -73,14 +76,58 @@ class TrainerState:
             raise ValueError("trainer state is not a JSON object")
         known = {f.name for f in dataclasses.fields(cls)}
         state = cls(**{k: v for k, v in data.items() if k in known})
-        for name in ("epoch", "step_in_epoch", "global_step", "epoch_loss_steps"):
-            if not isinstance(getattr(state, name), int):
-                raise ValueError(f"trainer state field {name} is not an integer")
+        state.check()
         return state
+
+    def check(self, schedule: tuple[int, int] | None = None) -> None:
+        """Every field's type and range (ValueError naming the field): a crafted or damaged
+        trainer_state.json must never steer the loop (a step past the schedule, a string as
+        the best value). `schedule` = (epochs, steps per epoch) of this run, when known."""
+        for name in ("epoch", "step_in_epoch", "global_step", "epoch_loss_steps"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise ValueError(f"trainer state field {name} = {value!r} is not an integer >= 0")
+        for name in ("epoch_loss_sum", "train_time_s"):
+            if not _is_number(getattr(self, name)):
+                raise ValueError(f"trainer state field {name} = {getattr(self, name)!r} is not a finite number")
+        if self.train_time_s < 0:
+            raise ValueError(f"trainer state field train_time_s = {self.train_time_s!r} is negative")
+        if self.best_value is not None and not _is_number(self.best_value):
+            raise ValueError(f"trainer state field best_value = {self.best_value!r} is not a finite number")
+        if self.best_epoch is not None and not (_is_int(self.best_epoch) and 0 <= self.best_epoch <= self.epoch):
+            raise ValueError(f"trainer state field best_epoch = {self.best_epoch!r} is not an epoch in 0..{self.epoch}")
+        if not isinstance(self.finished, bool):
+            raise ValueError(f"trainer state field finished = {self.finished!r} is not true/false")
+        for name in ("wandb_run_id", "fingerprint"):  # the W&B id becomes a folder name
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and value.isalnum() and len(value) <= 64):
+                raise ValueError(f"trainer state field {name} = {value!r} is not a short alphanumeric id")
+        if not (isinstance(self.history, list) and all(isinstance(row, dict) for row in self.history)):
+            raise ValueError("trainer state field history is not a list of objects")
+        if schedule is not None:
+            epochs, per_epoch = schedule
+            limits = {"epoch": epochs, "step_in_epoch": per_epoch - 1, "global_step": epochs * per_epoch,
+                      "epoch_loss_steps": per_epoch}
+            for name, top in limits.items():
+                if getattr(self, name) > top:
+                    raise ValueError(f"trainer state field {name} = {getattr(self, name)} is outside this run's "
+                                     f"schedule (at most {top}: {epochs} epochs x {per_epoch} steps)")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class CheckpointUnusable(Exception):
     """This checkpoint folder cannot be loaded (missing, truncated or foreign files)."""
+
+
+class NoUsableCheckpoint(ConfigError):
+    """Every checkpoint of a trained run is unusable: stop rather than train over its records."""
 
 
 class CheckpointMismatch(CheckpointUnusable):
@@ -156,8 +203,14 @@ def _write_json(path: Path, value: Any) -> None:
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     # clone: safetensors refuses tensors sharing storage (tied weights, views)
-    save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}, str(path),
-              metadata=metadata)
+    try:
+        save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}, str(path),
+                  metadata=metadata)
+    except SafetensorError as err:  # its Rust writer reports a full disk as "I/O error: ... (os error 28)"
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
     _fsync_file(path)
 
 
@@ -231,51 +284,95 @@ class Checkpointer:
 
     def __init__(self, accelerator, root: Path, *, model: torch.nn.Module, optimizer=None, scheduler=None,
                  stats: torch.nn.Module | None = None, keep_last: int = 2, fingerprint: str | None = None,
-                 force_resume: bool = False, log=print):
+                 force_resume: bool = False, log=print, schedule: tuple[int, int] | None = None):
+        """`schedule` = (epochs, optimizer steps per epoch): a checkpoint whose position lies
+        outside it is unusable."""
         self.acc, self.root = accelerator, Path(root)
+        self.schedule = schedule
         self.model, self.optimizer, self.scheduler, self.stats = model, optimizer, scheduler, stats
         self.keep_last, self.fingerprint, self.force_resume = max(1, keep_last), fingerprint, force_resume
         self.log = log
         self.restored_from: Path | None = None
 
-    def for_training(self, model: torch.nn.Module, optimizer, scheduler) -> Checkpointer:
-        """The same checkpointer over the prepared model, its optimizer and LR schedule."""
+    def for_training(self, model: torch.nn.Module, optimizer, scheduler,
+                     schedule: tuple[int, int] | None = None) -> Checkpointer:
+        """The same checkpointer over the prepared model, its optimizer and LR schedule
+        (`schedule` = (epochs, steps per epoch))."""
         return Checkpointer(self.acc, self.root, model=model, optimizer=optimizer, scheduler=scheduler,
                             stats=self.stats, keep_last=self.keep_last, fingerprint=self.fingerprint,
-                            force_resume=self.force_resume, log=self.log)
+                            force_resume=self.force_resume, log=self.log, schedule=schedule)
 
     # -- saving
     def save(self, state: TrainerState) -> Path:
-        """Write a complete checkpoint of `state` and prune to the newest `keep_last`."""
+        """Write a complete checkpoint of `state` and prune to the newest `keep_last`.
+
+        A failed write (disk full, quota, read-only folder, I/O error) on any rank removes the
+        unfinished `.tmp_` folder and raises `StorageError` on every rank (one line: folder,
+        space needed and free); the previous complete checkpoint is untouched."""
         acc = self.acc
         state.fingerprint = self.fingerprint
         final = self.root / _ckpt_name(state.global_step)
         tmp = self.root / (TMP_PREFIX + final.name)
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        rng_tensors, rng_plain = rng_to_files()
-        _write_tensors(tmp / f"rng.{acc.process_index}.safetensors", rng_tensors)
-        _write_json(tmp / f"rng.{acc.process_index}.json", rng_plain)
-        if acc.is_main_process:
-            _write_tensors(tmp / MODEL_FILE, self._model_state())
-            if self.optimizer is not None:
-                tensors, plain = optimizer_to_files(self.optimizer.state_dict())
-                _write_tensors(tmp / OPTIM_TENSORS, tensors)
-                _write_json(tmp / OPTIM_JSON, plain)
-            if self.scheduler is not None:
-                _write_json(tmp / SCHEDULER_JSON, self.scheduler.state_dict())
-            if self.stats is not None:
-                _write_tensors(tmp / STATS_FILE, self.stats.state_dict())
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            _write_json(tmp / STATE_FILE, asdict(state))
-            _install(tmp, final)
-            for old in list_checkpoints(self.root)[:-self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
+
+        def main_makes_tmp() -> None:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+
+        def write_parts() -> None:
+            rng_tensors, rng_plain = rng_to_files()
+            _write_tensors(tmp / f"rng.{acc.process_index}.safetensors", rng_tensors)
+            _write_json(tmp / f"rng.{acc.process_index}.json", rng_plain)
+            if acc.is_main_process:
+                _write_tensors(tmp / MODEL_FILE, self._model_state())
+                if self.optimizer is not None:
+                    tensors, plain = optimizer_to_files(self.optimizer.state_dict())
+                    _write_tensors(tmp / OPTIM_TENSORS, tensors)
+                    _write_json(tmp / OPTIM_JSON, plain)
+                if self.scheduler is not None:
+                    _write_json(tmp / SCHEDULER_JSON, self.scheduler.state_dict())
+                if self.stats is not None:
+                    _write_tensors(tmp / STATS_FILE, self.stats.state_dict())
+
+        def main_installs() -> None:
+            if acc.is_main_process:
+                _write_json(tmp / STATE_FILE, asdict(state))
+                _install(tmp, final)
+                for old in list_checkpoints(self.root)[:-self.keep_last]:
+                    shutil.rmtree(old, ignore_errors=True)
+
+        for phase in (main_makes_tmp, write_parts, main_installs):  # each ends in a collective, like a barrier
+            self._written_everywhere(phase, tmp, f"checkpoint {final.name}")
         return final
+
+    def _written_everywhere(self, phase, tmp: Path, what: str) -> None:
+        """Run one write phase; if it failed on any rank, every rank raises StorageError."""
+        error = None
+        try:
+            phase()
+        except OSError as err:
+            error = err
+        if self._all_ranks_ok(error is None):
+            return
+        if self.acc.is_main_process:
+            try:  # the unfinished copy; the previous checkpoint stays (a leftover goes on the next start)
+                shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+        if error is None:
+            raise StorageError(f"cannot write {what} in {self.root}: a write failed on another rank (see its "
+                               "error); the previous checkpoint is intact")
+        raise storage_error(error, what, self.root, self._checkpoint_bytes()) from None
+
+    def _checkpoint_bytes(self) -> int:
+        """About what one checkpoint needs on disk (tensors; the JSON files are small), twice
+        while a checkpoint of the same step is being replaced."""
+        parts = [self._model_state()]
+        if self.optimizer is not None:
+            parts.append(optimizer_to_files(self.optimizer.state_dict())[0])
+        if self.stats is not None:
+            parts.append(self.stats.state_dict())
+        return sum(t.numel() * t.element_size() for part in parts for t in part.values() if t is not None) + 65536
 
     def _bare_model(self) -> torch.nn.Module:
         """Without DDP and torch.compile wrappers: the same keys whether model.compile is on or not."""
@@ -302,7 +399,7 @@ class Checkpointer:
                 state = read_trainer_state(path)
                 check_fingerprint(state.fingerprint, self.fingerprint or state.fingerprint, path,
                                   self.force_resume)
-                loaded = self._read(path)
+                loaded = self._read(path, state)
                 error = None
             except CheckpointMismatch as err:  # a config problem, not damage: never fall back past it
                 raise ConfigError(f"checkpoint {path} does not fit the model of this config ({err}); resume with "
@@ -317,8 +414,10 @@ class Checkpointer:
             if skipped:
                 self.log(f"checkpoints: skipped unusable {', '.join(skipped)}; resuming from {path.name}")
             return state
-        if skipped:
-            self.log(f"checkpoints: none usable ({', '.join(skipped)}); starting from scratch")
+        if skipped:  # a trained run whose every checkpoint is unusable: never train over its records
+            raise NoUsableCheckpoint(f"run folder {self.root.parent}: no usable checkpoint ({'; '.join(skipped)}); "
+                              f"nothing was changed. Start over with {RESTART_HINT} (the old run is moved to "
+                              "<run>/replaced_<N>/) or choose another run.name")
         return None
 
     def _all_ranks_ok(self, ok: bool) -> bool:
@@ -327,9 +426,15 @@ class Checkpointer:
         flag = torch.tensor([0.0 if ok else 1.0], device=self.acc.device)
         return bool(self.acc.reduce(flag, reduction="sum").item() == 0)
 
-    def _read(self, path: Path) -> dict[str, Any]:
+    def _read(self, path: Path, state: TrainerState) -> dict[str, Any]:
         """Everything of one checkpoint in memory and checked against the live objects, before
-        any of them is touched: a bad file leaves the model as it was (and the next one is tried)."""
+        any of them is touched: a bad file leaves the model as it was (and the next one is tried).
+        Checked: tensor names, shapes, dtypes, finite values; the optimizer's groups and state
+        against the live optimizer; the scheduler and trainer state against the schedule."""
+        try:
+            state.check(self.schedule)
+        except ValueError as err:
+            raise CheckpointUnusable(f"{STATE_FILE}: {err}") from None
         if not (path / MODEL_FILE).is_file():
             foreign = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pkl", ".pt", ".pth"))
             hint = f" (holds {', '.join(foreign)}: an older pickled format, never loaded)" if foreign else ""
@@ -338,15 +443,19 @@ class Checkpointer:
         _same_keys(loaded["model"], self._model_state(), MODEL_FILE)
         if self.optimizer is not None:
             loaded["optimizer"] = (_read_tensors(path / OPTIM_TENSORS), _read_json(path / OPTIM_JSON))
+            check_optimizer_fits(loaded["optimizer"], self.optimizer)
         if self.scheduler is not None:
             loaded["scheduler"] = _read_json(path / SCHEDULER_JSON)
+            check_scheduler_fits(loaded["scheduler"], self.scheduler.state_dict(), state.global_step)
         if self.stats is not None:
             loaded["stats"] = _read_tensors(path / STATS_FILE)
             _same_keys(loaded["stats"], self.stats.state_dict(), STATS_FILE)
         rank = self.acc.process_index
         try:  # optional: a run resumed on more ranks than it was saved from has no state for the new ones
             loaded["rng"] = (_read_tensors(path / f"rng.{rank}.safetensors"), _read_json(path / f"rng.{rank}.json"))
-        except CheckpointUnusable:
+            check_rng_fits(*loaded["rng"])
+        except CheckpointUnusable as err:
+            self.log(f"checkpoints: RNG state of {path.name} not usable ({err}); continuing with the current one")
             loaded["rng"] = None
         return loaded
 
@@ -358,23 +467,21 @@ class Checkpointer:
             self.scheduler.load_state_dict(loaded["scheduler"])
         if self.stats is not None:
             self.stats.load_state_dict(loaded["stats"])
-        try:
-            if loaded["rng"] is None:
-                raise KeyError("no RNG file for this rank")
+        if loaded["rng"] is not None:  # checked in _read
             rng_from_files(*loaded["rng"])
-        except (KeyError, ValueError, TypeError, RuntimeError) as err:
-            self.log(f"checkpoints: RNG state not restored ({type(err).__name__}); continuing with the current one")
 
     # -- best weights (what --test evaluates)
     def save_best(self, *, epoch: int, best_value: float | None, score: str, name: str = "best") -> None:
         """Weights + statistics of the model AS IT IS NOW, labelled with the epoch they are best for."""
-        if self.acc.is_main_process:
-            tensors = {f"model.{k}": v for k, v in self._model_state().items()}
-            if self.stats is not None:
-                tensors.update({f"stats.{k}": v for k, v in self.stats.state_dict().items()})
-            save_weights(self.root / name, tensors, {"epoch": epoch, "best_value": best_value, "score": score,
-                                                     "fingerprint": self.fingerprint})
-        self.acc.wait_for_everyone()
+        def main_writes() -> None:
+            if self.acc.is_main_process:
+                tensors = {f"model.{k}": v for k, v in self._model_state().items()}
+                if self.stats is not None:
+                    tensors.update({f"stats.{k}": v for k, v in self.stats.state_dict().items()})
+                save_weights(self.root / name, tensors, {"epoch": epoch, "best_value": best_value, "score": score,
+                                                         "fingerprint": self.fingerprint})
+
+        self._written_everywhere(main_writes, self.root / name / (WEIGHTS_FILE + ".tmp"), f"{name}/")
 
     def load_best(self, name: str = "best") -> dict:
         """Load `best/` into the model and statistics; returns its metadata (epoch, fingerprint, ...)."""
@@ -396,7 +503,7 @@ def apply_best(tensors: dict[str, torch.Tensor], model: torch.nn.Module, stats: 
         part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:
             _same_keys(part, module.state_dict(), what)
-        except CheckpointMismatch as err:
+        except CheckpointUnusable as err:  # another model's, or damaged (dtype, NaN)
             raise DataError(f"{err}: the weights do not fit this model; {hint}") from None
         module.load_state_dict(part)
 
@@ -410,6 +517,84 @@ def _same_keys(loaded: dict[str, torch.Tensor], live: dict[str, torch.Tensor], w
         if value is not None and tuple(loaded[key].shape) != tuple(value.shape):
             raise CheckpointMismatch(f"{what}: {key} has shape {tuple(loaded[key].shape)}, the model "
                                      f"{tuple(value.shape)}")
+    for key, value in live.items():  # damage, not another config: the previous checkpoint may still fit
+        if value is not None and loaded[key].dtype != value.dtype:
+            raise CheckpointUnusable(f"{what}: {key} is {loaded[key].dtype}, the model's {value.dtype}")
+        _check_finite(loaded[key], f"{what}: {key}")
+
+
+def _check_finite(tensor: torch.Tensor, what: str) -> None:
+    if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+        raise CheckpointUnusable(f"{what} holds NaN or inf values")
+
+
+def check_optimizer_fits(files: tuple[dict[str, torch.Tensor], Any], optimizer) -> None:
+    """optimizer.safetensors + optimizer.json against the live optimizer: the same parameter
+    groups (parameter ids, hyperparameter names, numeric values), per-parameter state only
+    for existing parameters, tensors shaped like their parameter (or scalars), same dtype, finite."""
+    tensors, plain = files
+    live = optimizer.state_dict()
+    if not (isinstance(plain, dict) and isinstance(plain.get("param_groups"), list)
+            and isinstance(plain.get("state", {}), dict)):
+        raise CheckpointUnusable(f"{OPTIM_JSON} is not an optimizer state (param_groups, state)")
+    groups = plain["param_groups"]
+    if len(groups) != len(live["param_groups"]):
+        raise CheckpointUnusable(f"{OPTIM_JSON} has {len(groups)} parameter groups, the optimizer "
+                                 f"{len(live['param_groups'])}")
+    for i, (saved, ours) in enumerate(zip(groups, live["param_groups"])):
+        if not isinstance(saved, dict) or saved.keys() != ours.keys() or saved["params"] != ours["params"]:
+            raise CheckpointUnusable(f"{OPTIM_JSON} parameter group {i} does not match the optimizer's "
+                                     f"(keys or parameters differ)")
+        for key, value in saved.items():
+            if key != "params" and isinstance(ours[key], (int, float)) and not isinstance(ours[key], bool) \
+                    and not _is_number(value):
+                raise CheckpointUnusable(f"{OPTIM_JSON} parameter group {i}: {key} = {value!r} is not a finite number")
+    params = {pid: p for g, group in zip(optimizer.param_groups, live["param_groups"])
+              for pid, p in zip(group["params"], g["params"])}
+    for key, value in tensors.items():
+        parts = key.split(".", 2)
+        if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit() or int(parts[1]) not in params:
+            raise CheckpointUnusable(f"{OPTIM_TENSORS}: {key!r} names no parameter of the optimizer")
+        param = params[int(parts[1])]
+        if value.dim() and tuple(value.shape) != tuple(param.shape):
+            raise CheckpointUnusable(f"{OPTIM_TENSORS}: {key} has shape {tuple(value.shape)}, its parameter "
+                                     f"{tuple(param.shape)}")
+        if value.dim() and value.dtype != param.dtype:
+            raise CheckpointUnusable(f"{OPTIM_TENSORS}: {key} is {value.dtype}, its parameter {param.dtype}")
+        _check_finite(value, f"{OPTIM_TENSORS}: {key}")
+    for pid, values in plain.get("state", {}).items():
+        if not (str(pid).isdigit() and int(pid) in params and isinstance(values, dict)):
+            raise CheckpointUnusable(f"{OPTIM_JSON}: state of {pid!r} names no parameter of the optimizer")
+
+
+def check_scheduler_fits(saved: Any, live: dict, global_step: int) -> None:
+    """scheduler.json against the live LR schedule: the same fields, numbers where it has
+    numbers, and its step count equal to the trainer's (it steps once per optimizer step)."""
+    if not isinstance(saved, dict) or saved.keys() != live.keys():
+        raise CheckpointUnusable(f"{SCHEDULER_JSON} does not match the LR schedule's fields")
+    for key, ours in live.items():
+        value = saved[key]
+        if isinstance(ours, (int, float)) and not isinstance(ours, bool) and not _is_number(value):
+            raise CheckpointUnusable(f"{SCHEDULER_JSON}: {key} = {value!r} is not a finite number")
+        if isinstance(ours, list) and not (isinstance(value, list) and len(value) == len(ours)):
+            raise CheckpointUnusable(f"{SCHEDULER_JSON}: {key} does not match the LR schedule's")
+    if "last_epoch" in live and saved["last_epoch"] != global_step:
+        raise CheckpointUnusable(f"{SCHEDULER_JSON} is at step {saved['last_epoch']}, the trainer state at "
+                                 f"{global_step}")
+
+
+def check_rng_fits(tensors: dict[str, torch.Tensor], plain: Any) -> None:
+    """The RNG files have the shapes the generators take (checked before any is set)."""
+    try:
+        ok = (tensors["torch"].dtype == torch.uint8 and tensors["torch"].numel() == torch.get_rng_state().numel()
+              and tensors["numpy_keys"].numel() == 624 and isinstance(plain["numpy"]["pos"], int)
+              and isinstance(plain["numpy"]["kind"], str) and _is_number(plain["numpy"]["gauss"])
+              and len(plain["python"]) == 3 and len(plain["python"][1]) == len(random.getstate()[1])
+              and all(_is_int(x) for x in plain["python"][1]))
+    except (KeyError, TypeError, IndexError):
+        ok = False
+    if not ok:
+        raise CheckpointUnusable("RNG state is malformed")
 
 
 def _install(tmp: Path, final: Path) -> None:

@@ -66,7 +66,8 @@ def environment_record(cfg: Config, world_size: int) -> dict[str, Any]:
 # a resume may change them; anything else changes the fingerprint and is refused.
 NOT_FINGERPRINTED = (
     "run.name", "run.output_dir", "run.progress", "run.keep_last", "run.checkpoint_every_steps", "run.max_steps",
-    "run.force_resume", "run.deterministic", "tracking", "eval", "data.root", "data.num_workers", "data.download",
+    "run.force_resume", "run.force_restart", "run.deterministic", "tracking", "eval", "data.root", "data.num_workers",
+    "data.download",
     "data.eval_batch_size", "data.shards.train", "data.shards.test", "data.shards.max_corrupt_fraction",
     "data.shards.allow_url_schemes", "model.compile", "model.channels_last", "model.class_chunk",
 )
@@ -124,6 +125,7 @@ class RunFolder:
         self.path = Path(cfg.run.output_dir) / cfg.run.name
         self.checkpoints = self.path / "checkpoints"
         self._lock_fd: int | None = None
+        self.start_record: Path | None = None  # what `open` wrote (main process)
 
     # -- before anything is written
     def open(self, accelerator, cfg: Config, fingerprint: str, environment: dict, test_only: bool = False) -> str:
@@ -141,7 +143,9 @@ class RunFolder:
         if accelerator.is_main_process:
             try:
                 self.lock()
-                self.write_start_records(cfg, environment, start)
+                if start == "restart":
+                    self.set_aside_previous()
+                self.start_record = self.write_start_records(cfg, environment, start)
             except ConfigError as err:
                 failure = str(err)
         if accelerator.num_processes > 1:
@@ -153,7 +157,16 @@ class RunFolder:
         return start
 
     def check_training_start(self, cfg: Config, fingerprint: str) -> str:
-        """'fresh' or 'resume'; ConfigError (one line) when starting would overwrite or mix results."""
+        """'fresh' or 'resume'; ConfigError (one line) when starting would overwrite or mix results;
+        'restart' instead of that refusal when `run.force_restart` (see `set_aside_previous`)."""
+        try:
+            return self._training_start(cfg, fingerprint)
+        except ConfigError:
+            if cfg.run.force_restart:  # only what would be refused restarts: a requeued job still resumes
+                return "restart"
+            raise
+
+    def _training_start(self, cfg: Config, fingerprint: str) -> str:
         states = []
         for path in reversed(list_checkpoints(self.checkpoints)):
             try:
@@ -167,13 +180,43 @@ class RunFolder:
                 raise ConfigError(f"run folder {self.path} holds a finished run (summary.json); evaluate it with "
                                   "--test, or choose another run.name")
             return "resume"
-        trained = [name for name in ("checkpoints/best", "summary.json") if (self.path / name).exists()]
+        trained = self.trained_files()
+        if trained:
+            raise ConfigError(f"run folder {self.path} holds a trained run ({', '.join(trained)}) and no usable "
+                              "checkpoint to resume; nothing was changed. Start over with run.force_restart=true "
+                              "(the old files move to <run>/replaced_<N>/), or choose another run.name")
+        return "fresh"
+
+    def trained_files(self) -> list[str]:
+        """What of a trained run this folder holds (step checkpoints, best/, summary, history)."""
+        trained = [name for name, file in (("checkpoints/best", "checkpoints/best/weights.safetensors"),
+                                           ("summary.json", "summary.json")) if (self.path / file).exists()]
+        if self.checkpoints.is_dir() and any(self.checkpoints.glob("step_*")):
+            trained.append("checkpoints/step_*")
         if (self.path / "history.jsonl").is_file() and (self.path / "history.jsonl").stat().st_size:
             trained.append("history.jsonl")
-        if trained:
-            raise ConfigError(f"run folder {self.path} holds a trained run ({', '.join(trained)}) and no checkpoint "
-                              "to resume; choose another run.name, or move that folder away")
-        return "fresh"
+        return trained
+
+    def withdraw_resume_record(self) -> None:
+        """A resume that stops before training (no usable checkpoint) leaves no trace of itself."""
+        if self.start_record is not None and self.start_record.name.startswith("environment_resume_"):
+            self.start_record.unlink(missing_ok=True)
+            self.start_record = None
+
+    def set_aside_previous(self) -> Path:
+        """`run.force_restart`: move every file of the previous run (all but the lock and
+        earlier set-asides) into `<run>/replaced_<N>/`, so the new run starts clean and the old
+        one is kept. Main process, under the lock."""
+        number = 1
+        while (self.path / f"replaced_{number}").exists():
+            number += 1
+        target = self.path / f"replaced_{number}"
+        target.mkdir()
+        for entry in sorted(self.path.iterdir()):
+            if entry.name != self.LOCK_FILE and not entry.name.startswith("replaced_"):
+                entry.rename(target / entry.name)
+        print(f"run.force_restart: the previous run of {self.path.name} moved to {target}", flush=True)
+        return target
 
     def check_test_start(self) -> Path:
         """`--test` needs best/; it writes only summary_test.json."""
@@ -217,7 +260,7 @@ class RunFolder:
         """Fresh start: config.yaml + environment.json. Resume: environment_resume_<N>.json with
         the config this job ran with (config.yaml stays the one the run was started with)."""
         self.create()
-        if kind == "fresh":
+        if kind in ("fresh", "restart"):
             self.write_config(cfg)
             self.write_environment(record)
             return self.path / "environment.json"

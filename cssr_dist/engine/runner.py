@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..config import Config
 from ..data.readers import build_run_data
+from ..data.splits import resolve_split
 from ..errors import ConfigError
 from ..eval.evaluator import Evaluator
 from ..eval.plots import write_evaluation_plots
@@ -32,7 +33,7 @@ from ..models.osr_model import compile_or_eager, resolve_compile_mode
 from ..protocol import batch_plan, describe_protocol
 from ..tracking import log_evaluation, new_run_id, start_tracking, stop_tracking, wandb_tracker
 from .build import build_model_and_scorer
-from .checkpoint import Checkpointer, TrainerState
+from .checkpoint import Checkpointer, NoUsableCheckpoint, TrainerState
 from .distributed import process_group_kwargs
 from .optim import build_optimizer
 from .preemption import Preempted, PreemptionFlag, mark_preempted
@@ -55,11 +56,13 @@ class Run:
         # and config.yaml so that both show the values the run used
         cfg.data = resolve_backbone_data_config(cfg.model, cfg.data)
         self.cfg = cfg
+        if cfg.data.split_file:  # a split of another data set is refused before the run folder is touched
+            resolve_split(cfg.data)
         self.folder = RunFolder(cfg)
         self.fingerprint = config_fingerprint(cfg)  # of the config as given (before the per-process batch)
         self.accelerator = acc = build_accelerator(cfg, self.folder.path)
-        self.start = self.folder.open(acc, cfg, self.fingerprint, environment_record(cfg, acc.num_processes),
-                                      test_only)
+        self.environment = environment_record(cfg, acc.num_processes)
+        self.start = self.folder.open(acc, cfg, self.fingerprint, self.environment, test_only)
         self.batches = batch_plan(cfg, acc.num_processes)
         cfg.data.batch_size = self.batches.per_process
         acc.print(describe_protocol(cfg))
@@ -101,6 +104,24 @@ class Run:
         return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True,
                     disable=not (self.cfg.run.progress and self.accelerator.is_local_main_process))
 
+    def restore(self, checkpoints: Checkpointer) -> TrainerState:
+        """The newest usable checkpoint's state, or a fresh one. When a trained run has none
+        usable: `NoUsableCheckpoint` (one line, nothing changed), unless `run.force_restart`,
+        which sets the old run aside and starts over."""
+        try:
+            return checkpoints.restore() or TrainerState()
+        except NoUsableCheckpoint as err:
+            if self.accelerator.is_main_process:  # this start resumes nothing: no record of it
+                self.folder.withdraw_resume_record()
+            if not self.cfg.run.force_restart:
+                raise
+            self.accelerator.print(f"run.force_restart: {err}")
+            if self.accelerator.is_main_process:
+                self.folder.set_aside_previous()
+                self.folder.write_start_records(self.cfg, self.environment, "restart")
+            self.accelerator.wait_for_everyone()
+            return TrainerState()
+
     def save_best(self, state: TrainerState) -> None:
         """best/: the selected weights with their score statistics and fingerprint, in safetensors,
         labelled with the epoch they were selected at."""
@@ -136,9 +157,10 @@ def train(cfg: Config) -> dict:
     optimizer = build_optimizer(run.model.parameters(), cfg.optim, run.batches.global_batch)
     run.model, optimizer = acc.prepare(run.model, optimizer)
     scheduler = build_scheduler(optimizer, cfg.schedule, len(run.data.train))
-    checkpoints = run.checkpoints.for_training(run.model, optimizer, scheduler)
+    checkpoints = run.checkpoints.for_training(run.model, optimizer, scheduler,
+                                               (cfg.schedule.epochs, len(run.data.train)))
 
-    state = checkpoints.restore() or TrainerState()
+    state = run.restore(checkpoints)
     if checkpoints.restored_from is not None:
         acc.print(f"resuming {cfg.run.name} from {checkpoints.restored_from.name} (epoch {state.epoch}, "
                   f"step {state.global_step})")

@@ -2,8 +2,13 @@
 
 The loss is accumulated on the device and only read (`.item()`) on logging steps, because
 each read stalls a GPU pipeline. Preemption is checked on those same steps so that all
-ranks take the collective decision together. The best checkpoint is chosen on the
-validation slice of known classes (never on test metrics).
+ranks take the collective decision together. A loss that becomes NaN or inf is caught by
+those same reads (a non-finite step makes the window's sum non-finite): on a logging step,
+before every checkpoint and at the end of every epoch, so at most `tracking.log_every` steps
+late and never after a checkpoint or `best/` of the diverged model is written; the exact
+step and the last finite loss come from a device buffer of the window's losses (`DivergenceWatch`:
+one small copy per step, read only when the run stops).
+The best checkpoint is chosen on the validation slice of known classes (never on test metrics).
 """
 
 from __future__ import annotations
@@ -18,9 +23,56 @@ from typing import Any, Callable
 import torch
 
 from ..config import Config
+from ..errors import CssrError
 from ..models.osr_model import check_logit_saturation
 from .checkpoint import TrainerState
 from .preemption import Preempted, PreemptionFlag
+
+
+class TrainingDiverged(CssrError):
+    """The loss became NaN or inf: the run stops (exit 2) instead of training on garbage."""
+
+
+class DivergenceWatch:
+    """Each step's loss copied into a device buffer of one logging window: ONE kernel launch
+    per step, no host read (tracking the first bad step with `torch.where` ops would launch about
+    eight). `check(value, ...)` is called where the
+    host reads a sum of losses anyway; when that sum is not finite it reads the window's
+    losses once, on the way out, for the exact step and the last finite loss, and raises
+    `TrainingDiverged` (one line)."""
+
+    MAX_WINDOW = 4096  # longer windows (a huge tracking.log_every) give the step range, not the step
+
+    def __init__(self, device: torch.device, window: int):
+        self.losses = torch.zeros(min(max(1, window), self.MAX_WINDOW), dtype=torch.float32, device=device)
+        self.last_logged = (math.nan, 0)  # (mean loss, step) of the last logging window, on the host
+
+    def update(self, loss: torch.Tensor, position: int) -> None:
+        """`position`: the step's index inside the current window (0-based)."""
+        self.losses[position % len(self.losses)].copy_(loss.detach())
+
+    def check(self, value: float, step: int, window: int, cfg: Config, where: str) -> None:
+        """`value`: a host sum of losses; `window`: steps since the last logging step (<= buffer)."""
+        if math.isfinite(value):
+            if where == "a logging step":
+                self.last_logged = (value, step)
+            return
+        losses = self.losses[:window].tolist() if window <= len(self.losses) else []  # only on the way out
+        bad = next((i for i, x in enumerate(losses) if not math.isfinite(x)), None)
+        first = step - window + 1 + bad if bad is not None else None
+        if bad:  # a finite step before it in this window
+            last = f"last finite loss {losses[bad - 1]:.4g} (step {first - 1})"
+        else:
+            last = f"last logged loss {self.last_logged[0]:.4g} (mean of the window up to step {self.last_logged[1]})"
+        at = f"step {first}" if first is not None else f"a step up to {step}"
+        value = losses[bad] if bad is not None else value
+        cause = f"optim.lr={cfg.optim.lr} too high for this batch"
+        if cfg.run.mixed_precision == "fp16":
+            cause += " or fp16 overflow (try run.mixed_precision=bf16 or no)"
+        raise TrainingDiverged(
+            f"training diverged: the loss became {value} at {at} (seen at step {step}, {where}); {last}; "
+            f"likely cause: {cause}. Checkpoints and best/ from before it are kept; resume with a "
+            f"lower optim.lr and run.force_resume=true, or start a new run.name")
 
 
 @dataclass
@@ -86,6 +138,8 @@ class Trainer:
         self._save = on_checkpoint
         self._clock = time.time()
         self.fail_at = failure_hook_from_env()
+        self.divergence: DivergenceWatch | None = None  # made on the first epoch, on the run's device
+        self._window = 0  # steps since the last logging step (the divergence buffer's position)
 
     def _count_time(self) -> None:
         """Add the wall time since the last count to `state.train_time_s`."""
@@ -120,6 +174,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         correct = (self.classify(out.logits.detach().float()) == labels).sum() if self.classify else loss.new_zeros(())
+        self.divergence.update(loss, self._window)
         return torch.stack([loss.detach(), correct.to(loss.dtype)])
 
     def _log(self, window: torch.Tensor, steps: int, images: int, seconds: float) -> float:
@@ -127,6 +182,7 @@ class Trainer:
         world = self.accelerator.num_processes
         loss_sum, correct = (self.accelerator.reduce(window, reduction="sum") / world).tolist()
         value = loss_sum / max(1, steps)
+        self.divergence.check(value, self.state.global_step, steps, self.cfg, "a logging step")
         self.accelerator.log({"train/loss": value, "train/lr": self.scheduler.get_last_lr()[0],
                               "train/accuracy": correct / max(1, images),
                               "train/images_per_s": images * world / max(seconds, 1e-9),
@@ -148,13 +204,15 @@ class Trainer:
         """Train over `batches` (already positioned after resume); update the state as it goes."""
         self.model.train()
         log_every = max(1, self.cfg.tracking.log_every)
+        if self.divergence is None:
+            self.divergence = DivergenceWatch(self.accelerator.device, log_every)
         ckpt_every = self.cfg.run.checkpoint_every_steps
         if self.state.step_in_epoch == 0:  # a fresh epoch; else resume its running loss
             self.state.epoch_loss_sum, self.state.epoch_loss_steps = 0.0, 0
         base = (self.state.epoch_loss_sum, self.state.epoch_loss_steps)
         loss_sum = torch.zeros((), device=self.accelerator.device)
         window_sum = torch.zeros(2, device=self.accelerator.device)  # loss sum, correct predictions
-        steps = window = window_images = 0
+        steps = window_images = self._window = 0
         window_start = time.perf_counter()
         stop = None
         for images, labels, _ in batches:
@@ -164,16 +222,16 @@ class Trainer:
             loss_sum += step[0]
             window_sum += step
             steps += 1
-            window += 1
+            self._window += 1
             window_images += labels.shape[0]
             self.state.global_step += 1
             self.state.step_in_epoch += 1
             if progress is not None:
                 progress.update(1)
             if self.state.global_step % log_every == 0:
-                value = self._log(window_sum, window, window_images, time.perf_counter() - window_start)
+                value = self._log(window_sum, self._window, window_images, time.perf_counter() - window_start)
                 window_sum.zero_()
-                window = window_images = 0
+                self._window = window_images = 0
                 window_start = time.perf_counter()
                 if progress is not None:
                     progress.set_postfix(loss=f"{value:.4f}")
@@ -196,6 +254,8 @@ class Trainer:
         """Collective. Puts the epoch's loss so far (before a resume + since) into the state
         (checkpoints carry it) and returns the epoch's mean loss per step."""
         total = base[0] + self.accelerator.reduce(loss_sum, reduction="mean").item()
+        self.divergence.check(total, self.state.global_step, self._window, self.cfg,
+                              "before a checkpoint or the epoch's end")
         self.state.epoch_loss_sum, self.state.epoch_loss_steps = total, base[1] + steps
         return total / max(1, base[1] + steps)
 

@@ -187,11 +187,17 @@ class ShardStream(IterableDataset):
 
     # -- the sample stream: raw (cheap checks) -> [shuffle raw bytes] -> decode + transform -> batch
     def _shard_raw(self, shard: int, worker: int) -> Iterator[tuple[dict, int]]:
-        """(member dict, id) of this loader's samples in one shard; each is yielded or counted corrupt."""
+        """(member dict, id) of this loader's samples in one shard, each id at most once.
+
+        Corrupt samples are counted as SAMPLES: the shard's loss is the number of this loader's
+        ids that did not arrive (bad keys, ids out of range, a truncated tar), counted once at
+        the shard's end, whatever number of tar members or member groups carried the damage (a
+        sample whose members are split apart yields several groups; only its first is used, and
+        decoding it counts it once). Groups that name no id of this loader count nothing."""
         plan, url = self.plan, self.plan.urls[shard]
         start = int(plan.starts[shard])
         end = int(plan.starts[shard + 1]) if shard + 1 < len(plan.starts) else len(plan.keep)
-        expected, got, errors = plan.kept_in_shard(shard), 0, []
+        expected, got, errors = plan.kept_in_shard(shard), set(), []
         with contextlib.closing(iter_shard(url, lambda u, e: errors.append(e))) as samples:
             for sample in samples:
                 check_members(sample, url)
@@ -201,15 +207,15 @@ class ShardStream(IterableDataset):
                         raise CorruptSample(f"id {sid} is outside this shard's ids [{start}, {end}); index and "
                                             "shards do not match")
                 except CorruptSample as err:
-                    self._corrupt(worker, str(err), url, sample.get("__key__"))
+                    errors.append(err)
                     continue
-                if plan.keep[sid]:
-                    got += 1
+                if plan.keep[sid] and sid not in got:
+                    got.add(sid)
                     yield sample, sid
-        if got < expected:
+        if len(got) < expected:
             reason = f"truncated or unreadable shard ({errors[0]})" if errors else "shard ended early"
-            self._corrupt(worker, f"{reason}: {expected - got} of {expected} samples missing", url, "-",
-                          expected - got)
+            self._corrupt(worker, f"{reason}: {expected - len(got)} of {expected} samples missing", url, "-",
+                          expected - len(got))
 
     def _raw(self, shards: list[int], worker: int) -> Iterator[tuple[dict, int]]:
         for shard in shards:

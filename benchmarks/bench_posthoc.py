@@ -9,7 +9,7 @@ its scoring of the kept batches are timed (best of --repeats). The end-to-end fi
 matters (an evaluation with eval.baselines=all against [msp,mls,energy]) is measured with
 `train.py --test`; docs/benchmarks.md gives both commands.
 
-    python tools/bench_posthoc.py --run runs/fashion_mnist_rcssr --batches 8
+    python -m benchmarks.bench_posthoc --run runs/fashion_mnist_rcssr --batches 8
 """
 
 from __future__ import annotations
@@ -17,20 +17,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from cssr_dist.data.run_data import build_run_data  # noqa: E402
-from cssr_dist.distributed import gather_by_id  # noqa: E402
-from cssr_dist.errors import CssrError  # noqa: E402
-from cssr_dist.models.losses import class_log_probs, loss_kind_for_head  # noqa: E402
-from cssr_dist.predict import restore_run  # noqa: E402
-from cssr_dist.scoring import posthoc  # noqa: E402
-from cssr_dist.scoring.scores import compute_scores, resolve_baselines  # noqa: E402
+from cssr_dist.apps.predict import restore_run
+from cssr_dist.data.readers import build_run_data
+from cssr_dist.distributed import gather_by_id
+from cssr_dist.errors import CssrError
+from cssr_dist.models.losses import class_log_probs, loss_kind_for_head
+from cssr_dist.scoring import posthoc
+from cssr_dist.scoring.scores import compute_scores, resolve_baselines
 
 
 def _sync(device: torch.device) -> None:
