@@ -25,7 +25,7 @@ from cssr_dist.sweep import expand  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", help="run folders, or folders holding them (e.g. runs/)")
-    p.add_argument("--metric", default="auroc", help="summary key: auroc, oscr, closed_acc, aupr_in, fpr95, ...")
+    p.add_argument("--metric", default="auroc", help="summary key: auroc, oscr (reference protocol: oscr_to_1), closed_acc, aupr_in, fpr95, ...")
     p.add_argument("--scores", nargs="+", default=["primary"],
                    help="primary (each run's own) and/or score names: integrated s0 s1 s2 msp mls energy")
     p.add_argument("--set", default="test", dest="eval_set", help="test, or an OOD set name")
