@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(dump_yaml(cfg), end="")
             return 0
+        # start-up time: --help and --print-config answer without importing torch and the engine
         from .engine.preemption import REQUEUE_EXIT_CODE, Preempted
         from .engine.runner import evaluate_only, train
 

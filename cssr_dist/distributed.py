@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ def gather_by_id(local: dict[str, np.ndarray], world_size: int) -> dict[str, np.
     through files.
     """
     if world_size > 1:
-        from accelerate.utils import gather_object
+        from accelerate.utils import gather_object  # start-up time: Accelerate only with several ranks
 
         parts = gather_object([local])
     else:
@@ -75,8 +76,6 @@ def ignore_stop_signals(_worker_id: int | None = None) -> None:
     any other is ignored. The sender is only known to `sigwaitinfo`, hence SIGTERM is blocked
     and read by a small thread (a no-op handler covers threads that started earlier).
     """
-    import threading
-
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})

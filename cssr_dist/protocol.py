@@ -1,7 +1,7 @@
 """Evaluation protocols: which numbers a run reports, and under which rules.
 
 Two protocols (``eval.protocol``), both legitimate, giving different numbers for the same
-model (ALGORITHM.md §3-§5):
+model (docs/method.md §3-§5):
 
 * ``clean`` (default, for new work): a validation slice of the known training images picks
   the best checkpoint and the macro-F1 threshold; score statistics come from test-transformed
@@ -25,14 +25,16 @@ folder already shows the settings the run used; :func:`describe_protocol` and
 from __future__ import annotations
 
 import copy
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from .config import Config
 from .errors import ConfigError
 from .eval.metrics import NOT_REPORTED, protocol_metric_keys
 
-__all__ = ["PROTOCOLS", "REFERENCE_SETTINGS", "apply_protocol", "describe_protocol", "BatchPlan", "batch_plan",
-           "metric_keys", "not_reported"]
+if TYPE_CHECKING:  # annotations only: config.py applies the protocol when it builds a Config
+    from .config import Config, OptimConfig
+
+__all__ = ["PROTOCOLS", "REFERENCE_SETTINGS", "apply_protocol", "describe_protocol", "BatchPlan", "base_lr",
+           "batch_plan", "metric_keys", "not_reported"]
 
 PROTOCOLS = ("clean", "reference")
 
@@ -47,7 +49,7 @@ REFERENCE_SETTINGS: dict[str, object] = {
     "eval.recalibrate_bn": False,  # ... and BatchNorm statistics as training left them
 }
 
-#: The reference recipe's batch: 128 images on one GPU (ALGORITHM.md §5).
+#: The reference recipe's batch: 128 images on one GPU (docs/method.md §5).
 RECIPE_BATCH = 128
 
 
@@ -111,6 +113,15 @@ def describe_protocol(cfg: Config) -> str:
             "0.95 (known positive and OOD positive), macro-F1 at a threshold set on validation knowns")
 
 
+def base_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """The fine-tuning recipe scales lr linearly with batch (0.4 * batch / 128).
+
+    `global_batch` is the batch summed over ALL processes: the recipe's 128 was one GPU's
+    batch, so 16 GPUs x 64 images train at lr 0.4 x 1024 / 128 whatever the split.
+    """
+    return cfg.lr * global_batch / RECIPE_BATCH if cfg.scale_lr_by_batch else cfg.lr
+
+
 class BatchPlan(NamedTuple):
     """Batch sizes and learning rate of a run at a given process count."""
 
@@ -147,6 +158,4 @@ def batch_plan(cfg: Config, world: int) -> BatchPlan:
             raise ConfigError(f"data.global_batch_size = {global_batch} does not split over {world} processes; "
                               f"choose a multiple of {world} or launch a divisor of it")
         per_process = global_batch // world
-    from .engine.optim import base_lr  # the one lr-scaling rule (imports torch: only when asked)
-
     return BatchPlan(per_process, global_batch, base_lr(cfg.optim, global_batch))

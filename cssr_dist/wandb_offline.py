@@ -78,7 +78,7 @@ def _set_nested(target: dict, key: tuple[str, ...], value: Any) -> None:
 
 def read_offline_run(path: str | Path) -> OfflineRun:
     """Parse `offline-run-*/` (the folder) or its `run-*.wandb` file."""
-    from wandb.proto import wandb_internal_pb2 as pb
+    from wandb.proto import wandb_internal_pb2 as pb  # start-up time: wandb's protobufs only when a file is read
 
     path = Path(path)
     files = [path] if path.is_file() else sorted(path.glob("run-*.wandb"))

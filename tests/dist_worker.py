@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 from torch.utils.data import Subset
 
 from cssr_dist.cli import config_from_args, parse
-from cssr_dist.data.run_data import build_run_data, eval_loader
+from cssr_dist.data.readers import build_run_data
+from cssr_dist.data.readers.native import eval_loader
 from cssr_dist.engine.checkpoint import load_weights
 from cssr_dist.models.osr_model import build_model
 from cssr_dist.scoring.scores import Scorer

@@ -19,6 +19,8 @@ from cssr_dist.models import (
     build_model,
     load_state_dict_in_order,
 )
+from cssr_dist.config import ModelConfig
+from cssr_dist.models.osr_model import compile_or_eager, resolve_compile_mode
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -227,3 +229,24 @@ def test_cifar_resnet_torchvision_style_option():
     assert set(reference.state_dict()) == set(model.state_dict())  # checkpoints load into either
     with pytest.raises(ValueError, match="init"):
         timm.create_model("cifar_resnet18", init="xavier")
+
+
+@pytest.mark.parametrize("mode, size, expected", [
+    ("auto", 28, "reduce-overhead"), ("auto", 32, "reduce-overhead"), ("auto", 64, "reduce-overhead"),
+    ("auto", 224, "default"), ("auto", None, "default"), ("default", 32, "default"),
+    ("max-autotune", 224, "max-autotune"),
+])
+def test_compile_mode_auto_uses_cuda_graphs_for_small_images_only(mode, size, expected):
+    """The H200 measurement behind `auto`: CUDA graphs 3.4x the default mode at 32 px (docs/benchmarks.md)."""
+    assert resolve_compile_mode(mode, size) == expected
+
+
+def test_reduce_overhead_compiled_model_trains_on_cpu():
+    """`auto` on a 28 px run picks reduce-overhead; on a CPU device that must still train (no CUDA graphs)."""
+    torch.manual_seed(0)
+    model = compile_or_eager(build_model(ModelConfig(backbone="osr_cnn", head="rcssr", latent_dim=8), 3, 1), "reduce-overhead")
+    x = torch.randn(4, 1, 28, 28)
+    for _ in range(2):
+        out = model(x)
+        out.logits.float().mean().backward()
+    assert torch.isfinite(out.logits).all() and out.logits.shape == (4, 3, 7, 7)

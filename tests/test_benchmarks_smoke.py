@@ -1,4 +1,4 @@
-"""The benchmark scripts in tools/ still run: each `--quick` as a subprocess (slow), and the
+"""The benchmark scripts in benchmarks/ still run: each `--quick` as a subprocess (slow), and the
 GPU benchmark on a machine without a GPU and without webdataset / wandb (as on the lent
 GPU image): it must import and then stop with one clear line, not a traceback."""
 
@@ -35,7 +35,8 @@ def json_rows(stdout: str) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("script,extra,expected", QUICK, ids=[q[0] for q in QUICK])
 def test_quick_benchmark_runs(tmp_path, script, extra, expected):
-    proc = run([sys.executable, str(ROOT / "tools" / script), "--quick", *extra], tmp_path, timeout=240)
+    proc = run([sys.executable, "-m", f"benchmarks.{script.removesuffix('.py')}", "--quick", *extra], tmp_path,
+               timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for text in expected:
         assert text in proc.stdout, f"{script}: {text!r} missing from\n{proc.stdout[-2000:]}"
@@ -43,7 +44,7 @@ def test_quick_benchmark_runs(tmp_path, script, extra, expected):
 
 @pytest.mark.slow
 def test_quick_train_step_measures_every_variant(tmp_path):
-    proc = run([sys.executable, str(ROOT / "tools" / "bench_train_step.py"), "--quick"], tmp_path, timeout=240)
+    proc = run([sys.executable, "-m", "benchmarks.bench_train_step", "--quick"], tmp_path, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| model | batch | px | variant | images/s |" in proc.stdout
     rows = [r for r in json_rows(proc.stdout) if r["kind"] == "train_step"]
@@ -57,7 +58,7 @@ def test_quick_train_step_measures_every_variant(tmp_path):
 
 
 def test_gpu_benchmark_without_cuda_says_so(tmp_path):
-    code = BLOCK_OPTIONAL + "import tools.bench_gpu as b\nsys.exit(b.main([]))"
+    code = BLOCK_OPTIONAL + "import benchmarks.bench_gpu as b\nsys.exit(b.main([]))"
     proc = run([sys.executable, "-c", code], tmp_path, timeout=120, CUDA_VISIBLE_DEVICES="")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr

@@ -19,9 +19,9 @@ import torch
 
 from cssr_dist.config import DataConfig
 from cssr_dist.data.device_augment import DeviceBatchStage, EncodedImages, collate_encoded, device_stage
-from cssr_dist.data.shards.cli import ShardOptions, make_shard_set
-from cssr_dist.data.shards.listings import list_imagefolder
-from cssr_dist.data.shards.stream import build_shard_loaders
+from cssr_dist.apps.make_shards.cli import ShardOptions, make_shard_set
+from cssr_dist.data.layouts import list_imagefolder
+from cssr_dist.data.readers.shards import build_shard_loaders
 from cssr_dist.data.splits import OpenSetSplit
 from cssr_dist.data.transforms import build_test_transform
 from cssr_dist.errors import ConfigError, DataError
@@ -166,3 +166,5 @@ def test_device_mode_is_opt_in_and_refuses_cpu_only_augmentations(shards):
         DeviceBatchStage(config(shards, "device", train_augment="cssr"), training=True, device="cpu")
     assert isinstance(device_stage(config(shards, "device", train_augment="cssr"), training=False, device="cpu"),
                       DeviceBatchStage)  # evaluation has one geometry whatever the training recipe
+    with pytest.raises(ConfigError, match="data.fit=pad is not supported"):
+        DeviceBatchStage(config(shards, "device", fit="pad"), training=False, device="cpu")

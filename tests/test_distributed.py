@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cssr_dist.data.run_data import eval_loader
+from cssr_dist.data.readers.native import eval_loader
 from cssr_dist.distributed import gather_by_id
 from tests.helpers import ROOT, VENV_BIN, free_port, launch_train, run_session
 from tests.helpers import test_env as run_env
@@ -71,7 +71,8 @@ def trained(tmp_path_factory):
 
 
 def _test_summary(tmp: Path, processes: int) -> dict:
-    out = launch_train(tmp, [*TINY, f"run.output_dir={tmp / 'runs'}", "run.name=base", "--test"],
+    # every post-hoc detector too: their bounded training sample is the same for any process count
+    out = launch_train(tmp, [*TINY, f"run.output_dir={tmp / 'runs'}", "run.name=base", "--test", "eval.baselines=all"],
                        processes=processes, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads((tmp / "runs" / "base" / "summary_test.json").read_text())
@@ -85,6 +86,7 @@ def test_checkpoint_metrics_identical_on_one_and_two_processes(trained):
     assert one["num_test_unknown"] == two["num_test_unknown"] == 80
     for key in METRICS:
         assert two[key] == pytest.approx(one[key], abs=1e-6), key
+    assert {"knn", "vim", "react", "mahalanobis"} <= set(one["baselines"]) and "posthoc_not_fitted" not in one
     for name, base in one["baselines"].items():
         for key in METRICS:
             assert two["baselines"][name][key] == pytest.approx(base[key], abs=1e-6), (name, key)
@@ -254,7 +256,7 @@ def test_process_group_timeout_from_the_environment(monkeypatch):
 
 def test_seeded_samples_make_augmentation_a_function_of_the_sample():
     """The same (seed, epoch, index) gives the same random draws whatever was drawn before."""
-    from cssr_dist.data.run_data import SeededSamples
+    from cssr_dist.data.readers.native import SeededSamples
 
     class Noise(torch.utils.data.Dataset):
         def __len__(self):
@@ -278,7 +280,7 @@ def test_seeded_samples_make_augmentation_a_function_of_the_sample():
 
 
 def test_imagenet_config_carries_the_fine_tuning_recipe():
-    """configs/imagenet/rcssr.yaml, what slurm/imagenet_rcssr.sh runs by default (ALGORITHM.md §5)."""
+    """configs/imagenet/rcssr.yaml, what slurm/imagenet_rcssr.sh runs by default (docs/method.md §5)."""
     from cssr_dist.cli import config_from_args, parse
 
     cfg = config_from_args(parse(["--config", "configs/imagenet/rcssr.yaml"]))

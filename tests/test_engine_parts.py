@@ -8,7 +8,7 @@ from accelerate import Accelerator
 
 from cssr_dist.engine.checkpoint import (Checkpointer, TrainerState, latest_checkpoint, list_checkpoints,
                                          load_weights, save_weights)
-from cssr_dist.data.run_data import eval_loader
+from cssr_dist.data.readers.native import eval_loader
 from cssr_dist.distributed import gather_by_id
 
 

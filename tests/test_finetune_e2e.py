@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_file
 from torchvision import transforms as T
 
 from cssr_dist.config import load_config
-from cssr_dist.data.shards.cli import main as make_shards
+from cssr_dist.apps.make_shards.cli import main as make_shards
 from cssr_dist.data.transforms import build_transform
-from cssr_dist.predict import UNKNOWN, main as predict_main
+from cssr_dist.apps.predict import UNKNOWN, main as predict_main
 from tests.helpers import launch_train, write_imagenet_tree
 
 WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361"]

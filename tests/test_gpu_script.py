@@ -1,4 +1,4 @@
-"""The prepared GPU run (tools/run_gpu_benchmarks.sh -> tools/bench_gpu.py): its scaling
+"""The prepared GPU run (tools/run_gpu_benchmarks.sh -> benchmarks/bench_gpu.py): its scaling
 arithmetic on known figures (fast), and the whole script rehearsed on the CPU with
 wandb made unimportable in every process, as on the lent GPU image (webdataset comes from the
 carried .whl wheels there, from the venv here) (slow)."""
@@ -14,7 +14,6 @@ import pytest
 from tests.helpers import ROOT
 from tests.helpers import test_env as offline_env
 
-sys.path.insert(0, str(ROOT / "tools"))
 
 
 def step(model: str, variant: str, rate: float, head: str = "rcssr") -> dict:
@@ -22,7 +21,7 @@ def step(model: str, variant: str, rate: float, head: str = "rcssr") -> dict:
 
 
 def test_scaling_arithmetic_and_target_verdicts():
-    from bench_gpu import scaling_markdown
+    from benchmarks.bench_gpu import scaling_markdown
 
     rows = [step("resnet50_linear", "bf16_compile", 4000.0, "linear"), step("resnet50_ft", "bf16", 1000.0),
             step("resnet50_ft", "bf16_compile_fused", 3000.0), step("wrn40_4", "bf16_compile_ro", 15000.0),

@@ -179,13 +179,17 @@ def test_fused_keeps_only_its_inputs_for_backward():
     assert sum(seen.values()) == x.numel() + codes.numel() + dec.numel()  # no [K, C, N] residual
 
 
-def test_auto_keeps_the_chunked_path_until_measured_and_off_cuda(monkeypatch):
+def test_auto_picks_fused_on_cuda_as_measured_and_chunked_off_cuda(monkeypatch):
     x = torch.randn(3, 2)
-    assert l1.FUSED_L1_IS_FASTER_ON_CUDA is False  # flip only with a GPU measurement (docs/benchmarks/head.md)
-    assert not l1.uses_fused_l1("auto", x) and not l1.uses_fused_l1("chunked", x)
-    assert l1.uses_fused_l1("triton", x)
-    monkeypatch.setattr(l1, "FUSED_L1_IS_FASTER_ON_CUDA", True)
+    assert l1.FUSED_L1_IS_FASTER_ON_CUDA is True  # H200 measurement, 2026-12-04 (docs/benchmarks/head.md)
     assert not l1.uses_fused_l1("auto", x)  # CPU tensors: chunked whatever the constant says
+    assert not l1.uses_fused_l1("chunked", x)
+    assert l1.uses_fused_l1("triton", x)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(l1, "_TRITON_INSTALLED", True)
+    assert l1.uses_fused_l1("auto", x)
+    monkeypatch.setattr(l1, "FUSED_L1_IS_FASTER_ON_CUDA", False)
+    assert not l1.uses_fused_l1("auto", x)
     with pytest.raises(ValueError, match="l1_kernel"):
         l1.uses_fused_l1("fast", x)
     with pytest.raises(ValueError, match="l1_kernel"):

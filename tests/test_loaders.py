@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cssr_dist.config import OodSetConfig
-from cssr_dist.data.run_data import build_run_data
+from cssr_dist.data.readers import build_run_data
 from cssr_dist.data.open_set import OpenSetConcat, OpenSetDataset, per_class_subset, train_val_split
 from cssr_dist.data.sources import ArraySource
 from cssr_dist.data.splits import OpenSetSplit
@@ -218,10 +218,9 @@ def test_loader_options_and_errors(small_bundle_cfg):
 
 def test_shards_format_dispatch(monkeypatch, data_cfg):
     seen = {}
-    fake = types.ModuleType("cssr_dist.data.shards.stream")
-    fake.shard_run_data = lambda cfg, train_tf, test_tf, seed, rank, world, stats_tf, device, augmented: \
-        seen.update(seed=seed, rank=rank) or types.SimpleNamespace(name="R")
-    monkeypatch.setitem(sys.modules, "cssr_dist.data.shards.stream", fake)
+    fake = types.ModuleType("cssr_dist.data.readers.shards")
+    fake.read = lambda cfg, seed, rank, world, **kw: seen.update(seed=seed, rank=rank) or types.SimpleNamespace(name="R")
+    monkeypatch.setitem(sys.modules, "cssr_dist.data.readers.shards", fake)
     cfg = data_cfg(format="shards", dataset="cifar10", split_family="cssr", split="b")
     assert build_run_data(cfg, seed=7, rank=1, world=2).name == "R"
     assert seen == {"seed": 7, "rank": 1}

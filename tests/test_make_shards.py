@@ -18,11 +18,11 @@ import pytest
 import scipy.io
 import webdataset as wds
 
-from cssr_dist.data.shards import cli as make_shards_cli
-from cssr_dist.data.shards.cli import main, verify_shard_set
+from cssr_dist.apps.make_shards import cli as make_shards_cli
+from cssr_dist.apps.make_shards.cli import main, verify_shard_set
 from cssr_dist.data.shards.index import read_index
-from cssr_dist.data.shards.writer import TAR_OVERHEAD
-from cssr_dist.data.shards.stream import iter_shard
+from cssr_dist.apps.make_shards.writer import TAR_OVERHEAD
+from cssr_dist.data.readers.shards import iter_shard
 
 REPO = Path(__file__).resolve().parents[1]
 WNIDS = ["n01440764", "n01443537", "n01484850"]
@@ -334,10 +334,12 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys):
     assert "needs --dataset" in capsys.readouterr().err
 
 
-def test_tool_script_runs_from_a_checkout(tmp_path):
+def test_tool_script_is_a_thin_wrapper_of_the_installed_package(tmp_path):
+    """tools/make_shards.py patches no sys.path: it imports the package as installed (`pip install -e .`
+    puts the checkout on the path; PYTHONPATH stands in for it here, the shared venv's install being another)."""
     jpeg(tmp_path / "ood" / "x.jpg", 3)
     result = subprocess.run([sys.executable, str(REPO / "tools" / "make_shards.py"), "--source", "ood", "--root",
                              str(tmp_path / "ood"), "--out", str(tmp_path / "o"), "--no-progress"],
-                            capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
+                            capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "o.json").read_text())["total"] == 1

@@ -5,7 +5,7 @@ ones: `bool(t)`, `float(t)`, `int(t)`, `t.__index__`) stalls a GPU pipeline unti
 kernels are done. On CPU there is no pipeline to stall, but the same Python calls are made,
 so counting them here (monkeypatched wrappers on `torch.Tensor`) catches a sync before it
 reaches a GPU. Syncs that happen inside C++ (e.g. boolean-mask indexing, `nonzero`) are not
-visible this way; tools/bench_gpu.py checks those with `torch.cuda.set_sync_debug_mode`.
+visible this way; benchmarks/bench_gpu.py checks those with `torch.cuda.set_sync_debug_mode`.
 """
 
 from __future__ import annotations

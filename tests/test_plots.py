@@ -143,7 +143,7 @@ def test_offline_wandb_run_holds_metrics_plots_tables_and_no_api_key(tmp_path, m
     assert run.config["split"] == "builtin/default" and "git_revision" in run.config
     assert run.config["eval/protocol"] == "clean"
     # tools/collect_metrics.py --source wandb reads the same run back
-    from cssr_dist.results import read_wandb_run, metric_value
+    from cssr_dist.apps.results import read_wandb_run, metric_value
 
     result = read_wandb_run(run_dir)
     assert (result.dataset, result.method, result.split, result.path) == ("fashion_mnist", "rcssr", "default", run_dir)

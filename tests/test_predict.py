@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from cssr_dist.data.builtin_data import FASHION_MNIST_CLASSES, load_fashion_mnist, load_mnist
-from cssr_dist.data.shards.cli import main as make_shards
-from cssr_dist.predict import UNKNOWN, main as predict_main, restore_run
+from cssr_dist.apps.make_shards.cli import main as make_shards
+from cssr_dist.apps.predict import UNKNOWN, main as predict_main, restore_run
 from tests.helpers import ROOT, launch_train
 
 KNOWN = FASHION_MNIST_CLASSES[:6]  # the built-in split: T-shirt/top .. Sandal

@@ -119,7 +119,7 @@ def test_reference_statistics_class_stats_on_test_transforms_moments_on_augmente
     from accelerate import Accelerator
 
     from cssr_dist.config import EvalConfig, ModelConfig
-    from cssr_dist.data.run_data import build_run_data
+    from cssr_dist.data.readers import build_run_data
     from cssr_dist.eval.evaluator import Evaluator
     from cssr_dist.models.osr_model import build_model
     from cssr_dist.scoring.scores import Scorer

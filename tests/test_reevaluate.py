@@ -1,16 +1,11 @@
-"""tools/reevaluate.py: the validation-known combinations of the CSSR terms (pure numpy)."""
+"""cssr-reevaluate (tools/reevaluate.py): the validation-known combinations of the CSSR terms (pure numpy)."""
 
 from __future__ import annotations
-
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-_SPEC = importlib.util.spec_from_file_location("reevaluate", Path(__file__).resolve().parents[1] / "tools" / "reevaluate.py")
-reevaluate = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(reevaluate)
+from cssr_dist.apps import reevaluate
 
 
 def test_validation_combinations_by_hand():

@@ -21,7 +21,7 @@ import pytest
 from cssr_dist.config import Config
 from cssr_dist.engine.checkpoint import TrainerState
 from cssr_dist.errors import ConfigError, DataError
-from cssr_dist.tracking import RunFolder, config_fingerprint
+from cssr_dist.engine.run_folder import RunFolder, config_fingerprint
 from tests.helpers import ROOT
 
 
@@ -131,7 +131,7 @@ HOLDER = """
 import sys, time
 sys.path.insert(0, {root!r})
 from cssr_dist.config import Config
-from cssr_dist.tracking import RunFolder
+from cssr_dist.engine.run_folder import RunFolder
 cfg = Config(); cfg.run.output_dir, cfg.run.name = {out!r}, "r1"
 RunFolder(cfg).lock()
 print("locked", flush=True)

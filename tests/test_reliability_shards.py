@@ -21,12 +21,12 @@ import pytest
 import torch
 
 from cssr_dist.config import DataConfig
-from cssr_dist.data.shards import stream as shard_stream
-from cssr_dist.data.shards.cli import ShardOptions, make_shard_set
-from cssr_dist.data.shards.cli import main as make_shards
+from cssr_dist.data.readers import shards as shard_stream
+from cssr_dist.apps.make_shards.cli import ShardOptions, make_shard_set
+from cssr_dist.apps.make_shards.cli import main as make_shards
 from cssr_dist.data.shards.index import read_index
-from cssr_dist.data.shards.listings import list_imagefolder
-from cssr_dist.data.shards.stream import build_shard_loaders
+from cssr_dist.data.layouts import list_imagefolder
+from cssr_dist.data.readers.shards import build_shard_loaders
 from cssr_dist.data.shards.tar import tar_members
 from cssr_dist.data.splits import OpenSetSplit
 from cssr_dist.errors import DataError
@@ -202,7 +202,7 @@ def test_a_hung_shard_read_fails_the_loader_after_the_worker_timeout(shard_set, 
 
 
 def test_summary_reports_samples_skipped_per_set(shard_set, tmp_path):
-    from cssr_dist.data.run_data import RunData
+    from cssr_dist.data.readers import RunData
 
     crafted = crafted_copy(shard_set, tmp_path)
     data = (crafted / "toy-000002.tar").read_bytes()

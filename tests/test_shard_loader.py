@@ -21,11 +21,11 @@ import torch.multiprocessing as mp
 import webdataset as wds
 
 from cssr_dist.config import DataConfig, OodSetConfig
-from cssr_dist.data.shards.cli import ShardOptions, make_shard_set
+from cssr_dist.apps.make_shards.cli import ShardOptions, make_shard_set
 from cssr_dist.data.shards.index import read_index
-from cssr_dist.data.shards.listings import list_imagefolder, list_ood
+from cssr_dist.data.layouts import list_imagefolder, list_ood
 from cssr_dist.data.shards.tar import tar_members
-from cssr_dist.data.shards.stream import build_shard_loaders, iter_shard
+from cssr_dist.data.readers.shards import build_shard_loaders, iter_shard
 from cssr_dist.data.splits import OpenSetSplit
 from cssr_dist.errors import DataError
 
@@ -361,7 +361,7 @@ def test_uint8_batches_normalised_per_batch_equal_the_per_image_transform(sets, 
     runs (main process or workers) the numbers are those of the whole per-image transform."""
     from torchvision import transforms as T
 
-    from cssr_dist.data.shards import stream as shards
+    from cssr_dist.data.readers import shards as shards
 
     monkeypatch.setattr(shards, "main_process_has_a_core", lambda workers: tail_in_main)
     compose = T.Compose([T.Resize((5, 5)), T.ToTensor(), T.Normalize([0.4, 0.5, 0.6], [0.2, 0.3, 0.25])])

@@ -25,7 +25,7 @@ from typing import Callable
 
 import pytest
 
-from cssr_dist.data.shards.cli import main as make_shards
+from cssr_dist.apps.make_shards.cli import main as make_shards
 from tests.conftest import write_images
 from tests.helpers import ROOT
 from tests.helpers import test_env as run_env

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cssr_dist.errors import ConfigError
-from cssr_dist.sweep import RunSpec, expand, run_local, run_state, slurm_submission, train_command
+from cssr_dist.apps.sweep import RunSpec, expand, run_local, run_state, slurm_submission, train_command
 
 ROOT = Path(__file__).resolve().parent.parent
 

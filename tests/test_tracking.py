@@ -5,7 +5,8 @@ import json
 import pytest
 
 from cssr_dist.config import Config
-from cssr_dist.tracking import RunFolder, flatten, wandb_init_kwargs, wandb_mode
+from cssr_dist.engine.run_folder import RunFolder
+from cssr_dist.tracking import flatten, wandb_init_kwargs, wandb_mode
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from cssr_dist.data.shards.cli import main as make_shards
+from cssr_dist.apps.make_shards.cli import main as make_shards
 from tests.helpers import launch_train
 
 WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361"]

@@ -37,6 +37,22 @@ def test_test_transform_resizes_only_when_needed(data_cfg):
     assert build_transform(cfg, train=False)(_img("RGB", (64, 64))).shape == (3, 32, 32)
 
 
+def test_fit_pad_puts_a_zero_border_around_a_smaller_image(data_cfg):
+    """data.fit=pad: 28 px grey -> 32 px RGB as the reference code fed Fashion-MNIST to its 32 px WRN."""
+    cfg = data_cfg(image_size=32, in_chans=3, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], fit="pad")
+    img = _img("L")
+    x = build_transform(cfg, train=False)(img)
+    pixels = torch.from_numpy(np.array(img)).float() / 255
+    padded = torch.nn.functional.pad(pixels, (2, 2, 2, 2))
+    assert torch.allclose(x, ((padded - 0.5) / 0.25).expand(3, 32, 32), atol=1e-6)
+    assert build_transform(cfg, train=False)(_img("RGB", (50, 40))).shape == (3, 32, 32)  # larger: resized
+    cfg.fit = "resize"  # the default enlarges the object instead
+    assert not torch.allclose(build_transform(cfg, train=False)(img), x)
+    torch.manual_seed(0)
+    cfg.fit, cfg.train_augment = "pad", "flip_crop"
+    assert build_transform(cfg, train=True)(img).shape == (3, 32, 32)
+
+
 def test_rgb_image_for_grey_model(data_cfg):
     assert build_transform(data_cfg(), train=False)(_img("RGB")).shape == (1, 28, 28)
 
@@ -168,3 +184,5 @@ def test_bad_settings():
         build_transform(DataConfig(train_augment="autoaugment"), train=True)
     with pytest.raises(ConfigError, match="in_chans = 2"):
         build_transform(DataConfig(in_chans=2), train=False)
+    with pytest.raises(ConfigError, match="data.fit"):
+        build_transform(DataConfig(fit="stretch"), train=False)

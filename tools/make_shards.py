@@ -1,16 +1,13 @@
 #!/usr/bin/env python
 """Raw data set -> WebDataset shards + index; see `--help` and docs/shards.md.
 
-A thin wrapper: the logic lives in `cssr_dist.data.shards.cli` (console script
-`cssr-make-shards`), so it can be imported, tested and installed.
+A thin wrapper of the console script `cssr-make-shards` (the package is installed editable: `pip
+install -e .`); the program is `cssr_dist.apps.make_shards.cli`, see `--help`.
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from cssr_dist.data.shards.cli import main  # noqa: E402
+from cssr_dist.apps.make_shards.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The prepared GPU run (issue 12 targets 1-5, issue 10 item 8): ~10 minutes on an H100/H200,
-# every figure of tools/bench_gpu.py in one go (see its docstring for the sections).
+# every figure of benchmarks/bench_gpu.py in one go (see its docstring for the sections).
 #
 #   bash tools/run_gpu_benchmarks.sh                  # on the lent machine: `run` tool, timeout_s ~660
 #   bash tools/run_gpu_benchmarks.sh --rehearse       # the same code paths at tiny sizes on a CPU (minutes)
@@ -33,7 +33,7 @@ mkdir -p "$OUT_DIR"
 { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi; } > "$OUT_DIR/nvidia-smi.txt" 2>&1 || true
 echo "run_gpu_benchmarks: budget ${BUDGET_S} s, hard limit ${TIMEOUT_S} s, results in $OUT_DIR" >&2
 
-timeout -k 10 "$TIMEOUT_S" "$PY" tools/bench_gpu.py --budget-s "$BUDGET_S" --out "$OUT_DIR" "$@" \
+timeout -k 10 "$TIMEOUT_S" "$PY" -m benchmarks.bench_gpu --budget-s "$BUDGET_S" --out "$OUT_DIR" "$@" \
     2>&1 | tee "$OUT_DIR/gpu_bench.log"
 rc=${PIPESTATUS[0]}
 if [ -f "$OUT_DIR/gpu_bench.md" ]; then

@@ -1,7 +1,7 @@
-"""Data: open-set splits, raw sources, transforms, the open-set selection and `build_run_data`.
+"""Data: open-set splits, on-disk layouts and sources, transforms, the open-set selection, readers.
 
 `build_run_data(data_cfg, seed, rank, world)` is the one entry the engine uses; it returns
-this rank's share of every set for either data.format (`run_data.py`).
+this rank's share of every set for either data.format (`readers/`).
 """
 
 import importlib
@@ -10,12 +10,12 @@ from typing import Any
 # name -> submodule, imported on first use (PEP 562): a tool that needs one light submodule (the tar
 # reader, the split files) does not pay for torch, torchvision and Accelerate.
 _EXPORTS = {
-    "DataMeta": "run_data",
+    "DataMeta": "readers",
     "OpenSetConcat": "open_set",
     "OpenSetDataset": "open_set",
     "OpenSetSplit": "splits",
-    "RunData": "run_data",
-    "build_run_data": "run_data",
+    "RunData": "readers",
+    "build_run_data": "readers",
     "build_source": "sources",
     "build_transform": "transforms",
     "per_class_subset": "open_set",

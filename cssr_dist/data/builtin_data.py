@@ -73,7 +73,7 @@ def load_idx_pair(folder: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
 
 def torchvision_download(cls_name: str, root: Path, train: bool) -> None:
     """Fetch a torchvision data set into `root` (its own layout), turning network failures into one line."""
-    import torchvision
+    import torchvision  # start-up time: torchvision's dataset classes only when downloading
 
     cls = getattr(torchvision.datasets, cls_name)
     kwargs = {"split": "train" if train else "test"} if cls_name == "SVHN" else {"train": train}

@@ -1,4 +1,4 @@
-"""The CSSR strong augmentation (ALGORITHM.md section 5): a FixMatch-style RandAugment pool + Cutout.
+"""The CSSR strong augmentation (docs/method.md §5): a FixMatch-style RandAugment pool + Cutout.
 
 Two ops are drawn WITH replacement from the pool; each gets a magnitude v in [1, 9] (of
 10) and is applied with probability 0.5; a grey Cutout of half the image size follows.

@@ -33,8 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2.functional import rgb_to_grayscale
 
 from ..errors import ConfigError, DataError
+from .batch_transform import empty_batch
 
 __all__ = ["DEVICE_AUGMENTS", "DeviceBatchStage", "EncodedImages", "collate_encoded", "device_stage", "is_jpeg"]
 
@@ -62,8 +64,6 @@ def is_jpeg(data: bytes) -> bool:
 
 def _shared_uint8(count: int) -> torch.Tensor:
     """A uint8 buffer in shared memory inside a loader worker (as default_collate allocates)."""
-    from .batch_transform import empty_batch
-
     return empty_batch((count,), dtype=torch.uint8)
 
 
@@ -103,6 +103,8 @@ class DeviceBatchStage:
                               f"{' | '.join(DEVICE_AUGMENTS)}, not {self.kind!r}; use decode_on=cpu for it")
         if data_cfg.in_chans not in (1, 3):
             raise ConfigError(f"data.in_chans = {data_cfg.in_chans} is not supported; use 1 (grey) or 3 (RGB)")
+        if getattr(data_cfg, "fit", "resize") != "resize":
+            raise ConfigError("data.fit=pad is not supported with data.shards.decode_on=device; use decode_on=cpu")
         self.device = torch.device(device)
         self.size, self.channels = int(data_cfg.image_size), int(data_cfg.in_chans)
         self.test_resize = data_cfg.test_resize
@@ -148,8 +150,6 @@ class DeviceBatchStage:
             return pixels
         if self.channels == 3:
             return pixels[:1].expand(3, -1, -1)
-        from torchvision.transforms.v2.functional import rgb_to_grayscale
-
         return rgb_to_grayscale(pixels[:3])
 
     # -- geometry (float [C, h, w] in 0..255 -> [C, size, size])

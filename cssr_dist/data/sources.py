@@ -3,7 +3,8 @@
 Each format is read directly (not through torchvision's dataset classes) so that small
 test files in the official layouts load through the same code as the real data, without
 torchvision's checksum checks; torchvision is used only to download when
-`data.download` is true. Labels are the ORIGINAL ones (torchvision order; sorted wnids
+`data.download` is true. Folders (ImageFolder, Tiny-ImageNet, OOD folders) are listed by
+data/layouts.py, the same listing make_shards writes shards from. Labels are the ORIGINAL ones (torchvision order; sorted wnids
 for Tiny-ImageNet / ImageNet); mapping to open-set labels is `OpenSetDataset`'s job.
 """
 
@@ -18,10 +19,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from . import builtin_data
+from . import builtin_data, layouts
 from .splits import is_ood_name
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMG_EXTENSIONS = layouts.IMAGE_SUFFIXES
 SOURCES = ("mnist", "fashion_mnist", "animal_mnist", "cifar10", "cifar100", "svhn", "tinyimagenet", "imagenet", "imagefolder", "oodfolder")
 
 
@@ -95,7 +96,7 @@ def _svhn(root: Path, train: bool, download: bool) -> ArraySource:
         builtin_data.torchvision_download("SVHN", root, train=train)
     if not path.is_file():
         raise _missing("SVHN", path, "set data.download=true or put train_32x32.mat / test_32x32.mat in data.root")
-    from scipy.io import loadmat
+    from scipy.io import loadmat  # start-up time: scipy only for SVHN's .mat files
 
     mat = loadmat(str(path))
     images = np.ascontiguousarray(np.transpose(mat["X"], (3, 0, 1, 2)), dtype=np.uint8)
@@ -131,33 +132,21 @@ def _animal_mnist() -> ArraySource:
     return source
 
 
-# ---------------------------------------------------------------- folders
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMG_EXTENSIONS
-
-
-def _class_folder(name: str, folder: Path, how: str) -> FileSource:
-    """torchvision ImageFolder layout: folder/<class>/**/<image>, classes sorted by name."""
-    if not folder.is_dir():
-        raise _missing(name, folder, how)
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
-    if not classes:
-        raise DataError(f"{name}: no class folders in {folder}; expected {folder}/<class>/<image> (use source 'oodfolder' for a flat folder)")
-    paths, targets = [], []
-    for label, cls in enumerate(classes):
-        files = sorted(p for p in (folder / cls).rglob("*") if _is_image(p))
-        paths.extend(files)
-        targets.extend([label] * len(files))
-    if not paths:
-        raise DataError(f"{name}: no images ({', '.join(IMG_EXTENSIONS)}) under {folder}")
-    return FileSource(name, paths, np.asarray(targets), classes)
+# ---------------------------------------------------------------- folders (data/layouts.py: one listing per layout)
+def _file_source(name: str, listing: layouts.Listing) -> FileSource:
+    """A listing as a data set; classes are the folder names (wnids), as the model's labels follow them."""
+    paths = [record.ref for record in listing.records]
+    targets = np.asarray([record.label for record in listing.records], dtype=np.int64)
+    return FileSource(name, paths, targets, listing.wnids or listing.classes)
 
 
 def _image_folder(name: str, root: Path, train: bool) -> FileSource:
     """`root/train|val/<class>/` when those exist (ImageNet layout), else `root/<class>/`."""
     sub = root / ("train" if train else "val")
     folder = sub if sub.is_dir() or name == "imagenet" else root
-    return _class_folder(name, folder, f"put the images in {root}/{{train,val}}/<class>/ (ImageFolder layout)")
+    if not folder.is_dir():
+        raise _missing(name, folder, f"put the images in {root}/{{train,val}}/<class>/ (ImageFolder layout)")
+    return _file_source(name, layouts.list_imagefolder(folder, name, "train" if train else "val"))
 
 
 def _tiny_root(root: Path) -> Path:
@@ -169,33 +158,16 @@ def _tinyimagenet(root: Path, train: bool) -> FileSource:
     how = "download tiny-imagenet-200.zip and extract it into data.root"
     if not (base / "train").is_dir():
         raise _missing("Tiny-ImageNet", root / "tiny-imagenet-200" / "train", how)
-    wnids = sorted(d.name for d in (base / "train").iterdir() if d.is_dir())
-    if train:
-        return _class_folder("tinyimagenet", base / "train", how)
-    notes = base / "val" / "val_annotations.txt"
-    if not notes.is_file():
-        raise _missing("Tiny-ImageNet validation labels", notes, how)
-    index = {w: i for i, w in enumerate(wnids)}
-    paths, targets = [], []
-    for line in sorted(notes.read_text().splitlines()):
-        if not line.strip():
-            continue
-        file, wnid = line.split("\t")[:2]
-        if wnid not in index:
-            raise DataError(f"{notes}: class {wnid} of {file} has no folder in {base / 'train'}")
-        paths.append(base / "val" / "images" / file)
-        targets.append(index[wnid])
-    return FileSource("tinyimagenet", paths, np.asarray(targets), wnids)
+    if not train and not (base / "val" / "val_annotations.txt").is_file():
+        raise _missing("Tiny-ImageNet validation labels", base / "val" / "val_annotations.txt", how)
+    return _file_source("tinyimagenet", layouts.list_tinyimagenet(base, "train" if train else "val"))
 
 
 def _ood_folder(name: str, root: Path) -> FileSource:
-    """Every image under root, recursively, sorted by path; all unknown (label -1)."""
+    """Every image under root, at any depth, in the listing's order; all unknown (label -1)."""
     if not root.is_dir():
         raise _missing(f"OOD set '{name}'", root, f"put its images under {root} or set the data.ood entry's root")
-    paths = sorted(p for p in root.rglob("*") if p.is_file() and _is_image(p))
-    if not paths:
-        raise DataError(f"OOD set '{name}': no images ({', '.join(IMG_EXTENSIONS)}) under {root}")
-    return FileSource(name, paths, np.full(len(paths), -1, dtype=np.int64), [])
+    return _file_source(name, layouts.list_ood(root, name))
 
 
 # ---------------------------------------------------------------- entry point

@@ -1,6 +1,6 @@
 """Train and test transforms: PIL image -> normalised float tensor [C, image_size, image_size].
 
-`data.train_augment` picks the training recipe: 'cssr' (ALGORITHM.md section 5 exactly;
+`data.train_augment` picks the training recipe: 'cssr' (docs/method.md §5 exactly;
 `data.manual_contrast` belongs to it and is ignored by the others), 'flip_crop',
 'flip_crop_cutout' (flip, crop and the recipe's grey cutout without the op pool: the
 built-in Fashion-MNIST default, chosen by docs/recipe_sweep.md), 'imagenet' (fine-tuning)
@@ -57,13 +57,45 @@ class ResizeIfNeeded:
         return f"{type(self).__name__}({self.size})"
 
 
+class PadIfSmaller:
+    """A centred zero border that brings a smaller image to `size` x `size` (larger ones: `ResizeIfNeeded`).
+
+    The reference code fed 28 px data sets to its 32 px networks this way; resizing instead
+    would enlarge every object by 32/28 and is a different input geometry.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.larger = ResizeIfNeeded(size)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        if w > self.size or h > self.size:
+            return self.larger(img)
+        left, top = (self.size - w) // 2, (self.size - h) // 2
+        return tv_transforms.functional.pad(img, [left, top, self.size - w - left, self.size - h - top], fill=0)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.size})"
+
+
+def _fit(data_cfg: Any) -> Any:
+    """ResizeIfNeeded or PadIfSmaller, as `data.fit` says."""
+    size, fit = data_cfg.image_size, getattr(data_cfg, "fit", "resize")
+    if fit == "pad":
+        return PadIfSmaller(size)
+    if fit == "resize":
+        return ResizeIfNeeded(size)
+    raise ConfigError(f"data.fit = {fit!r} is not valid; choose resize or pad")
+
+
 def _normalize(data_cfg: Any) -> list:
     return [tv_transforms.ToTensor(), tv_transforms.Normalize(list(data_cfg.mean), list(data_cfg.std))]
 
 
 def build_test_transform(data_cfg: Any) -> tv_transforms.Compose:
     size = data_cfg.image_size
-    geometry = [tv_transforms.Resize(data_cfg.test_resize), tv_transforms.CenterCrop(size)] if data_cfg.test_resize else [ResizeIfNeeded(size)]
+    geometry = [tv_transforms.Resize(data_cfg.test_resize), tv_transforms.CenterCrop(size)] if data_cfg.test_resize else [_fit(data_cfg)]
     return tv_transforms.Compose([EnsureMode(data_cfg.in_chans), *geometry, *_normalize(data_cfg)])
 
 
@@ -76,11 +108,11 @@ def build_train_transform(data_cfg: Any) -> tv_transforms.Compose:
     head = [EnsureMode(data_cfg.in_chans)]
     if kind == "cssr":
         tail = [ManualContrast(0.1, 2.0)] if data_cfg.manual_contrast else []
-        return tv_transforms.Compose([*head, ResizeIfNeeded(size), *_flip_crop(size), CssrRandAugment(n=2, m=10), *_normalize(data_cfg), *tail])
+        return tv_transforms.Compose([*head, _fit(data_cfg), *_flip_crop(size), CssrRandAugment(n=2, m=10), *_normalize(data_cfg), *tail])
     if kind == "flip_crop":
-        return tv_transforms.Compose([*head, ResizeIfNeeded(size), *_flip_crop(size), *_normalize(data_cfg)])
+        return tv_transforms.Compose([*head, _fit(data_cfg), *_flip_crop(size), *_normalize(data_cfg)])
     if kind == "flip_crop_cutout":
-        return tv_transforms.Compose([*head, ResizeIfNeeded(size), *_flip_crop(size), Cutout(0.5), *_normalize(data_cfg)])
+        return tv_transforms.Compose([*head, _fit(data_cfg), *_flip_crop(size), Cutout(0.5), *_normalize(data_cfg)])
     if kind == "imagenet":
         resize = round(size * 256 / 224)
         return tv_transforms.Compose([*head, tv_transforms.Resize(resize), tv_transforms.RandomResizedCrop(size, scale=(0.25, 1.0)), tv_transforms.RandomHorizontalFlip(), *_normalize(data_cfg)])

@@ -64,7 +64,7 @@ class TrainerState:
     epoch_loss_steps: int = 0    # resumed epoch reports the mean over ALL its steps
     train_time_s: float = 0.0    # training wall time over all attempts (resumes included)
     history: list[dict] = field(default_factory=list)
-    fingerprint: str | None = None  # of the config sections that change training (tracking.config_fingerprint)
+    fingerprint: str | None = None  # of the config sections that change training (run_folder.config_fingerprint)
 
     @classmethod
     def from_json(cls, text: str) -> TrainerState:

@@ -1,6 +1,6 @@
 """The engine's process group settings (how long a collective waits for a missing rank).
 
-Who reads which samples is decided by the data package (`data/run_data.py`); gathering
+Who reads which samples is decided by the data package (`data/readers/`); gathering
 per-sample results by id lives at ground level (`cssr_dist/distributed.py`).
 """
 

@@ -6,15 +6,7 @@ import torch
 
 from ..config import OptimConfig
 from ..errors import ConfigError
-
-
-def base_lr(cfg: OptimConfig, global_batch: int) -> float:
-    """The fine-tuning recipe scales lr linearly with batch (0.4 * batch / 128).
-
-    `global_batch` is the batch summed over ALL processes: the recipe's 128 was one GPU's
-    batch, so 16 GPUs x 64 images train at lr 0.4 x 1024 / 128 whatever the split.
-    """
-    return cfg.lr * global_batch / 128 if cfg.scale_lr_by_batch else cfg.lr
+from ..protocol import base_lr  # the one lr-scaling rule, beside the recipe batch it scales by
 
 
 def _fused_ok(params: list[torch.nn.Parameter]) -> bool:

@@ -21,21 +21,22 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from ..config import Config
-from ..data.run_data import build_run_data
+from ..data.readers import build_run_data
 from ..errors import ConfigError
 from ..eval.evaluator import Evaluator
 from ..eval.plots import write_evaluation_plots
 from ..eval.report import metrics_table
+from ..models.backbones import resolve_backbone_data_config
 from ..models.losses import build_loss
-from ..models.osr_model import build_model, compile_or_eager
+from ..models.osr_model import compile_or_eager, resolve_compile_mode
 from ..protocol import batch_plan, describe_protocol
-from ..scoring.scores import Scorer, primary_score
-from ..tracking import (RunFolder, config_fingerprint, environment_record, log_evaluation, new_run_id,
-                        start_tracking, stop_tracking, wandb_tracker)
+from ..tracking import log_evaluation, new_run_id, start_tracking, stop_tracking, wandb_tracker
+from .build import build_model_and_scorer
 from .checkpoint import Checkpointer, TrainerState
 from .distributed import process_group_kwargs
 from .optim import build_optimizer
 from .preemption import Preempted, PreemptionFlag, mark_preempted
+from .run_folder import RunFolder, config_fingerprint, environment_record
 from .schedule import build_scheduler
 from .trainer import Trainer
 
@@ -50,6 +51,9 @@ class Run:
     """One experiment on this rank: the assembled components, shared by training and --test."""
 
     def __init__(self, cfg: Config, test_only: bool = False):
+        # null data.mean/std/image_size: the backbone's own (timm), resolved before the fingerprint
+        # and config.yaml so that both show the values the run used
+        cfg.data = resolve_backbone_data_config(cfg.model, cfg.data)
         self.cfg = cfg
         self.folder = RunFolder(cfg)
         self.fingerprint = config_fingerprint(cfg)  # of the config as given (before the per-process batch)
@@ -66,15 +70,9 @@ class Run:
                                        augmented_statistics=cfg.eval.stats_transform == "train", device=acc.device)
         if cfg.model.sync_bn and acc.device.type == "cpu" and acc.num_processes > 1:
             raise ConfigError("model.sync_bn=true needs GPUs (torch has no CPU SyncBatchNorm); drop it for CPU runs")
-        num_classes = self.data.meta.num_classes
-        self.model = build_model(cfg.model, num_classes, cfg.data.in_chans).to(acc.device)
-        if cfg.model.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        channels = self.model.feature_channels(cfg.data.in_chans, cfg.data.image_size)
+        self.model, self.scorer = build_model_and_scorer(cfg, self.data.meta.num_classes, acc.device)
         if cfg.model.compile:
-            self.model = compile_or_eager(self.model, cfg.model.compile_mode)
-        primary = primary_score(cfg.model.head, cfg.run.method, cfg.eval.score)
-        self.scorer = Scorer(cfg.model.head, num_classes, channels, primary).to(acc.device)
+            self.model = compile_or_eager(self.model, resolve_compile_mode(cfg.model.compile_mode, cfg.data.image_size))
         self.loss_fn = build_loss(cfg.model.head)
         self.evaluator = Evaluator(acc, self.scorer, self.data, cfg.eval, self.loss_fn, self.progress,
                                    self.record_evaluation)

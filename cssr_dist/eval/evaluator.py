@@ -11,6 +11,7 @@ their means (OpenOOD's evaluator is the pattern).
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -59,18 +60,17 @@ class Evaluator:
         if self.cfg.recalibrate_bn:
             recalibrate_batchnorm(model, self.data.train_eval, self.accelerator, self.cfg.recalibrate_bn_batches)
 
-    def fit(self, model) -> None:
-        """Fit the scorer's statistics on the training images (both passes, all ranks): class
-        statistics on `train_eval`, moments on `train_eval_augmented` where the data has it."""
-        module = eval_module(self.accelerator, model)
-
-        def features_logits(loader, desc: str) -> Callable[[], Iterator]:
-            return lambda: ((f, z) for f, z, _, _ in self.outputs(module, loader, desc))
-
+    def fit(self, model, statistics: bool = True) -> None:
+        """Fit the scorer on the training images (all ranks): its statistics (both passes: class
+        statistics on `train_eval`, moments on `train_eval_augmented` where the data has it) and
+        its post-hoc detectors (first pass); `statistics=False`: the detectors only."""
+        acc = self.accelerator
+        module = eval_module(acc, model)
         augmented = self.data.train_eval_augmented
-        self.scorer.fit(features_logits(self.data.train_eval, "statistics"),
-                        lambda t: self.accelerator.reduce(t, reduction="sum"),
-                        None if augmented is None else features_logits(augmented, "statistics (augmented)"))
+        self.scorer.fit(lambda: self.outputs(module, self.data.train_eval, "statistics"),
+                        lambda t: acc.reduce(t, reduction="sum"),
+                        None if augmented is None else (lambda: self.outputs(module, augmented, "statistics (augmented)")),
+                        lambda local: gather_by_id(local, acc.num_processes), module.head, statistics)
 
     def scores(self, module, loader, desc: str) -> dict[str, np.ndarray]:
         """Per-sample labels, ids, prediction and every score of a set, gathered from all ranks by id."""
@@ -98,13 +98,16 @@ class Evaluator:
 
     # ------------------------------------------------------------------ the report
     def evaluate(self, model, fit: bool = True) -> dict:
-        """Fit (unless restored), score validation, test and every OOD set once; report each."""
+        """Fit (unless restored: then the post-hoc detectors only), score validation, test and every OOD set once; report each."""
+        started = time.perf_counter()
         if fit:
             self.recalibrate(model)
             self.fit(model)
+        elif self.scorer.fits_detectors:  # restored statistics; post-hoc detectors are not saved
+            self.fit(model, statistics=False)
         module, cfg, meta = eval_module(self.accelerator, model), self.cfg, self.data.meta
         primary = self.scorer.primary
-        baselines = [b for b in cfg.baselines if b != primary]
+        baselines = self.scorer.baselines
         val = self.scores(module, self.data.val, "val") if self.data.val is not None else {}
         per_set = {"test": self.scores(module, self.data.test, "test")}
         test = per_set["test"]
@@ -130,6 +133,9 @@ class Evaluator:
             if summary["num_test_unknown"]:  # the split's own unknown classes: the nearest OOD there is
                 members, groups = {TEST_UNKNOWNS: summary, **members}, {TEST_UNKNOWNS: "near", **groups}
             summary["ood_groups"] = group_means(members, groups)
+        if self.scorer.detectors.not_fitted:
+            summary["posthoc_not_fitted"] = dict(self.scorer.detectors.not_fitted)
+        summary["eval_time_s"] = round(time.perf_counter() - started, 2)  # fit + every set (no plots, no W&B)
         if self.on_evaluation is not None:
             self.on_evaluation(summary, per_set)
         return summary

@@ -10,7 +10,7 @@ Conventions (see docs/architecture.md):
   samples. This is the CSSR reference's convention; OpenOOD reports "FPR@95" with OOD as
   the positive class, which is a different number. Do not compare the two directly.
 
-Two sets of definitions (ALGORITHM.md §4), both reported under names that say which:
+Two sets of definitions (docs/method.md §4), both reported under names that say which:
 
 * clean (``compute_metrics``, ``protocol_metrics(..., "clean")``): AUPR is average precision
   (scikit-learn); FPR95 is taken at the first (highest) threshold whose TPR reaches 0.95,
@@ -351,7 +351,7 @@ def threshold_at_tpr(val_known_scores: np.ndarray, tpr: float = 0.95) -> float:
 
     Pass scores of a held-out VALIDATION slice of the known training classes, never test
     scores: the CSSR reference tunes this threshold on the test set (defect 5 in
-    ALGORITHM.md), which leaks test labels into macro-F1. Returns the largest such
+    docs/method.md), which leaks test labels into macro-F1. Returns the largest such
     threshold, i.e. the ceil(tpr * n)-th largest score. NaN for empty or NaN input.
     """
     if not 0.0 < tpr <= 1.0:

@@ -2,7 +2,7 @@
 
     z_k(p) = sign * gamma * || AE_k(x_p) - x_p ||      clamped to [-clamp, clamp]
 
-(ALGORITHM.md section 1; sign -1 = PCSSR, +1 = RCSSR; L1 norm, or squared L2.)
+(docs/method.md §1; sign -1 = PCSSR, +1 = RCSSR; L1 norm, or squared L2.)
 
 The K auto-encoders are stored as batched weights ([K, out, in] per layer, i.e. K 1x1
 convs without bias) so every layer is ONE GEMM over all classes. The last decoder layer,
@@ -107,6 +107,11 @@ class CSSRHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.projection(x)
+        return features, self.logits_from_features(features)
+
+    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The logit map [B, K, H, W] of already projected features (also for post-hoc
+        detectors that modify them first)."""
         b, c, hgt, wid = features.shape
         x_cn = features.transpose(0, 1).reshape(c, b * hgt * wid)
         codes = self._last_codes(x_cn)
@@ -117,8 +122,7 @@ class CSSRHead(nn.Module):
         logits = dist * self.scale
         if self.clamp is not None and self.clamp > 0:
             logits = logits.clamp(-self.clamp, self.clamp)
-        logits = logits.view(self.num_classes, b, hgt * wid).transpose(0, 1).reshape(b, self.num_classes, hgt, wid)
-        return features, logits
+        return logits.view(self.num_classes, b, hgt * wid).transpose(0, 1).reshape(b, self.num_classes, hgt, wid)
 
 
 def reference_cssr_logits(

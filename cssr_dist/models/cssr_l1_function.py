@@ -32,15 +32,19 @@ import importlib.util
 
 import torch
 
+from .compute_dtype import compute_dtype
+
 __all__ = ["FUSED_L1_IS_FASTER_ON_CUDA", "L1_KERNELS", "chunked_l1_distance", "default_class_chunk", "l1_distance",
            "uses_fused_l1"]
 
 L1_KERNELS = ("auto", "chunked", "triton")
 # What `l1_kernel="auto"` picks on CUDA with Triton installed: the fused kernel when True,
-# the chunked path when False. False until an H100/H200 measurement shows the fused kernel
-# faster (`tools/bench_head.py --device cuda --dtype bf16`, docs/benchmarks/head.md);
-# flipping this constant is the whole switch. Off CUDA `auto` is always chunked.
-FUSED_L1_IS_FASTER_ON_CUDA = False
+# the chunked path when False. Measured on an H200 (2026-12-04, K=1000, latent 16, B=64, 7x7,
+# bf16, forward + backward; `python -m benchmarks.bench_head --device cuda --dtype bf16`,
+# docs/benchmarks/head.md): fused 17 ms vs chunked 94 ms at C=2048, 5 ms vs 24 ms at C=512,
+# so the fused kernel is the default there. Flipping this constant is the whole switch.
+# Off CUDA `auto` is always chunked.
+FUSED_L1_IS_FASTER_ON_CUDA = True
 # Looked up, not imported: importing triton takes seconds and fixes its kernels as compiled or interpreted.
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
@@ -58,17 +62,6 @@ def default_class_chunk(num_classes: int, channels: int, pixels: int, element_si
     return int(min(num_classes, max(1, budget // per_class)))
 
 
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """Autocast's dtype when autocast is on (so bf16/fp16 GEMMs), else the promoted dtype."""
-    device_type = tensors[0].device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
 class ChunkedL1Distance(torch.autograd.Function):
     """d[k, n] = ||D_k h_k[:, n] - x[:, n]||_1 ; see the module docstring.
 
@@ -79,7 +72,7 @@ class ChunkedL1Distance(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, codes: torch.Tensor, dec: torch.Tensor, chunk: int) -> torch.Tensor:
-        dtype = _compute_dtype(x, codes, dec)
+        dtype = compute_dtype(x, codes, dec)
         # The sum over C is accumulated in at least float32 (C terms of bf16 would lose ~8 bits).
         out_dtype = torch.promote_types(dtype, torch.float32)
         ctx.input_dtypes = (x.dtype, codes.dtype, dec.dtype)
@@ -146,7 +139,7 @@ def chunked_l1_distance(
         chunk: classes per chunk; None picks one from a byte budget (see `default_class_chunk`).
     """
     if chunk is None:
-        element_size = torch.empty((), dtype=_compute_dtype(x, codes, dec)).element_size()
+        element_size = torch.empty((), dtype=compute_dtype(x, codes, dec)).element_size()
         chunk = default_class_chunk(codes.shape[0], x.shape[0], x.shape[1], element_size, x.device)
     return ChunkedL1Distance.apply(x, codes, dec, int(chunk))
 
@@ -170,6 +163,7 @@ def l1_distance(
     matters to the chunked path.
     """
     if uses_fused_l1(kernel, x):
+        # start-up time: triton takes seconds to import and is only needed on this path
         from .cssr_l1_triton import triton_l1_distance, triton_l1_supported
 
         if kernel == "triton" or triton_l1_supported(x, codes, dec) is None:

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from ..errors import ConfigError
-from .cssr_l1_function import _compute_dtype
+from .compute_dtype import compute_dtype
 
 __all__ = ["MAX_LATENT", "SUPPORTED_DTYPES", "interpreting", "triton_l1_distance", "triton_l1_supported"]
 
@@ -222,7 +222,7 @@ def triton_l1_supported(x: torch.Tensor, codes: torch.Tensor, dec: torch.Tensor)
     device_ok = all(t.is_cuda for t in (x, codes, dec)) or (interpreting() and x.device.type == "cpu")
     if not device_ok:
         return f"needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {x.device.type}"
-    dtype = _compute_dtype(x, codes, dec)
+    dtype = compute_dtype(x, codes, dec)
     if dtype not in SUPPORTED_DTYPES:
         return f"supports float32, bfloat16 and float16, got {dtype}"
     if codes.shape[1] > MAX_LATENT:
@@ -237,7 +237,7 @@ class TritonL1Distance(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, codes: torch.Tensor, dec: torch.Tensor, blocks: tuple[int, int] | None):
-        dtype = _compute_dtype(x, codes, dec)
+        dtype = compute_dtype(x, codes, dec)
         ctx.input_dtypes = (x.dtype, codes.dtype, dec.dtype)
         x, codes, dec = (t.to(dtype).contiguous() for t in (x, codes, dec))
         out = torch.empty(codes.shape[0], x.shape[1], dtype=torch.promote_types(dtype, torch.float32), device=x.device)

@@ -34,7 +34,9 @@ class LinearHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.projection(x)
+        return features, self.logits_from_features(features)
+
+    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The logit map of already projected features (post-hoc detectors that modify them)."""
         logits = self.classifier(features)
-        if self.gamma != 1.0:
-            logits = logits * self.gamma
-        return features, logits
+        return logits * self.gamma if self.gamma != 1.0 else logits

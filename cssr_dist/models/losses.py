@@ -1,4 +1,4 @@
-"""Losses on per-pixel logit maps [B, K, H, W] (ALGORITHM.md section 2).
+"""Losses on per-pixel logit maps [B, K, H, W] (docs/method.md §2).
 
 * softmax_avg (CSSR heads): pbar = mean_p softmax(z(p)); loss = -log pbar[y]. Computed in
   log space, log pbar = logsumexp_p log_softmax(z(p)) - log(HW), because the reference's

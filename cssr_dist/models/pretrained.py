@@ -25,7 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+import timm
 import torch
+from huggingface_hub import try_to_load_from_cache
+from safetensors.torch import load_file, save_file
+from timm.models import get_pretrained_cfg
 from torch import nn
 
 from ..errors import DataError
@@ -48,8 +52,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise DataError(f"pretrained weight file {path} does not exist; set model.pretrained_file to a local file")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             obj: object = load_file(str(path), device="cpu")
         except Exception as exc:  # safetensors raises its own error types
@@ -112,14 +114,10 @@ def cached_pretrained_file(name: str) -> str | None:
     `timm/resnet18.tv_in1k`) and torch hub's `checkpoints/` folder (`url`). Returns None
     when the model has no pretrained weights in timm or they were never downloaded.
     """
-    from timm.models import get_pretrained_cfg
-
     cfg = get_pretrained_cfg(name)
     if cfg is None:
         return None
     if cfg.hf_hub_id:
-        from huggingface_hub import try_to_load_from_cache
-
         repo = cfg.hf_hub_id.split("@")[0]
         for filename in ((cfg.hf_hub_filename,) if cfg.hf_hub_filename else _HUB_FILES):
             found = try_to_load_from_cache(repo, filename)
@@ -151,9 +149,6 @@ def convert_weights(source: str | Path, model_name: str, out: str | Path) -> Con
     number of tensors is matched. Any shape mismatch refuses the conversion (one line,
     the first mismatching pair) and writes nothing.
     """
-    import timm
-    from safetensors.torch import save_file
-
     state = read_state_dict(source)
     full = timm.create_model(model_name, pretrained=False).state_dict()
     headless = timm.create_model(model_name, pretrained=False, num_classes=0).state_dict()

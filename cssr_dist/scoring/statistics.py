@@ -1,4 +1,4 @@
-"""Training-set statistics behind the S1, S2 and integrated CSSR scores (ALGORITHM.md 3).
+"""Training-set statistics behind the S1, S2 and integrated CSSR scores (docs/method.md §3).
 
 The statistics are MODEL STATE: they are buffers of :class:`ScoreStatistics`, so they go
 into ``state_dict`` / checkpoints and evaluation restores them instead of recomputing.

@@ -1,6 +1,6 @@
 """`make_shards`: raw data set -> WebDataset shards + `<prefix>.json` index (+ `--verify`).
 
-    python tools/make_shards.py --source imagefolder --root /data/imagenet/train \\
+    cssr-make-shards --source imagefolder --root /data/imagenet/train \\
         --dataset imagenet --subset train --out /shards/imagenet-train --workers 16 --verify
 
 The plan (sample order, ids, shard boundaries) is a pure function of the listing and the
@@ -29,9 +29,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ... import __version__
-from ...errors import CssrError, DataError
-from . import listings as src
-from .index import (
+from ...data import layouts as src
+from ...data.shards.index import (
     ShardIndex,
     ShardInfo,
     index_path,
@@ -44,19 +43,35 @@ from .index import (
     write_index,
     write_labels,
 )
-from .writer import EncodeOptions, Record, encode_bytes, encode_pil, make_sample, plan_shards, write_shard
+from ...data.shards.samples import CorruptSample, check_members, decode_image, iter_shard, parse_id, parse_label
+from ...data.sources import build_source
+from ...errors import CssrError, DataError
+from ...data.layouts import Record
+from .writer import EncodeOptions, encode_bytes, encode_pil, make_sample, plan_shards, write_shard
 
 SOURCES = ("torchvision", "imagefolder", "flat", "tinyimagenet", "ood", "filelist")
 
 
 # ---------------------------------------------------------------- listing
+def list_torchvision(name: str, root: str | Path, train: bool) -> src.Listing:
+    """A torchvision-format set through the project's `build_source` (images re-encoded as PNG)."""
+    source = build_source(name, str(root), train)
+    targets = [int(t) for t in source.targets]
+    subset = "train" if train else "test"
+    records = [Record(i, t, f"{name}/{subset}/{i}") for i, t in enumerate(targets)]
+    image, _ = source[0]
+    classes = [str(c) for c in getattr(source, "classes", range(max(targets) + 1))]
+    return src.Listing(name, subset, "torchvision", str(root), classes, records, image_mode=image.mode,
+                   memory_source=(name, str(root), train))
+
+
 def listing_from_args(args: argparse.Namespace) -> src.Listing:
     """The records of `--source` (see shard_sources for each layout)."""
     dataset = args.dataset or Path(args.root or args.list or "data").name
     if args.source == "torchvision":
         if not args.dataset:
             raise DataError("--source torchvision needs --dataset (cifar10, cifar100, svhn, mnist, fashion_mnist)")
-        return src.list_torchvision(args.dataset, args.root, train=args.subset == "train")
+        return list_torchvision(args.dataset, args.root, train=args.subset == "train")
     if args.source == "imagefolder":
         return src.list_imagefolder(args.root, dataset, args.subset, args.class_names)
     if args.source == "flat":
@@ -81,8 +96,6 @@ _MEMORY_SOURCES: dict[tuple, Any] = {}
 
 def _memory_source(spec: tuple[str, str, bool]) -> Any:
     if spec not in _MEMORY_SOURCES:
-        from ..sources import build_source
-
         _MEMORY_SOURCES[spec] = build_source(*spec)
     return _MEMORY_SOURCES[spec]
 
@@ -223,8 +236,6 @@ def make_shard_set(listing: src.Listing, out: str | os.PathLike, opts: ShardOpti
 
 # ---------------------------------------------------------------- verification
 def _verify_task(task: tuple[str, int, int, np.ndarray, str | None]) -> tuple[list[int], list[str]]:
-    from .stream import CorruptSample, check_members, decode_image, iter_shard, parse_id, parse_label
-
     url, start, expected, labels, mode = task
     ids, problems, errors = [], [], []
     for sample in iter_shard(url, lambda u, e: errors.append(e)):

@@ -1,4 +1,4 @@
-"""Encoding samples and writing one shard (used by tools/make_shards.py).
+"""Encoding samples and writing one shard (used by cssr-make-shards).
 
 Kept free of argument parsing so that the CLI, tests and other tools write shards the
 same way: keys `%09d` (ids are ints), image bytes under their real format's extension,
@@ -13,23 +13,15 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import Iterable
 
 import PIL.Image
 import webdataset as wds
 
+from ...data.shards.index import KEY_FORMAT, ShardInfo
 from ...errors import DataError
-from .index import KEY_FORMAT, ShardInfo
 
 TAR_OVERHEAD = 3 * 512  # header blocks + padding per member, roughly, for byte planning
-
-
-class Record(NamedTuple):
-    """One sample to write: `ref` is a file path or an index into an in-memory source."""
-
-    ref: str | int
-    label: int
-    name: str
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,10 @@ process's resident-set high-water mark (VmHWM, reset after setup through
 before the step; on CUDA `torch.cuda.max_memory_allocated` minus what was allocated before.
 tracemalloc would not see torch's allocations.
 
-    python tools/bench_head.py --quick                       # seconds, CI smoke
-    python tools/bench_head.py --device cpu --tiny           # rehearsal of chunked/fused/loop, odd sizes (~1 min)
-    python tools/bench_head.py                               # the CPU table of docs/benchmarks/head.md
-    python tools/bench_head.py --device cuda --dtype bf16 --repeats 10 \
+    python -m benchmarks.bench_head --quick                       # seconds, CI smoke
+    python -m benchmarks.bench_head --device cpu --tiny           # rehearsal of chunked/fused/loop, odd sizes (~1 min)
+    python -m benchmarks.bench_head                               # the CPU table of docs/benchmarks/head.md
+    python -m benchmarks.bench_head --device cuda --dtype bf16 --repeats 10 \
         --configs 1000x2048:chunked,fused,loop 1000x512:chunked,fused,loop   # issue 12 target 1
 
 A config is KxC:impl[,impl...][@batch]; batch defaults to --batch, maps are --size^2.
@@ -91,7 +91,6 @@ def worker(args: argparse.Namespace) -> dict:
     """One configuration, in this process: time and peak memory of forward+backward."""
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from cssr_dist.models import CSSRHead, reference_cssr_logits, softmax_avg_loss
 
     if args.threads:
@@ -201,7 +200,7 @@ def parse_config(spec: str, default_batch: int) -> list[tuple[int, int, str, int
 
 
 def run_one(args: argparse.Namespace, k: int, c: int, impl: str, batch: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--classes", str(k), "--channels", str(c),
+    cmd = [sys.executable, "-m", "benchmarks.bench_head", "--worker", "--impl", impl, "--classes", str(k), "--channels", str(c),
            "--batch", str(batch), "--size", str(args.size), "--latent", str(args.latent), "--device", args.device,
            "--dtype", args.dtype, "--repeats", str(args.repeats), "--threads", str(args.threads),
            "--peak-tflops", str(args.peak_tflops)]
@@ -213,7 +212,7 @@ def run_one(args: argparse.Namespace, k: int, c: int, impl: str, batch: int) -> 
     failed = dict(kind="head_bench", impl=impl, classes=k, channels=c, batch=batch, device=args.device,
                   dtype=args.dtype)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout_s)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout_s, cwd=ROOT)
     except subprocess.TimeoutExpired:
         return failed | dict(error=f"timed out after {args.timeout_s} s")
     if proc.returncode != 0:

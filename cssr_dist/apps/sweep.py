@@ -11,6 +11,8 @@ a Slurm array index means the same run in both.
 
 from __future__ import annotations
 
+import argparse
+import os
 import shlex
 import subprocess
 import sys
@@ -19,7 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import ConfigError
+from ..errors import ConfigError, CssrError
+
+#: The checkout this package runs from (an editable install): configs/, slurm/ and train.py live there.
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 __all__ = ["DEFAULT_SPLITS", "RunSpec", "expand", "run_state", "train_command", "run_local", "slurm_submission",
            "format_duration"]
@@ -169,3 +174,53 @@ def slurm_submission(specs: Sequence[RunSpec], output_dir: str | Path, overrides
 def main_launcher_default() -> list[str]:
     """`python -m accelerate.commands.launch` of this interpreter (the venv's accelerate)."""
     return [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+USAGE = """Run a sweep (data sets x splits x methods x seeds), locally one run after another or as a
+Slurm array; finished runs are skipped and interrupted ones resume.
+
+    cssr-sweep --datasets fashion_mnist mnist --methods linear pcssr rcssr \\
+        --launcher "accelerate launch --num_processes 2" -- schedule.epochs=3
+    cssr-sweep --datasets cifar10 svhn --slurm -- data.root=/data   # sbatch osr_sweep.sh
+    cssr-sweep ... --dry-run                                          # show the plan
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", nargs="+", required=True)
+    p.add_argument("--methods", nargs="+", default=["linear", "pcssr", "rcssr"])
+    p.add_argument("--splits", nargs="+", help="default: each data set's own (a-e, 0-4, default)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--tag", default="", help="run-name prefix")
+    p.add_argument("--output-dir", default="runs")
+    p.add_argument("--launcher", help="command before train.py (default: this Python's `accelerate launch`)")
+    p.add_argument("--slurm", action="store_true", help="submit slurm/osr_sweep.sh for the unfinished runs")
+    p.add_argument("--parallel", type=int, default=8, help="Slurm: array tasks running at once")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("overrides", nargs="*", help="config overrides for every run (after --)")
+    args = p.parse_args(argv)
+    args.output_dir = str(Path(args.output_dir).resolve())  # runs start in the repository root
+    try:
+        specs = expand(args.datasets, args.methods, args.splits, args.seeds, args.tag, REPO_ROOT / "configs")
+        if args.slurm:
+            plan = slurm_submission(specs, args.output_dir, args.overrides, args.parallel)
+            if plan is None:
+                print(f"all {len(specs)} runs finished; nothing to submit")
+                return 0
+            cmd, env = plan
+            print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(cmd))
+            return 0 if args.dry_run else subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, **env}).returncode
+        launcher = shlex.split(args.launcher) if args.launcher else main_launcher_default()
+        outcome = run_local(specs, launcher, args.output_dir, args.overrides, cwd=REPO_ROOT, dry_run=args.dry_run)
+    except CssrError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    failed = [name for name, state in outcome.items() if state.startswith("failed")]
+    if failed:
+        print(f"{len(failed)} run(s) failed: {', '.join(failed)}; rerun the same command to resume them", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

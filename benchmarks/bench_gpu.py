@@ -8,7 +8,7 @@ so; one that fails leaves an error line and the next one runs.
 
 1. head    : the CSSR head alone, K=1000, C=2048 and C=512, latent 16, batch 64, 7x7,
              bf16, forward + backward: chunked vs fused (Triton) vs the per-class loop,
-             through tools/bench_head.py (its own subprocess per configuration).
+             through benchmarks/bench_head.py (its own subprocess per configuration).
 2. sync    : `set_sync_debug_mode("error")` around ResNet-50 + RCSSR training steps.
 3. ft      : frozen ResNet-50 and ViT-B/16 (timm `vit_base_patch16_224`, its 14x14
              patch-token map) with linear, PCSSR (projection 512, latent 32) and RCSSR
@@ -27,8 +27,8 @@ so; one that fails leaves an error line and the next one runs.
              time of one ImageNet-1k fine-tuning epoch on 8 GPUs; targets met or not.
 
     bash tools/run_gpu_benchmarks.sh                        # the prepared run (~10 min on an H100)
-    PYTHONPATH=. python tools/bench_gpu.py --budget-s 560 --out /tmp/gpu
-    PYTHONPATH=. python tools/bench_gpu.py --rehearse --out /tmp/r   # tiny sizes on the CPU, same code paths
+    python -m benchmarks.bench_gpu --budget-s 560 --out /tmp/gpu
+    python -m benchmarks.bench_gpu --rehearse --out /tmp/r   # tiny sizes on the CPU, same code paths
 
 Imports only torch, torchvision, timm, numpy, PIL, accelerate and cssr_dist modules that
 work without webdataset / wandb (the GPU image has neither). Without a CUDA device (and
@@ -52,15 +52,12 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "tools"):  # cssr_dist, and the sibling bench_train_step (tools/ is no package)
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from bench_train_step import (MODELS, VARIANTS, ModelSpec, build_trainer, error_text, make_batches,  # noqa: E402
-                              markdown, measure_or_error, run_steps)
+from benchmarks.bench_train_step import (MODELS, VARIANTS, ModelSpec, build_trainer, error_text, make_batches,
+                                         markdown, measure_or_error, run_steps)
 
 NO_CUDA_EXIT = 2
 NO_CUDA_MESSAGE = ("bench_gpu: no CUDA device is visible (torch.cuda.is_available() is False); run it on a GPU "
@@ -164,7 +161,7 @@ def sync_check(model: str, spec: ModelSpec, variant: str, device: torch.device, 
     return row
 
 
-# ------------------------------------------------------------------ 1. the head (tools/bench_head.py)
+# ------------------------------------------------------------------ 1. the head (benchmarks/bench_head.py)
 
 
 def head_rows(out: Path | None, rehearse: bool, timeout_s: float) -> list[dict]:
@@ -179,7 +176,7 @@ def head_rows(out: Path | None, rehearse: bool, timeout_s: float) -> list[dict]:
         configs = ["1000x2048:chunked,{fused}loop", "1000x512:chunked,{fused}loop"]
     rows: list[dict] = []
     for fused in ("fused,", ""):
-        cmd = [sys.executable, str(ROOT / "tools" / "bench_head.py"), *base, "--jsonl", str(jsonl),
+        cmd = [sys.executable, "-m", "benchmarks.bench_head", *base, "--jsonl", str(jsonl),
                "--configs", *[c.format(fused=fused) for c in configs]]
         jsonl.unlink(missing_ok=True)
         try:
@@ -238,7 +235,7 @@ def make_jpegs(count: int, width: int = 500, height: int = 375, seed: int = 0) -
 
 def write_jpeg_shards(folder: Path, blobs: list[bytes], per_shard: int, classes: int = 10) -> str:
     """A shard set in the project's layout (keys %09d, .jpg, .cls; index + labels) written with
-    the stdlib tarfile: the GPU image has no webdataset (data/shards/writer.py uses its TarWriter)."""
+    the stdlib tarfile: the GPU image has no webdataset (apps/make_shards/writer.py uses its TarWriter)."""
     from cssr_dist.data.shards.index import (KEY_FORMAT, ShardIndex, ShardInfo, labels_name, shard_name,
                                              write_index, write_labels)
 
@@ -270,7 +267,7 @@ def decode_rate(prefix: str, decode_on: str, workers: int, batch: int, batches: 
     process; the caller pins it to DECODE_CORES cores. Ends with the batch on the device."""
     from cssr_dist.config import DataConfig
     from cssr_dist.data.device_augment import DeviceBatchStage
-    from cssr_dist.data.shards.stream import ShardLoader, ShardSet, ShardStream
+    from cssr_dist.data.readers.shards import ShardLoader, ShardSet, ShardStream
     from cssr_dist.data.transforms import build_train_transform
 
     torch.set_num_threads(1)
@@ -321,7 +318,7 @@ def decode_job(prefix: str, decode_on: str, workers: int, batch: int, batches: i
     workers inherit the affinity), so the figure is what 4 CPU cores per GPU deliver."""
     args = dict(prefix=prefix, decode_on=decode_on, workers=workers, batch=batch, batches=batches, size=size,
                 device=str(device))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--decode-worker", json.dumps(args)]
+    cmd = [sys.executable, "-m", "benchmarks.bench_gpu", "--decode-worker", json.dumps(args)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
     except subprocess.TimeoutExpired:
@@ -409,7 +406,7 @@ def scaling_markdown(rows: list[dict], device_name: str) -> str:
 
 def summary_markdown(rows: list[dict]) -> str:
     parts = ["## training steps", markdown(rows), ""]
-    parts += ["", "## head alone (tools/bench_head.py)"]
+    parts += ["", "## head alone (benchmarks/bench_head.py)"]
     parts += [r["markdown"] for r in rows if r.get("kind") == "head_table"]
     parts += ["", "## decoding (ShardLoader -> device, <= 4 CPU cores)",
               "| decode_on | workers | cores | batch | px | images/s | note |", "|---|---|---|---|---|---|---|"]

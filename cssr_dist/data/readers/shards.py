@@ -1,4 +1,7 @@
-"""Streaming open-set batches from WebDataset shards to every rank and worker.
+"""The shard reader: WebDataset shards -> this rank's `RunData`, streamed to every rank and worker.
+
+The sibling of the native reader (`native.py`), behind the same interface (`count_classes`,
+`read`); the open-set selection comes from `open_set.py` for both.
 
 Why a loader of our own around webdataset's pieces (`gopen` URLs, key grouping, shuffle
 buffer, batching) instead of `wds.WebDataset` + `accelerator.prepare`:
@@ -9,8 +12,7 @@ buffer, batching) instead of `wds.WebDataset` + `accelerator.prepare`:
   an endless per-worker stream cut at `index counts / world size`), else DDP hangs.
 * Evaluation: shard i goes to rank `i % world`, then worker; every sample is seen exactly
   once across ranks and workers, and batches carry sample ids to de-duplicate/join by.
-* Decoding is explicit: image bytes through PIL, `.cls` as an ASCII int. Members that
-  webdataset would unpickle (`.pyd`, `.pickle`) or that we do not know are refused.
+* Decoding is explicit (data/shards/samples.py): never unpickled, unknown members refused.
 * Corrupt samples are skipped and counted; above `max_corrupt_fraction` the run stops.
 * Shard files are closed (no ResourceWarning), including when an epoch stops mid-shard.
 """
@@ -19,137 +21,45 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import itertools
 import logging
 import os
 import random
 import re
-import tarfile
 import traceback
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
-import PIL.Image
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from ...distributed import dist_info, ignore_stop_signals
 from ...errors import DataError
 from ..batch_transform import BatchTail, main_process_has_a_core, split_at_to_tensor
-from ..device_augment import collate_encoded, is_jpeg
+from ..device_augment import collate_encoded, device_stage, is_jpeg
 from ..heap_reuse import keep_freed_memory, worker_init
-from .index import ALLOWED_EXTS, IMAGE_EXTS, ShardIndex, local_path, read_index, read_labels, shard_urls
-from .tar import open_tar_stream, tar_members
+from ..open_set import ood_entries, select_ood, select_test, select_training, train_val_split
+from ..shards.index import ShardIndex, local_path, read_index, read_labels, shard_urls
+from ..shards.samples import CorruptSample, check_members, decode_image, image_member, iter_shard, parse_id, parse_label
+from .base import WORKER_TIMEOUT_S, DataMeta, RunData, check_rank, resolve_run_split
 
 log = logging.getLogger(__name__)
-
-#: The project's tar reader (tar.py) is kept only while the end-to-end loader benchmark
-#: measures it at least 5% faster than webdataset's `tar_file_iterator` (tools/bench_data.py
-#: --tar-readers; docs/benchmarks/data.md). `CSSR_DIST_TAR_READER=webdataset` switches, for
-#: that benchmark.
-TAR_READER_ENV = "CSSR_DIST_TAR_READER"
 
 # A worker stops early (instead of at the end of the epoch) once it has this many samples
 # and too many were corrupt: enough to not stop on the first bad file of a tiny shard.
 EARLY_CHECK_MIN_SAMPLES = 1000
 MAX_LOGGED_CORRUPT = 5
-#: A worker that delivers nothing for this long (a hung `pipe:` command, a stalled mount)
-#: fails the loader with a DataError instead of being waited for without end.
-WORKER_TIMEOUT_S = 600
 
 
 # ---------------------------------------------------------------- decoding
-class CorruptSample(Exception):
-    """A sample that cannot be used (bad image, no label, ...): skipped and counted."""
-
-
-def check_members(sample: dict, url: str) -> None:
-    """Refuse members we would not decode: never unpickle, never guess (hard error, not a skip)."""
-    for key in sample:
-        if key.startswith("__"):
-            continue
-        if key not in ALLOWED_EXTS:
-            raise DataError(f"shard {url} sample {sample.get('__key__')!r} has a '.{key}' member; cssr-dist only "
-                            f"reads {', '.join(ALLOWED_EXTS)} and never unpickles - rebuild with tools/make_shards.py")
-
-
-def parse_id(sample: dict) -> int:
-    key = str(sample.get("__key__", ""))
-    if not re.fullmatch(r"\d+", key.rsplit("/", 1)[-1]):
-        raise CorruptSample(f"key {key!r} is not an integer sample id")
-    return int(key.rsplit("/", 1)[-1])
-
-
-def parse_label(sample: dict) -> int:
-    if "cls" not in sample:
-        raise CorruptSample("no .cls label")
-    try:
-        return int(sample["cls"].decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        raise CorruptSample(f".cls is not an integer ({sample['cls'][:20]!r})") from None
-
-
-def image_member(sample: dict) -> str:
-    members = [k for k in IMAGE_EXTS if k in sample]
-    if len(members) != 1:
-        raise CorruptSample(f"expected one image member, found {members or 'none'}")
-    return members[0]
-
-
-def decode_image(sample: dict, mode: str | None) -> PIL.Image.Image:
-    """The sample's image, fully decoded (truncated files fail here, not later in a transform)."""
-    try:
-        image = PIL.Image.open(io.BytesIO(sample[image_member(sample)]))
-        image.load()
-        return image.convert(mode) if mode and image.mode != mode else image
-    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as err:
-        raise CorruptSample(f"image does not decode ({type(err).__name__}: {err})") from None
-
-
 def device_payload(sample: dict, mode: str | None) -> bytes | np.ndarray:
     """decode_on=device: JPEG bytes as stored (the device decodes them), other formats
     decoded here to uint8 pixels (data/device_augment.py)."""
     data = sample[image_member(sample)]
     return data if is_jpeg(data) else np.asarray(decode_image(sample, mode))
-
-
-# ---------------------------------------------------------------- reading tar shards
-def _tar_files(url: str, on_tar_error: Callable[[str, Exception], None]) -> Iterator[dict]:
-    """Members of one shard as webdataset file dicts; the stream is always closed."""
-    try:
-        stream = wds.gopen(url)
-    except OSError as err:
-        raise DataError(f"cannot open shard {url}: {err}; check the shard location (index base_url)") from None
-    try:
-        if os.environ.get(TAR_READER_ENV, "own") == "webdataset":
-            members = ((f["fname"], f["data"]) for f in tar_file_iterator(stream))
-        else:
-            members = tar_members(open_tar_stream(stream, url))
-        for name, data in members:
-            if "/" not in name and name.startswith("__") and name.endswith("__"):
-                continue  # archive-level metadata, as webdataset skips it
-            yield {"fname": name, "data": data, "__url__": url}
-    except (tarfile.TarError, OSError, EOFError, ValueError) as err:
-        on_tar_error(url, err)
-    finally:
-        try:
-            stream.close()  # a `pipe:` reports its command's failure here
-        except OSError as err:
-            on_tar_error(url, err)
-
-
-def iter_shard(url: str, on_tar_error: Callable[[str, Exception], None]) -> Iterator[dict]:
-    """Samples (member dicts grouped by key) of one shard."""
-    files = _tar_files(url, on_tar_error)
-    try:
-        yield from group_by_keys(files, handler=lambda err: on_tar_error(url, err) or True)
-    finally:
-        files.close()
 
 
 def collate(samples: list[tuple[torch.Tensor, int, int]],
@@ -559,8 +469,6 @@ def build_shard_loaders(data_cfg: Any, split: Any, train_transform: Callable, te
     takes is the run's open-set selection (`open_set.select_*`), the same as for files on
     disk; labels follow `split.label_map`.
     """
-    from ..open_set import ood_entries, select_ood, select_test, select_training, train_val_split
-
     if getattr(split, "unknown_dataset", None):
         raise DataError(f"split '{split.name}' takes unknowns from a second data set ({split.unknown_dataset}); "
                         "data.format=shards does not support that - use data.format=native")
@@ -568,8 +476,7 @@ def build_shard_loaders(data_cfg: Any, split: Any, train_transform: Callable, te
     rank = auto_rank if rank is None else rank
     world = auto_world if world_size is None else world_size
     workers = data_cfg.num_workers if num_workers is None else num_workers
-    if not 0 <= rank < world:
-        raise DataError(f"rank {rank} is not in 0..{world - 1} (world size {world}); check RANK / WORLD_SIZE")
+    check_rank(rank, world)
     cfg = data_cfg.shards
     train_set = ShardSet.open(cfg.train, data_cfg.root, "data.shards.train", cfg.allow_url_schemes)
     test_set = ShardSet.open(cfg.test, data_cfg.root, "data.shards.test", cfg.allow_url_schemes)
@@ -661,8 +568,6 @@ class StagedLoader:
 def _staged(loaders: dict[str, Any], data_cfg: Any, device: Any, seed: int, rank: int,
             augmented_statistics: bool) -> dict[str, Any]:
     """Every loader wrapped in its device stage when data.shards.decode_on=device (else as is)."""
-    from ..device_augment import device_stage
-
     train = device_stage(data_cfg, training=True, device=device, seed=seed * 1000 + rank)
     if train is None:
         return loaders
@@ -676,18 +581,17 @@ def _staged(loaders: dict[str, Any], data_cfg: Any, device: Any, seed: int, rank
             "ood": {name: wrap(loader, test) for name, loader in loaders["ood"].items()}}
 
 
-def shard_run_data(data_cfg: Any, train_transform: Callable, test_transform: Callable, seed: int,
-                   rank: int, world: int, stats_transform: Callable | None = None, device: Any = "cpu",
-                   augmented_statistics: bool = False) -> Any:
-    """`build_run_data` for data.format=shards: the loaders above as a `RunData`."""
-    from ..run_data import DataMeta, RunData, resolve_run_split
+def training_classes(data_cfg: Any, dataset: str) -> list[str]:
+    """Original class names of the training shards (their index; `dataset` is the index's own)."""
+    return list(read_index(data_cfg.shards.train or "", data_cfg.root)[0].classes)
 
-    def count_classes() -> int:
-        return read_index(data_cfg.shards.train or "", data_cfg.root)[0].num_classes
 
-    split = resolve_run_split(data_cfg, count_classes)
-    loaders = build_shard_loaders(data_cfg, split, train_transform, test_transform, seed, rank=rank, world_size=world,
-                                  stats_transform=stats_transform)
+def read(data_cfg: Any, seed: int, rank: int, world: int, *, train_tf: Callable, test_tf: Callable,
+         stats_tf: Callable | None = None, augmented_statistics: bool = False, device: Any = "cpu") -> RunData:
+    """This rank's share of every set from WebDataset shards: the loaders above as a `RunData`."""
+    split = resolve_run_split(data_cfg, lambda: len(training_classes(data_cfg, data_cfg.dataset)))
+    loaders = build_shard_loaders(data_cfg, split, train_tf, test_tf, seed, rank=rank, world_size=world,
+                                  stats_transform=stats_tf)
     meta = loaders["metadata"]
     original = meta["test_original_labels"]
     loaders = _staged(loaders, data_cfg, device, seed, rank, augmented_statistics)

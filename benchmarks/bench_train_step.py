@@ -17,9 +17,9 @@ Variants (same process, one model built per variant):
                     classes, `reference_cssr_logits`) with the SAME weights, instead of ours
 * bf16_channels_last, bf16_compile, bf16_loop: combinations
 
-    python tools/bench_train_step.py --quick          # CI smoke, a few seconds
-    python tools/bench_train_step.py --repeats 2      # the CPU table of docs/benchmarks/train_step.md
-    python tools/bench_train_step.py --device cuda --models wrn40_4:128 --variants fp32 bf16 bf16_compile loop
+    python -m benchmarks.bench_train_step --quick          # CI smoke, a few seconds
+    python -m benchmarks.bench_train_step --repeats 2      # the CPU table of docs/benchmarks/train_step.md
+    python -m benchmarks.bench_train_step --device cuda --models wrn40_4:128 --variants fp32 bf16 bf16_compile loop
 
 Models are NAME[:batch]; NAME one of MODELS below. One JSON line per measurement goes to
 stdout, then a markdown table. On CPU the rate uses the median per-step wall time (robust
@@ -27,7 +27,7 @@ to other jobs on a shared machine); on CUDA the total time of the timed steps be
 `torch.cuda.synchronize()` calls (per-step host timestamps mean nothing asynchronously).
 
 Imports only torch, timm, accelerate and cssr_dist modules that do not import
-webdataset / wandb, so tools/bench_gpu.py can reuse it on a bare GPU image.
+webdataset / wandb, so benchmarks/bench_gpu.py can reuse it on a bare GPU image.
 """
 
 from __future__ import annotations
@@ -43,22 +43,18 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from cssr_dist.config import Config, ModelConfig  # noqa: E402
-from cssr_dist.engine.checkpoint import TrainerState  # noqa: E402
-from cssr_dist.engine.optim import build_optimizer  # noqa: E402
-from cssr_dist.engine.preemption import PreemptionFlag  # noqa: E402
-from cssr_dist.engine.schedule import build_scheduler  # noqa: E402
-from cssr_dist.engine.trainer import Trainer  # noqa: E402
-from cssr_dist.models.cssr_head import CSSRHead, reference_cssr_logits  # noqa: E402
-from cssr_dist.models.losses import build_loss  # noqa: E402
-from cssr_dist.models.osr_model import build_model  # noqa: E402
+from cssr_dist.config import Config, ModelConfig
+from cssr_dist.engine.checkpoint import TrainerState
+from cssr_dist.engine.optim import build_optimizer
+from cssr_dist.engine.preemption import PreemptionFlag
+from cssr_dist.engine.schedule import build_scheduler
+from cssr_dist.engine.trainer import Trainer
+from cssr_dist.models.cssr_head import CSSRHead, reference_cssr_logits
+from cssr_dist.models.losses import build_loss
+from cssr_dist.models.osr_model import build_model
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Applying a trained run to new images: known class or `unknown`, with the score behind it.
 
-`tools/predict.py --run runs/NAME PATH...` is the command line; this module does the work.
+`cssr-predict --run runs/NAME PATH...` (or `python tools/predict.py`) is the command line.
 A run is restored from what its folder holds, read as untrusted data (nothing unpickled,
 nothing executed):
 
@@ -19,6 +19,7 @@ Inputs are image files, folders (every image below, sorted) or shard prefixes ma
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import io
@@ -34,10 +35,16 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .config import Config, load_config
-from .data.sources import IMG_EXTENSIONS
-from .data.transforms import build_transform
-from .errors import ConfigError, DataError
+from ..config import Config, load_config
+from ..data import readers
+from ..data.layouts import IMAGE_SUFFIXES, image_files, is_image_name
+from ..data.shards.index import read_index, shard_urls
+from ..data.shards.samples import CorruptSample, check_members, decode_image, iter_shard
+from ..data.transforms import build_transform
+from ..engine.build import build_model_and_scorer
+from ..engine.checkpoint import WEIGHTS_FILE, apply_best, load_weights
+from ..models.backbones import resolve_backbone_data_config
+from ..errors import ConfigError, DataError
 
 #: Where a run keeps the selected weights + score statistics (engine/checkpoint.py writes it).
 BEST_DIR = Path("checkpoints") / "best"
@@ -113,25 +120,11 @@ def validation_threshold(run_dir: Path, score: str) -> float | None:
 def known_class_names(cfg: Config, num_classes: int, run_dir: Path) -> list[str]:
     """Names of the known classes in the model's order (known class i = split.known[i]): the run's
     summary.json `class_names` when recorded, else from the split and the training data's classes."""
-    from .data.run_data import resolve_run_split
-
     recorded = read_summary(run_dir).get("class_names")
     if isinstance(recorded, list) and len(recorded) == num_classes and all(isinstance(n, str) for n in recorded):
         return list(recorded)
-    data = cfg.data
     try:
-        if data.format == "shards":
-            from .data.shards.index import read_index
-
-            index = read_index(data.shards.train or "", data.root)[0]
-            split = resolve_run_split(data, lambda: index.num_classes)
-            classes = list(index.classes)
-        else:
-            from .data.sources import build_source
-
-            split = resolve_run_split(data, lambda: 0)
-            classes = list(getattr(build_source(split.dataset, data.root, train=True), "classes", []))
-        names = [classes[k] if k < len(classes) else str(k) for k in split.known]
+        names = readers.known_class_names(cfg.data)
     except DataError:  # the training data is not here: the model still predicts, by index
         names = []
     return names if len(names) == num_classes else [f"class_{i}" for i in range(num_classes)]
@@ -139,8 +132,6 @@ def known_class_names(cfg: Config, num_classes: int, run_dir: Path) -> list[str]
 
 def read_best(run_dir: Path) -> dict[str, torch.Tensor]:
     """The tensors of best/ (safetensors: nothing unpickled); one line when missing or damaged."""
-    from .engine.checkpoint import WEIGHTS_FILE, load_weights
-
     best = run_dir / BEST_DIR
     if not (best / WEIGHTS_FILE).is_file():
         raise DataError(f"{run_dir} has no best checkpoint ({best}/{WEIGHTS_FILE}); "
@@ -150,23 +141,20 @@ def read_best(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def restore_run(run_dir: str | os.PathLike, device: str = "auto", threshold: float | None = None) -> RestoredRun:
     """Model, score statistics, test transform and threshold of a trained run, on `device`."""
-    from .engine.checkpoint import WEIGHTS_FILE, apply_best
-    from .models.osr_model import build_model
-    from .scoring.scores import Scorer, primary_score
-
     path = Path(run_dir)
     if not path.is_dir():
         raise DataError(f"run folder {path} does not exist; pass --run runs/<run.name>")
     cfg = read_run_config(path)
+    cfg.data = resolve_backbone_data_config(cfg.model, cfg.data)  # config.yaml holds them; older runs may not
     torch_device = resolve_device(device)
     # every weight comes from best/: no pretrained file or cache is needed (or read) here
-    model_cfg = dataclasses.replace(cfg.model, pretrained=False, pretrained_file=None, compile=False, sync_bn=False)
+    model_cfg = dataclasses.replace(cfg.model, pretrained=False, pretrained_file=None, compile=False, sync_bn=False,
+                                    channels_last=False)
     tensors = read_best(path)
     # K known classes from the statistics saved beside the weights: no training data needed here
-    num_classes = int(tensors["stats.proto_count"].shape[0]) if "stats.proto_count" in tensors else _num_known(cfg)
-    model = build_model(model_cfg, num_classes, cfg.data.in_chans)
-    channels = model.feature_channels(cfg.data.in_chans, cfg.data.image_size)
-    scorer = Scorer(cfg.model.head, num_classes, channels, primary_score(cfg.model.head, cfg.run.method, cfg.eval.score))
+    num_classes = int(tensors["stats.proto_count"].shape[0]) if "stats.proto_count" in tensors \
+        else readers.run_split(cfg.data).num_known
+    model, scorer = build_model_and_scorer(cfg, num_classes, "cpu", model_cfg, posthoc=False)
     apply_best(tensors, model, scorer.stats, path / BEST_DIR / WEIGHTS_FILE,
                "the folder was mixed from two runs (best/ and config.yaml differ)")
     model.to(torch_device).eval()
@@ -181,27 +169,9 @@ def restore_run(run_dir: str | os.PathLike, device: str = "auto", threshold: flo
                        known_class_names(cfg, num_classes, path), float(threshold), source, torch_device)
 
 
-def _num_known(cfg: Config) -> int:
-    """K known classes, from the split alone (for `split_family: none` the training index/folder)."""
-    from .data.run_data import resolve_run_split
-
-    data = cfg.data
-
-    def count() -> int:
-        if data.format == "shards":
-            from .data.shards.index import read_index
-
-            return read_index(data.shards.train or "", data.root)[0].num_classes
-        from .data.sources import build_source
-
-        return len(build_source(data.dataset, data.root, train=True).classes)
-
-    return resolve_run_split(data, count).num_known
-
-
 # ---------------------------------------------------------------- inputs
 def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMG_EXTENSIONS
+    return is_image_name(path.name)
 
 
 def _shard_index(spec: str) -> Path | None:
@@ -220,13 +190,13 @@ def check_inputs(paths: Sequence[str]) -> list[tuple[str, str]]:
         if path.is_file() and _is_image(path):
             out.append(("file", spec))
         elif path.is_dir():
-            if not any(p.is_file() and _is_image(p) for p in path.rglob("*")):
-                raise DataError(f"folder {spec} holds no images ({', '.join(IMG_EXTENSIONS)})")
+            if not image_files(path):
+                raise DataError(f"folder {spec} holds no images ({', '.join(IMAGE_SUFFIXES)})")
             out.append(("folder", spec))
         elif _shard_index(spec) is not None:
             out.append(("shards", spec))
         elif path.is_file():
-            raise DataError(f"{spec} is not an image ({', '.join(IMG_EXTENSIONS)}), a folder or a shard prefix")
+            raise DataError(f"{spec} is not an image ({', '.join(IMAGE_SUFFIXES)}), a folder or a shard prefix")
         else:
             raise DataError(f"{spec} does not exist: pass an image file, a folder of images or a shard prefix "
                             f"(PREFIX with PREFIX.json beside it)")
@@ -244,9 +214,6 @@ def _open_image(path: Path) -> Image.Image:
 
 def _shard_images(spec: str) -> Iterator[tuple[str, Image.Image]]:
     """(PREFIX#key, image) of every sample of a shard set, shard by shard."""
-    from .data.shards.index import read_index, shard_urls
-    from .data.shards.stream import CorruptSample, check_members, decode_image, iter_shard
-
     index, index_file = read_index(spec)
     prefix = spec[:-5] if spec.endswith(".json") else spec
 
@@ -264,12 +231,12 @@ def _shard_images(spec: str) -> Iterator[tuple[str, Image.Image]]:
 
 
 def iter_images(inputs: Iterable[tuple[str, str]]) -> Iterator[tuple[str, Image.Image]]:
-    """(name, PIL image) of every input, in order: files, folder contents (sorted), shard samples."""
+    """(name, PIL image) of every input, in order: files, folder contents (data/layouts.py's order), shard samples."""
     for kind, spec in inputs:
         if kind == "file":
             yield spec, _open_image(Path(spec))
         elif kind == "folder":
-            for path in sorted(p for p in Path(spec).rglob("*") if p.is_file() and _is_image(p)):
+            for path in image_files(spec):
                 yield str(path), _open_image(path)
         else:
             yield from _shard_images(spec)
@@ -336,7 +303,6 @@ def summary_line(rows: list[dict], run: RestoredRun) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
 
     p = argparse.ArgumentParser(prog="predict.py", description="Known class or 'unknown' per image, from a trained run.")
     p.add_argument("--run", required=True, help="run folder (runs/<run.name>) with config.yaml, checkpoints/best, summary.json")

@@ -7,8 +7,8 @@ threshold per score, counting known-correct and unknown samples above it with nu
 the CSSR/ARPL reference does) is timed on a subsample and extrapolated quadratically
 (printed as such), because running it at N=60,000 takes minutes.
 
-    python tools/bench_metrics.py            # full sizes, prints a markdown table
-    python tools/bench_metrics.py --quick    # CI smoke run, seconds
+    python -m benchmarks.bench_metrics            # full sizes, prints a markdown table
+    python -m benchmarks.bench_metrics --quick    # CI smoke run, seconds
 """
 
 from __future__ import annotations
@@ -16,18 +16,14 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cssr_dist.eval import metrics  # noqa: E402
-from cssr_dist.scoring.statistics import ScoreStatistics, gram_matrix  # noqa: E402
+from cssr_dist.eval import metrics
+from cssr_dist.scoring.statistics import ScoreStatistics, gram_matrix
 
 
 def timeit(fn: Callable[[], object], repeat: int) -> float:

@@ -1,12 +1,8 @@
-"""`build_run_data`: the one entry from a data config to this rank's share of every set.
+"""The native reader: files on disk (data/sources.py) -> this rank's `RunData`.
 
-Data owns distribution, for both formats: every iterable in `RunData` yields exactly this
-rank's samples, so the engine never branches on `data.format`, never passes loaders
-through `accelerator.prepare`, and moves batches to its device the same way for both.
 The open-set selection (known subset, validation slice, statistics subset, test subset,
-OOD sets, their seeds) is computed once in `open_set.py` from (labels, split) and handed
-to either reader: the native reader here (files on disk) or the shard reader
-(`shards/stream.py`).
+OOD sets, their seeds) comes from `open_set.py`, as for the shard reader (`shards.py`),
+its sibling behind the same interface (`count_classes`, `read`).
 
 * Training: a seeded shuffle (Accelerate's `SeedableRandomSampler`) in full batches, the
   global order cut into per-rank batches by Accelerate's `BatchSamplerShard` - the order
@@ -18,17 +14,16 @@ to either reader: the native reader here (files on disk) or the shard reader
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from accelerate.data_loader import BatchSamplerShard, SeedableRandomSampler, SkipBatchSampler
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Subset
 
-from ..distributed import ignore_stop_signals
-from ..errors import DataError
-from .open_set import (
+from ...distributed import ignore_stop_signals
+from ...errors import DataError
+from ..open_set import (
     OpenSetConcat,
     OpenSetDataset,
     num_original_classes,
@@ -37,107 +32,9 @@ from .open_set import (
     select_test,
     select_training,
 )
-from .sources import build_source
-from .splits import NUM_CLASSES, OpenSetSplit, resolve_split
-from .transforms import build_transform
-
-#: A DataLoader worker that stops delivering (e.g. its feeder thread died) would otherwise
-#: be waited for without end; no healthy batch takes this long.
-WORKER_TIMEOUT_S = 600
-
-
-class TrainBatches(Protocol):
-    """What the Trainer needs of a training iterable (both readers provide it)."""
-
-    def __len__(self) -> int: ...  # batches per epoch on this rank
-
-    def set_epoch(self, epoch: int) -> None: ...
-
-    def iter_from(self, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]: ...
-
-
-@dataclass
-class DataMeta:
-    """What evaluation and reports need to know about the sets, beyond their batches."""
-
-    split: OpenSetSplit
-    num_classes: int
-    class_names: list[str]
-    #: ids of test samples -> their original labels (per-unknown-class reports); None if unknown
-    test_original_of: Callable[[np.ndarray], np.ndarray] | None = None
-    original_class_names: list[str] = field(default_factory=list)
-    ood_groups: dict[str, str] = field(default_factory=dict)
-    counts: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class RunData:
-    """This rank's share of every set of a run: train, val, train_eval, test, ood, meta."""
-
-    train: TrainBatches
-    val: Any | None
-    train_eval: Any
-    test: Any
-    ood: dict[str, Any]
-    meta: DataMeta
-    device: Any = "cpu"  # where collectives over data counts run (the accelerator's device)
-    #: the train_eval images under the TRAINING augmentation (augmented_statistics only):
-    #: the reference protocol's z-normalisation moments
-    train_eval_augmented: Any | None = None
-
-    def corrupt_samples(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, dict[str, int]]:
-        """{set: {"seen", "skipped"}} of the evaluation sets that skip corrupt samples (shards),
-        summed over ranks by `reduce_sum` (a collective: every rank calls it)."""
-        sets = {"val": self.val, "train_eval": self.train_eval, "train_eval_augmented": self.train_eval_augmented,
-                "test": self.test,
-                **{f"ood/{name}": loader for name, loader in self.ood.items()}}
-        named = {name: loader for name, loader in sets.items() if hasattr(loader, "corrupt_counts")}
-        if not named:
-            return {}
-        counts = torch.tensor([loader.corrupt_counts() for loader in named.values()], dtype=torch.float64)
-        counts = reduce_sum(counts.to(self.device)).cpu()
-        return {name: {"seen": int(c[0]), "skipped": int(c[1])} for name, c in zip(named, counts.tolist())}
-
-    def close(self) -> None:
-        """Stop loader workers (shard streams keep a shard open between epochs)."""
-        for loader in (self.train, self.val, self.train_eval, self.train_eval_augmented, self.test,
-                       *self.ood.values()):
-            if hasattr(loader, "close"):
-                loader.close()
-
-
-def _needs_class_count(data_cfg: Any) -> bool:
-    return (not data_cfg.split_file and not data_cfg.known and data_cfg.split_family == "none"
-            and data_cfg.dataset not in NUM_CLASSES)
-
-
-def resolve_run_split(data_cfg: Any, count_classes: Callable[[], int]) -> OpenSetSplit:
-    """The run's split; `count_classes` is only called for `split_family: none` folders."""
-    return resolve_split(data_cfg, num_classes=count_classes() if _needs_class_count(data_cfg) else None)
-
-
-def build_run_data(data_cfg: Any, seed: int, rank: int = 0, world: int = 1,
-                   augmented_statistics: bool = False, device: torch.device | str = "cpu") -> RunData:
-    """This rank's share of every set of the run, for data.format native or shards.
-
-    `augmented_statistics`: the statistics images also come under the TRAINING transforms
-    (`train_eval_augmented`), for the reference protocol's z-normalisation moments
-    (eval.stats_transform=train); `train_eval` keeps the test transforms.
-    `device`: where `data.shards.decode_on: device` decodes and augments (the loaders then
-    yield batches already there).
-    """
-    if not 0 <= rank < world:
-        raise DataError(f"rank {rank} is not in 0..{world - 1} (world size {world}); check RANK / WORLD_SIZE")
-    train_tf, test_tf = build_transform(data_cfg, train=True), build_transform(data_cfg, train=False)
-    stats_tf = train_tf if augmented_statistics else None
-    if data_cfg.format == "shards":
-        from .shards.stream import shard_run_data
-
-        data = shard_run_data(data_cfg, train_tf, test_tf, seed, rank, world, stats_tf, device, augmented_statistics)
-    else:
-        data = _native_run_data(data_cfg, train_tf, test_tf, seed, rank, world, stats_tf)
-    data.device = device
-    return data
+from ..sources import build_source
+from ..splits import OpenSetSplit
+from .base import WORKER_TIMEOUT_S, DataMeta, RunData, needs_class_count, resolve_run_split
 
 
 # ---------------------------------------------------------------- the native reader
@@ -266,12 +163,18 @@ def _native_test_set(data_cfg: Any, split: OpenSetSplit, transform: Callable, se
     return OpenSetConcat([primary, unknown]), list(other.classes)
 
 
-def _native_run_data(data_cfg: Any, train_tf: Callable, test_tf: Callable, seed: int, rank: int, world: int,
-                     stats_tf: Callable | None) -> RunData:
+def training_classes(data_cfg: Any, dataset: str) -> list[str]:
+    """Original class names of training set `dataset` (its class folders, or the built-in names)."""
+    return list(build_source(dataset, data_cfg.root, train=True, download=data_cfg.download).classes)
+
+
+def read(data_cfg: Any, seed: int, rank: int, world: int, *, train_tf: Callable, test_tf: Callable,
+         stats_tf: Callable | None, augmented_statistics: bool = False, device: Any = "cpu") -> RunData:
+    """This rank's share of every set from files on disk (`augmented_statistics`, `device`: shards only)."""
     def training_source(name: str):
         return build_source(name, data_cfg.root, train=True, download=data_cfg.download)
 
-    if _needs_class_count(data_cfg):
+    if needs_class_count(data_cfg):  # the source is read once, for its class count and its samples
         source = training_source(data_cfg.dataset)
         split = resolve_run_split(data_cfg, lambda: len(source.classes))
     else:

@@ -11,8 +11,8 @@ shards (original bytes) and times, with the same training transform
 
 Targets: shards >= 0.9 x limit per worker, and shards >= folder at the same workers.
 
-    python tools/bench_data.py                # 2000 images of 500x375
-    python tools/bench_data.py --quick        # CI smoke run (small, seconds)
+    python -m benchmarks.bench_data                # 2000 images of 500x375
+    python -m benchmarks.bench_data --quick        # CI smoke run (small, seconds)
 """
 
 from __future__ import annotations
@@ -29,23 +29,21 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+import torch
+from torch.utils.data import DataLoader
+from torchvision import datasets
+from torchvision import transforms as tv_transforms
 
-import numpy as np  # noqa: E402
-import PIL.Image  # noqa: E402
-import PIL.ImageDraw  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-from torchvision import datasets  # noqa: E402
-from torchvision import transforms as tv_transforms  # noqa: E402
-
-from cssr_dist.config import DataConfig  # noqa: E402
-from cssr_dist.data.batch_transform import split_at_to_tensor  # noqa: E402
-from cssr_dist.data.shards.cli import ShardOptions, make_shard_set  # noqa: E402
-from cssr_dist.data.shards.listings import list_imagefolder  # noqa: E402
-from cssr_dist.data.shards.stream import build_shard_loaders  # noqa: E402
-from cssr_dist.data.shards.stream import TAR_READER_ENV  # noqa: E402
-from cssr_dist.data.splits import OpenSetSplit  # noqa: E402
+from cssr_dist.config import DataConfig
+from cssr_dist.data.batch_transform import split_at_to_tensor
+from cssr_dist.apps.make_shards.cli import ShardOptions, make_shard_set
+from cssr_dist.data.layouts import list_imagefolder
+from cssr_dist.data.readers.shards import build_shard_loaders
+from cssr_dist.data.readers.shards import TAR_READER_ENV
+from cssr_dist.data.splits import OpenSetSplit
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -1,13 +1,25 @@
-"""What goes into a shard set: lists of (file or index, label, name) from on-disk layouts.
+"""ONE listing per on-disk layout, shared by the native reader (data/sources.py) and make_shards.
 
-Each `list_*` function turns one on-disk layout into a `Listing` (class names, optional
-WordNet ids, records sorted by name so the same tree always gives the same plan):
+Each `list_*` function turns one layout into a `Listing` (class names, optional WordNet
+ids, records in a fixed order), so a native run and a shard run of the same folder see
+the same images in the same order:
 
-* torchvision-format sets (CIFAR-10/100, SVHN, MNIST, Fashion-MNIST) via `build_source`
 * ImageFolder trees (ImageNet train: `<root>/<wnid>/*.JPEG`; any depth below a class)
 * flat folders with a label file (ImageNet val; Tiny-ImageNet val) - see `read_flat_labels`
+* Tiny-ImageNet (`train/<wnid>/images`, `val/images` + `val/val_annotations.txt`)
 * OOD image folders (label -1, any depth)
 * plain file lists (`path label` lines)
+
+The policy, the same for every layout (`image_files`, `class_folders`):
+
+* hidden entries are skipped: a file or folder whose name starts with `.` (`.DS_Store`,
+  macOS `._x.jpg` resource forks, `.ipynb_checkpoints/`) is never an image or a class;
+* symlinks are followed, to files and to folders (a data set assembled from links reads
+  as if copied); a link to a folder above it (a loop) and a broken link are skipped;
+* nested folders below a class (or below an OOD root) are read at any depth;
+* order: by path relative to the listed folder, as a POSIX string compared by code point
+  (`a/b.png` after `a-c.png`), the same on every file system and machine;
+* images are recognised by suffix (`IMAGE_SUFFIXES`, any case).
 """
 
 from __future__ import annotations
@@ -18,13 +30,21 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
-from ...errors import DataError
-from .writer import Record
+from ..errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 WNID = re.compile(r"^n\d{8}$")
 LABEL_FORMATS = ("auto", "ilsvrc-gt", "loc-csv", "filename-wnid")
+
+
+class Record(NamedTuple):
+    """One sample: `ref` is a file path or an index into an in-memory source."""
+
+    ref: str | int
+    label: int
+    name: str
 
 
 @dataclass
@@ -42,14 +62,33 @@ class Listing:
     notes: dict = field(default_factory=dict)
 
 
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+def is_image_name(name: str) -> bool:
+    """An image by the policy above: a known suffix, not hidden."""
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
-def image_files(folder: Path) -> list[Path]:
-    """All images below `folder`, sorted by relative path (symlinks followed)."""
-    found = [Path(d) / f for d, _, files in os.walk(folder, followlinks=True) for f in files]
-    return sorted((p for p in found if _is_image(p)), key=lambda p: p.relative_to(folder).as_posix())
+def _loops_back(dirpath: str, name: str) -> bool:
+    """A symlinked folder that points at itself or a folder above it (walking it never ends)."""
+    link = os.path.join(dirpath, name)
+    if not os.path.islink(link):
+        return False
+    target, here = os.path.realpath(link), os.path.realpath(dirpath)
+    return here == target or here.startswith(target.rstrip(os.sep) + os.sep)
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """All images below `folder` at any depth, in the policy's order (relative POSIX path)."""
+    folder = Path(folder)
+    found = []
+    for dirpath, dirnames, files in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and not _loops_back(dirpath, d)]
+        found.extend(Path(dirpath) / f for f in files if is_image_name(f) and os.path.isfile(os.path.join(dirpath, f)))
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def class_folders(folder: str | Path) -> list[str]:
+    """Names of the class folders of an ImageFolder root (links to folders count), sorted; hidden skipped."""
+    return sorted(d.name for d in Path(folder).iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
 def _require_dir(root: str | Path, what: str) -> Path:
@@ -80,9 +119,10 @@ def read_class_names(path: str | Path | None, keys: list[str]) -> list[str]:
 def list_imagefolder(root: str | Path, dataset: str, subset: str, class_names: str | None = None) -> Listing:
     """ImageFolder layout: one sub-folder per class, sorted names give labels 0..K-1."""
     base = _require_dir(root, "ImageFolder")
-    keys = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
+    keys = class_folders(base)
     if not keys:
-        raise DataError(f"{base} has no class sub-folders; an ImageFolder root holds one folder per class")
+        raise DataError(f"{dataset}: no class folders in {base}; expected {base}/<class>/<image> (a flat folder of "
+                        "unknowns is an OOD folder: data source 'oodfolder', make_shards --source ood)")
     records = []
     for label, key in enumerate(keys):
         for path in image_files(base / key):
@@ -109,7 +149,7 @@ def read_id_map(path: str | Path) -> dict[int, str]:
     if not path.is_file():
         raise DataError(f"ILSVRC id map not found: {path}; pass the devkit's data/meta.mat or an 'id wnid' file")
     if path.suffix == ".mat":
-        import scipy.io
+        import scipy.io  # start-up time: scipy only for the devkit's meta.mat
 
         synsets = scipy.io.loadmat(str(path), squeeze_me=True)["synsets"]
         return {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
@@ -166,7 +206,7 @@ def read_class_order(spec: str | Path | None, found: list[str]) -> list[str]:
         return sorted(set(found))
     path = Path(spec)
     if path.is_dir():
-        return sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+        return class_folders(path)
     if path.suffix == ".json":
         data = json.loads(path.read_text())
         return list(data.get("wnids") or data["classes"])
@@ -221,7 +261,7 @@ def list_ood(root: str | Path, dataset: str) -> Listing:
     base = _require_dir(root, "OOD image")
     files = image_files(base)
     if not files:
-        raise DataError(f"no images below OOD folder {base}")
+        raise DataError(f"OOD set '{dataset}': no images ({', '.join(IMAGE_SUFFIXES)}) below {base}")
     records = [Record(str(p), -1, p.relative_to(base).as_posix()) for p in files]
     return Listing(dataset, "ood", "ood", str(base), [], records)
 
@@ -250,17 +290,3 @@ def list_filelist(list_file: str | Path, root: str | Path | None, dataset: str, 
         raise DataError(f"{path}: labels must be >= -1")
     return Listing(dataset, subset, "filelist", str(base), read_class_names(class_names, [str(i) for i in range(num)]),
                    records)
-
-
-def list_torchvision(name: str, root: str | Path, train: bool) -> Listing:
-    """A torchvision-format set through the project's `build_source` (images re-encoded as PNG)."""
-    from ..sources import build_source
-
-    source = build_source(name, str(root), train)
-    targets = [int(t) for t in source.targets]
-    subset = "train" if train else "test"
-    records = [Record(i, t, f"{name}/{subset}/{i}") for i, t in enumerate(targets)]
-    image, _ = source[0]
-    classes = [str(c) for c in getattr(source, "classes", range(max(targets) + 1))]
-    return Listing(name, subset, "torchvision", str(root), classes, records, image_mode=image.mode,
-                   memory_source=(name, str(root), train))

@@ -1,0 +1,97 @@
+"""What every reader hands the engine: `RunData` (this rank's share of every set) and its meta.
+
+Both readers (`native.py`: files on disk, `shards.py`: WebDataset shards) import these
+types from here and never each other. The run's split is resolved here, once, for both:
+the reader only says how many classes its training data has (`split_family: none`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Protocol
+
+import numpy as np
+import torch
+
+from ...errors import DataError
+from ..splits import NUM_CLASSES, OpenSetSplit, resolve_split
+
+#: A DataLoader worker that stops delivering (e.g. its feeder thread died, a hung `pipe:` command,
+#: a stalled mount) would otherwise be waited for without end; no healthy batch takes this long.
+WORKER_TIMEOUT_S = 600
+
+
+class TrainBatches(Protocol):
+    """What the Trainer needs of a training iterable (both readers provide it)."""
+
+    def __len__(self) -> int: ...  # batches per epoch on this rank
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def iter_from(self, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]: ...
+
+
+@dataclass
+class DataMeta:
+    """What evaluation and reports need to know about the sets, beyond their batches."""
+
+    split: OpenSetSplit
+    num_classes: int
+    class_names: list[str]
+    #: ids of test samples -> their original labels (per-unknown-class reports); None if unknown
+    test_original_of: Callable[[np.ndarray], np.ndarray] | None = None
+    original_class_names: list[str] = field(default_factory=list)
+    ood_groups: dict[str, str] = field(default_factory=dict)
+    counts: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunData:
+    """This rank's share of every set of a run: train, val, train_eval, test, ood, meta."""
+
+    train: TrainBatches
+    val: Any | None
+    train_eval: Any
+    test: Any
+    ood: dict[str, Any]
+    meta: DataMeta
+    device: Any = "cpu"  # where collectives over data counts run (the accelerator's device)
+    #: the train_eval images under the TRAINING augmentation (augmented_statistics only):
+    #: the reference protocol's z-normalisation moments
+    train_eval_augmented: Any | None = None
+
+    def corrupt_samples(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, dict[str, int]]:
+        """{set: {"seen", "skipped"}} of the evaluation sets that skip corrupt samples (shards),
+        summed over ranks by `reduce_sum` (a collective: every rank calls it)."""
+        sets = {"val": self.val, "train_eval": self.train_eval, "train_eval_augmented": self.train_eval_augmented,
+                "test": self.test,
+                **{f"ood/{name}": loader for name, loader in self.ood.items()}}
+        named = {name: loader for name, loader in sets.items() if hasattr(loader, "corrupt_counts")}
+        if not named:
+            return {}
+        counts = torch.tensor([loader.corrupt_counts() for loader in named.values()], dtype=torch.float64)
+        counts = reduce_sum(counts.to(self.device)).cpu()
+        return {name: {"seen": int(c[0]), "skipped": int(c[1])} for name, c in zip(named, counts.tolist())}
+
+    def close(self) -> None:
+        """Stop loader workers (shard streams keep a shard open between epochs)."""
+        for loader in (self.train, self.val, self.train_eval, self.train_eval_augmented, self.test,
+                       *self.ood.values()):
+            if hasattr(loader, "close"):
+                loader.close()
+
+
+def needs_class_count(data_cfg: Any) -> bool:
+    """Only `split_family: none` on a data set without a known class count asks the reader."""
+    return (not data_cfg.split_file and not data_cfg.known and data_cfg.split_family == "none"
+            and data_cfg.dataset not in NUM_CLASSES)
+
+
+def resolve_run_split(data_cfg: Any, count_classes: Callable[[], int]) -> OpenSetSplit:
+    """The run's split; `count_classes` is only called for `split_family: none` folders."""
+    return resolve_split(data_cfg, num_classes=count_classes() if needs_class_count(data_cfg) else None)
+
+
+def check_rank(rank: int, world: int) -> None:
+    if not 0 <= rank < world:
+        raise DataError(f"rank {rank} is not in 0..{world - 1} (world size {world}); check RANK / WORLD_SIZE")

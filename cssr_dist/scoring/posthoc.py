@@ -1,0 +1,326 @@
+"""pytorch-ood's post-hoc OOD detectors on this project's model outputs (docs/posthoc.md).
+
+Every detector here is pytorch-ood's own class, called through its representation API
+(`fit_logits` / `predict_logits`, `fit_features` / `predict_features`, `fit_feature_maps` /
+`predict_feature_maps`) on the outputs the evaluation pass has already computed: no detector
+is written here, none runs the model again. What each kind of detector receives:
+
+* ``logits``: the pixel-mean logits [B, K] (MaxLogit, energy, OpenMax);
+* ``posterior``: the model's pooled class log-probabilities [B, K], pooled exactly as its
+  loss pools them (`models/losses.py`); their softmax IS the model's posterior, so
+  posterior-based detectors (MSP, entropy, GEN, KL matching) score the classifier that was
+  trained (for the linear head these are the log-softmax of the pixel-mean logits);
+* ``features``: the pixel-mean of the feature map the head scores [B, C];
+* ``maps``: that feature map [B, C, H, W] and the head itself (applied after the map is
+  modified, then pixel-mean pooled) for ReAct, ASH, SCALE, RankFeat, VRA.
+
+Detectors that need the last layer as a linear map on pooled features (DICE, ViM, fDBD, NCI,
+LTS, SHE, NNGuide, pNML) get the linear head's 1x1 conv as an ``nn.Linear`` (times its gamma,
+no bias): pooling commutes with it, so it reproduces the model's pooled logits exactly. The
+CSSR heads have no such layer (class scores are reconstruction errors of per-class
+auto-encoders at every pixel, and pooling does not commute with them), so those detectors do
+not apply to CSSR heads (`applicable`).
+
+pytorch-ood returns OUTLIER scores; this module negates them (higher = more likely known).
+
+Fitting: one bounded sample of training outputs (`TrainingSample`), collected in the same
+statistics pass as the CSSR statistics and gathered on every rank, so every rank fits the
+same detectors. The sample keeps the rows with the smallest key frac(id * golden ratio): a
+fixed subsample of at most `cap` images, the same for any number of processes.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from pytorch_ood import detector as pood
+from pytorch_ood.api import Detector
+from torch import Tensor, nn
+
+__all__ = ["DETECTORS", "NOT_WRAPPED", "Spec", "Parts", "TrainingSample", "PosthocDetectors", "applicable",
+           "linear_view", "head_logits_fn", "outlier_to_known"]
+
+INPUTS = ("logits", "posterior", "features", "maps")
+_FIT = {"logits": "fit_logits", "posterior": "fit_logits", "features": "fit_features", "maps": "fit_feature_maps"}
+_PREDICT = {"logits": "predict_logits", "posterior": "predict_logits", "features": "predict_features",
+            "maps": "predict_feature_maps"}
+#: frac(id * this) orders training images for the bounded sample (equidistributed over any id range).
+_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+@dataclass
+class Parts:
+    """What a pytorch-ood detector is built from.
+
+    In the evaluation pass `model`, `encoder` and `backbone` are None: scores come from outputs
+    already computed. Tests pass callables on images instead, so that pytorch-ood's own
+    `fit(loader)` / `predict(images)` run the same detector end to end.
+    """
+
+    num_classes: int
+    channels: int
+    model: Optional[Callable[[Tensor], Tensor]] = None  # images -> logits / log-probabilities [B, K]
+    encoder: Optional[Callable[[Tensor], Tensor]] = None  # images -> pooled features [B, C]
+    backbone: Optional[Callable[[Tensor], Tensor]] = None  # images -> feature map [B, C, H, W]
+    head: Optional[Callable[[Tensor], Tensor]] = None  # feature map -> pixel-mean logits [B, K]
+    linear: Optional[nn.Linear] = None  # the last layer on pooled features (linear head only)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One wrapped detector: its registry name, pytorch-ood class, input kind and constructor."""
+
+    name: str
+    cls: str
+    input: str
+    build: Callable[[Parts], Detector]
+    linear: bool = False  # needs the last layer as a linear map on pooled features
+    fit_on_cpu: bool = False  # pytorch-ood fits it with scikit-learn / numpy from the tensor as given
+
+    @property
+    def needs_fit(self) -> bool:
+        return bool(getattr(pood, self.cls).requires_fit)
+
+
+def _specs(*specs: Spec) -> dict[str, Spec]:
+    return {s.name: s for s in specs}
+
+
+#: name -> Spec; the first three are always computed (today's baselines), the rest on request.
+DETECTORS: dict[str, Spec] = _specs(
+    Spec("msp", "MaxSoftmax", "posterior", lambda p: pood.MaxSoftmax(p.model)),
+    Spec("mls", "MaxLogit", "logits", lambda p: pood.MaxLogit(p.model)),
+    Spec("energy", "EnergyBased", "logits", lambda p: pood.EnergyBased(p.model)),
+    Spec("entropy", "Entropy", "posterior", lambda p: pood.Entropy(p.model)),
+    Spec("gen", "GEN", "posterior", lambda p: pood.GEN(p.model)),
+    Spec("klm", "KLMatching", "posterior", lambda p: pood.KLMatching(p.model)),
+    Spec("openmax", "OpenMax", "logits", lambda p: pood.OpenMax(p.model, alpha=min(10, p.num_classes))),
+    Spec("mahalanobis", "Mahalanobis", "features", lambda p: pood.Mahalanobis(p.encoder)),
+    Spec("rmd", "RMD", "features", lambda p: pood.RMD(p.encoder)),
+    Spec("gmm", "GMM", "features", lambda p: pood.GMM(p.encoder)),
+    Spec("knn", "KNN", "features", lambda p: pood.KNN(p.encoder, k=50), fit_on_cpu=True),
+    Spec("vim", "ViM", "features", lambda p: pood.ViM(p.encoder, d=max(1, p.channels // 2), w=p.linear.weight,
+                                                       b=p.linear.bias), linear=True),
+    Spec("dice", "DICE", "features", lambda p: pood.DICE(p.encoder, w=p.linear.weight, b=p.linear.bias, p=0.9),
+         linear=True),
+    Spec("fdbd", "fDBD", "features", lambda p: pood.fDBD(p.encoder, p.linear), linear=True),
+    Spec("nci", "NCI", "features", lambda p: pood.NCI(p.encoder, p.linear), linear=True),
+    Spec("lts", "LTS", "features", lambda p: pood.LTS(p.encoder, p.linear), linear=True),
+    Spec("she", "SHE", "features", lambda p: pood.SHE(p.encoder, p.linear), linear=True),
+    Spec("nnguide", "NNGuide", "features", lambda p: pood.NNGuide(p.encoder, p.linear), linear=True),
+    Spec("pnml", "PNML", "features", lambda p: pood.PNML(p.encoder, p.linear), linear=True),
+    Spec("react", "ReAct", "maps", lambda p: pood.ReAct(p.backbone, p.head)),
+    Spec("ash", "ASH", "maps", lambda p: pood.ASH(p.backbone, p.head)),
+    Spec("scale", "SCALE", "maps", lambda p: pood.SCALE(p.backbone, p.head)),
+    Spec("rankfeat", "RankFeat", "maps", lambda p: pood.RankFeat(p.backbone, p.head)),
+    Spec("vra", "VRA", "maps", lambda p: pood.VRA(p.backbone, p.head)),
+)
+#: The detectors computed for every run, whatever `eval.baselines` says (they need nothing).
+ALWAYS = ("msp", "mls", "energy")
+
+#: pytorch-ood detectors deliberately not wrapped, and why (docs/posthoc.md repeats this).
+NOT_WRAPPED = {
+    "ODIN, GradNorm, GradUncertainty, MahalanobisODIN, NACUE": "need gradients (input or parameter space) "
+    "in the evaluation pass",
+    "MCD": "needs several stochastic forward passes with dropout (model inputs, not outputs)",
+    "Gram, MultiMahalanobis": "need the activations of several layers (the project's own S2 is a Gram score "
+    "on the last feature map)",
+    "MCM": "needs CLIP text embeddings of the class names (vision-language models only)",
+    "WeightedEBO": "needs class weights learned by VOS training",
+    "TemperatureScaling": "fits a temperature by optimisation on held-out labelled data (calibration, not "
+    "a detector; on training images it learns nothing useful)",
+}
+NOT_FOR_CSSR = ("the CSSR heads have no linear last layer (per-pixel class auto-encoders; pooling does not "
+                "commute with them), and this detector multiplies pooled features by that layer")
+
+
+def applicable(name: str, head_kind: str) -> bool:
+    """Whether detector `name` applies to a model with this head kind."""
+    return not DETECTORS[name].linear or head_kind == "linear"
+
+
+def outlier_to_known(outlier: Tensor) -> Tensor:
+    """pytorch-ood's outlier score -> this project's convention (higher = known), float64."""
+    return -outlier.double()
+
+
+# ---------------------------------------------------------------- views of the model's head
+def linear_view(head: nn.Module) -> nn.Linear:
+    """The linear head's 1x1 conv (times gamma) as nn.Linear(C, K) on pooled features, bias 0."""
+    conv = head.classifier
+    k, c = conv.weight.shape[:2]
+    layer = nn.Linear(c, k, bias=True).to(conv.weight.device)
+    with torch.no_grad():
+        layer.weight.copy_(conv.weight.detach().reshape(k, c) * float(head.gamma))
+        layer.bias.zero_()
+    return layer.requires_grad_(False)
+
+
+def head_logits_fn(head: nn.Module) -> Callable[[Tensor], Tensor]:
+    """feature map (already projected) -> the head's pixel-mean logits [B, K]."""
+
+    def logits(maps: Tensor) -> Tensor:
+        return head.logits_from_features(maps).float().mean(dim=(2, 3))
+
+    return logits
+
+
+# ---------------------------------------------------------------- the bounded training sample
+def sample_keys(ids: Tensor) -> Tensor:
+    """frac(id * golden ratio) in float64: the order in which training images enter the sample."""
+    return torch.frac(ids.double() * _GOLDEN)
+
+
+class _Smallest:
+    """The `cap` rows with the smallest keys seen so far (on the rows' device, no host sync)."""
+
+    def __init__(self, cap: int):
+        self.cap, self.rows = cap, None
+
+    def add(self, rows: dict[str, Tensor]) -> None:
+        if self.cap <= 0:
+            return
+        if self.rows is not None:
+            rows = {k: torch.cat([self.rows[k], v]) for k, v in rows.items()}
+        if rows["key"].numel() > self.cap:
+            keep = torch.topk(rows["key"], self.cap, largest=False).indices
+            rows = {k: v[keep] for k, v in rows.items()}
+        self.rows = rows
+
+    def gathered(self, gather: Callable[[dict], dict], device: torch.device) -> dict[str, Tensor]:
+        """Every rank's rows, cut to the `cap` smallest keys overall, sorted by id, as tensors.
+
+        Keys travel first (small), then only the rows that survive the global cut: the
+        transfer is at most `cap` rows, whatever the number of ranks.
+        """
+        local = {k: v.cpu().numpy() for k, v in (self.rows or {}).items()}
+        keys = gather({"ids": local["ids"], "key": local["key"]} if local else {})
+        if not keys:
+            return {}
+        order = np.sort(keys["key"])
+        threshold = order[min(self.cap, len(order)) - 1]
+        mine = {k: v[local["key"] <= threshold] for k, v in local.items()} if local else {}
+        rows = gather(mine)
+        return {k: torch.from_numpy(v).to(device) for k, v in rows.items()}
+
+
+class TrainingSample:
+    """Pooled outputs of at most `cap` training images (and feature maps of at most `cap_maps`)."""
+
+    def __init__(self, cap: int, cap_maps: int = 0):
+        self.rows, self.maps = _Smallest(cap), _Smallest(cap_maps)
+
+    def add(self, pooled: "Pooled", labels: Tensor, ids: Tensor) -> None:
+        key = sample_keys(ids)
+        self.rows.add({"key": key, "ids": ids, "labels": labels, "features": pooled.features,
+                       "logits": pooled.logits, "posterior": pooled.posterior})
+        if self.maps.cap:
+            self.maps.add({"key": key, "ids": ids, "labels": labels, "maps": pooled.maps})
+
+    def gathered(self, gather: Callable[[dict], dict], device: torch.device) -> tuple[dict, dict]:
+        return self.rows.gathered(gather, device), self.maps.gathered(gather, device) if self.maps.cap else {}
+
+
+# ---------------------------------------------------------------- one batch's inputs
+class Pooled:
+    """The detectors' inputs for one batch, each computed once."""
+
+    def __init__(self, features: Tensor, logits: Tensor, log_probs: Callable[[], Tensor]):
+        self.maps = features
+        self._logits_map, self._log_probs, self._cache = logits, log_probs, {}
+
+    def _get(self, key: str, make: Callable[[], Tensor]) -> Tensor:
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    @property
+    def features(self) -> Tensor:
+        return self._get("features", lambda: self.maps.float().mean(dim=(2, 3)))
+
+    @property
+    def logits(self) -> Tensor:
+        return self._get("logits", lambda: self._logits_map.float().mean(dim=(2, 3)))
+
+    @property
+    def posterior(self) -> Tensor:
+        return self._get("posterior", self._log_probs)
+
+    def of(self, kind: str) -> Tensor:
+        return self.maps if kind == "maps" else getattr(self, kind)
+
+
+# ---------------------------------------------------------------- the fitted detectors of a run
+class PosthocDetectors:
+    """The requested pytorch-ood detectors of one model: built and fitted once per evaluation
+    (the head's weights change during training), then asked for one score per batch."""
+
+    def __init__(self, names: list[str], head_kind: str, num_classes: int, channels: int,
+                 cap: int = 20000, cap_maps: int = 1000):
+        self.names = [n for n in names if n not in ALWAYS]
+        self.head_kind, self.num_classes, self.channels = head_kind, num_classes, channels
+        self.cap, self.cap_maps = cap, cap_maps
+        self.detectors: dict[str, Detector] = {}
+        self.not_fitted: dict[str, str] = {}  # name -> why its fit failed in the last evaluation
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether fitting needs a pass over training images (else binding the head suffices)."""
+        return any(DETECTORS[n].needs_fit for n in self.names)
+
+    @property
+    def needs_maps(self) -> bool:
+        return any(DETECTORS[n].needs_fit and DETECTORS[n].input == "maps" for n in self.names)
+
+    def new_sample(self) -> TrainingSample:
+        return TrainingSample(self.cap, self.cap_maps if self.needs_maps else 0)
+
+    def parts(self, head: Optional[nn.Module]) -> Parts:
+        linear = linear_view(head) if head is not None and self.head_kind == "linear" else None
+        return Parts(self.num_classes, self.channels, head=head_logits_fn(head) if head is not None else None,
+                     linear=linear)
+
+    def fit(self, head: Optional[nn.Module], rows: dict[str, Tensor], maps: dict[str, Tensor]) -> None:
+        """Build every detector on the current head and fit those that need fitting; their
+        state then moves to the head's device (pytorch-ood keeps some on the CPU), so that
+        scores come back on the device of the outputs."""
+        parts = self.parts(head)
+        device = next(head.parameters()).device if head is not None else torch.device("cpu")
+        self.detectors, self.not_fitted = {}, {}
+        for name in self.names:
+            spec = DETECTORS[name]
+            det = spec.build(parts)
+            if spec.needs_fit:
+                data = maps if spec.input == "maps" else rows
+                x, y = data[spec.input], data["labels"]
+                if spec.fit_on_cpu:
+                    x, y = x.cpu(), y.cpu()
+                try:
+                    getattr(det, _FIT[spec.input])(x, y)
+                except (ValueError, RuntimeError, AssertionError) as err:
+                    # e.g. GMM on fewer images per class than feature channels, KNN with k >
+                    # the sample: one line and a missing row, never the run (same on every rank)
+                    self.not_fitted[name] = f"{type(err).__name__}: {err}".splitlines()[0][:200]
+                    warnings.warn(f"post-hoc detector {name} not fitted ({self.not_fitted[name]}); "
+                                  "it is left out of this evaluation", stacklevel=2)
+                    continue
+            self.detectors[name] = det.to(device)
+
+    @torch.no_grad()
+    def score(self, name: str, pooled: Pooled) -> Optional[Tensor]:
+        """Score [B] of detector `name` (float64, higher = known), None if not requested/fitted."""
+        det = self.detectors.get(name)
+        if det is None:
+            return None
+        spec = DETECTORS[name]
+        return outlier_to_known(getattr(det, _PREDICT[spec.input])(pooled.of(spec.input)))
+
+
+def stateless_score(name: str, inputs: Tensor) -> Tensor:
+    """The always-computed detectors (no fit, no head): pytorch-ood's static score, negated."""
+    return outlier_to_known(getattr(pood, DETECTORS[name].cls).score(inputs))

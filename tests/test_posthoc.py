@@ -1,0 +1,151 @@
+"""pytorch-ood's post-hoc detectors behind the score registry: every registered detector gives
+the scores pytorch-ood's own `fit(loader)` + `predict(images)` give on the same model and
+images, for every head it applies to. Parametrised over the registry: a new detector is
+tested without new code."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cssr_dist.distributed import gather_by_id
+from cssr_dist.errors import ConfigError
+from cssr_dist.models.cssr_head import CSSRHead
+from cssr_dist.models.linear_head import LinearHead
+from cssr_dist.models.losses import build_loss, class_log_probs, loss_kind_for_head
+from cssr_dist.models.osr_model import OSRModel
+from cssr_dist.scoring import posthoc
+from cssr_dist.scoring.scores import SCORE_REGISTRY, Scorer, resolve_baselines
+
+K, C, SIDE, N_TRAIN, N_TEST, BATCH = 3, 8, 5, 150, 40, 32
+HEADS = ("linear", "rcssr")
+CASES = [(name, head) for name in posthoc.DETECTORS for head in HEADS if posthoc.applicable(name, head)]
+
+
+def _model(head_kind: str) -> OSRModel:
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(1, C, 3, padding=1), nn.ReLU())
+    head = LinearHead(C, K, gamma=2.0) if head_kind == "linear" else CSSRHead(C, K, latent=4, sign=1, gamma=0.5)
+    return OSRModel(backbone, head)
+
+
+def _data(model: OSRModel) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """Three noisy image prototypes as classes; the tiny model is trained briefly on them so
+    that it predicts every class (SHE keeps correct predictions only). Returns the training
+    batches and test images (the prototypes at another noise level, plus noise)."""
+    g = torch.Generator().manual_seed(1)
+    protos = torch.rand(K, 1, SIDE, SIDE, generator=g) * 2
+    y = torch.arange(N_TRAIN) % K
+    x = protos[y] + 0.3 * torch.randn(N_TRAIN, 1, SIDE, SIDE, generator=g)
+    loss_fn = build_loss(_kind(model))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for _ in range(60):
+        opt.zero_grad()
+        loss_fn(model(x).logits, y).backward()
+        opt.step()
+    model.eval()
+    batches = [(x[i:i + BATCH], y[i:i + BATCH]) for i in range(0, N_TRAIN, BATCH)]
+    test = torch.cat([protos[torch.arange(N_TEST // 2) % K] + 0.5 * torch.randn(N_TEST // 2, 1, SIDE, SIDE, generator=g),
+                      torch.rand(N_TEST - N_TEST // 2, 1, SIDE, SIDE, generator=g) * 2])
+    return batches, test
+
+
+def _kind(model: OSRModel) -> str:
+    return "linear" if isinstance(model.head, LinearHead) else "rcssr"
+
+
+def _reference_parts(model: OSRModel, spec: posthoc.Spec) -> posthoc.Parts:
+    """pytorch-ood's model-level inputs: callables on images (its own fit/predict run them)."""
+    kind = _kind(model)
+    if spec.input == "posterior":
+        to_logits = lambda x: class_log_probs(model(x).logits, loss_kind_for_head(kind))  # noqa: E731
+    else:
+        to_logits = lambda x: model(x).logits.mean(dim=(2, 3))  # noqa: E731
+    return posthoc.Parts(K, C, model=to_logits, encoder=lambda x: model(x).features.mean(dim=(2, 3)),
+                         backbone=lambda x: model(x).features, head=posthoc.head_logits_fn(model.head),
+                         linear=posthoc.linear_view(model.head) if kind == "linear" else None)
+
+
+@pytest.mark.parametrize("name,head_kind", CASES)
+def test_detector_equals_pytorch_ood_predict(name: str, head_kind: str):
+    model = _model(head_kind)
+    batches, test_images = _data(model)
+    spec = posthoc.DETECTORS[name]
+    with torch.no_grad():
+        reference = spec.build(_reference_parts(model, spec))
+        reference.fit(batches)
+        expected = -reference.predict(test_images).double()
+
+        scorer = Scorer(head_kind, K, C, "msp" if name != "msp" else "mls", baselines=[name])
+        assert scorer.baselines == [name]
+        ids = torch.arange(N_TRAIN)
+
+        def outputs():
+            for i, (x, y) in enumerate(batches):
+                out = model(x)
+                yield out.features, out.logits, y, ids[i * BATCH:i * BATCH + len(y)]
+
+        scorer.fit(outputs, lambda t: t, head=model.head)
+        out = model(test_images)
+        got = scorer(out.features, out.logits)
+    assert got[name].dtype == torch.float64 and got[name].shape == (N_TEST,)
+    assert torch.isfinite(got[name]).all()
+    torch.testing.assert_close(got[name], expected.to(got[name].device), rtol=1e-5, atol=1e-8)
+
+
+def test_linear_layer_detectors_do_not_apply_to_cssr_heads():
+    linear_only = [n for n, s in posthoc.DETECTORS.items() if s.linear]
+    assert {"vim", "dice", "fdbd", "she", "nnguide"} <= set(linear_only)
+    with pytest.raises(ConfigError, match="'vim' does not apply to rcssr heads"):
+        resolve_baselines(["msp", "vim"], "rcssr")
+    everything = resolve_baselines("all", "rcssr")
+    assert "vim" not in everything and {"react", "knn", "mahalanobis", "s0", "integrated"} <= set(everything)
+    assert set(posthoc.DETECTORS) <= set(resolve_baselines("all", "linear"))
+    assert "s0" not in resolve_baselines("all", "linear")  # s0 is MSP for the linear head
+
+
+def test_unknown_baseline_is_one_line_with_the_valid_names():
+    with pytest.raises(ConfigError) as err:
+        resolve_baselines(["msp", "odin"], "linear")
+    text = str(err.value)
+    assert "'odin'" in text and "valid: all, s0, msp" in text and "knn" in text and "\n" not in text
+    with pytest.raises(ConfigError, match="neither a list"):
+        resolve_baselines("everything", "linear")
+    assert set(SCORE_REGISTRY) >= set(posthoc.DETECTORS)
+
+
+def test_default_scorer_computes_todays_three_only():
+    model = _model("linear")
+    out = model(torch.rand(4, 1, SIDE, SIDE))
+    scorer = Scorer("linear", K, C, "msp")
+    scorer.fit(lambda: [(out.features, out.logits)], lambda t: t, head=model.head)
+    assert set(scorer(out.features, out.logits)) == {"pred", "s0", "msp", "mls", "energy"}
+
+
+def test_training_sample_is_capped_by_smallest_id_keys():
+    sample = posthoc.TrainingSample(cap=10)
+    ids = torch.arange(100)
+    feats = torch.randn(100, C, 2, 2)
+    for i in range(0, 100, 16):
+        pooled = posthoc.Pooled(feats[i:i + 16], torch.randn(len(ids[i:i + 16]), K, 2, 2), lambda: torch.zeros(1))
+        pooled._cache["posterior"] = torch.zeros(len(ids[i:i + 16]), K)
+        sample.add(pooled, ids[i:i + 16] % K, ids[i:i + 16])
+    rows, maps = sample.gathered(lambda local: gather_by_id(local, 1), torch.device("cpu"))
+    expected = torch.topk(posthoc.sample_keys(ids), 10, largest=False).indices.sort().values
+    assert rows["ids"].tolist() == expected.tolist() and maps == {}
+    torch.testing.assert_close(rows["features"], feats[expected].mean(dim=(2, 3)))
+
+
+
+def test_a_detector_that_cannot_be_fitted_costs_one_warning_not_the_evaluation():
+    model = _model("linear")
+    out = model(torch.rand(10, 1, SIDE, SIDE))
+    scorer = Scorer("linear", K, C, "msp", baselines=["knn", "entropy"])  # k = 50 > 10 training images
+    batch = (out.features, out.logits, torch.arange(10) % K, torch.arange(10))
+    with pytest.warns(UserWarning, match="post-hoc detector knn not fitted .*k=50"):
+        scorer.fit(lambda: [batch], lambda t: t, head=model.head)
+    scores = scorer(out.features, out.logits)
+    assert "knn" not in scores and scores["entropy"].shape == (10,)
+    assert scorer.detectors.not_fitted["knn"].startswith("ValueError: k=50 exceeds")

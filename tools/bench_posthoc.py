@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""Benchmark: fit and score time of every post-hoc detector (cssr_dist/scoring/posthoc.py)
+on a trained run's model and data, beside the model's own forward passes.
+
+One forward pass over the run's statistics images collects the bounded training sample
+(eval.posthoc_fit_samples / posthoc_fit_maps, as the evaluation does); the first --batches
+test batches are forwarded once and kept. Then, per detector, its fit on that sample and
+its scoring of the kept batches are timed (best of --repeats). The end-to-end figure that
+matters (an evaluation with eval.baselines=all against [msp,mls,energy]) is measured with
+`train.py --test`; docs/benchmarks.md gives both commands.
+
+    python tools/bench_posthoc.py --run runs/fashion_mnist_rcssr --batches 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from cssr_dist.data.run_data import build_run_data  # noqa: E402
+from cssr_dist.distributed import gather_by_id  # noqa: E402
+from cssr_dist.errors import CssrError  # noqa: E402
+from cssr_dist.models.losses import class_log_probs, loss_kind_for_head  # noqa: E402
+from cssr_dist.predict import restore_run  # noqa: E402
+from cssr_dist.scoring import posthoc  # noqa: E402
+from cssr_dist.scoring.scores import compute_scores, resolve_baselines  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="a trained run folder (best/ and config.yaml)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batches", type=int, default=8, help="test batches scored per detector")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    try:
+        run = restore_run(args.run, args.device, threshold=0.0)
+    except CssrError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    cfg, model, device = run.cfg, run.model, run.device
+    head_kind = cfg.model.head
+    loss_kind = loss_kind_for_head(head_kind)
+    data = build_run_data(cfg.data, cfg.run.seed, device=device)
+    names = [n for n in resolve_baselines("all", head_kind) if n in posthoc.DETECTORS]
+    every = posthoc.PosthocDetectors(names, head_kind, run.scorer.stats.num_classes, run.scorer.stats.channels,
+                                     cfg.eval.posthoc_fit_samples, cfg.eval.posthoc_fit_maps)
+    sample = every.new_sample()
+    start = time.perf_counter()
+    n_train = 0
+    with torch.no_grad():
+        for images, labels, ids in data.train_eval:
+            out = model(images.to(device))
+            logits = out.logits.float()
+            pooled = posthoc.Pooled(out.features.float(), logits, lambda: class_log_probs(logits, loss_kind))
+            sample.add(pooled, labels.to(device), ids.to(device))
+            n_train += len(labels)
+        _sync(device)
+        forward_train = time.perf_counter() - start
+        rows, maps = sample.gathered(lambda local: gather_by_id(local, 1), device)
+        kept, start = [], time.perf_counter()
+        for i, (images, _, _) in enumerate(data.test):
+            if i >= args.batches:
+                break
+            out = model(images.to(device))
+            kept.append((out.features.float(), out.logits.float()))
+        _sync(device)
+        forward_test = time.perf_counter() - start
+    n_test = sum(len(f) for f, _ in kept)
+    per10k = 10000.0 / max(1, n_test)
+    print(f"run {args.run}: {head_kind} head, feature map {tuple(kept[0][0].shape[1:])}, device {device}; "
+          f"sample {len(rows.get('ids', []))} rows, {len(maps.get('ids', []))} maps")
+    print(f"forward: statistics pass {forward_train:.2f} s ({n_train} images); "
+          f"test {forward_test * per10k:.2f} s per 10k images\n")
+    print("| detector | pytorch-ood class | input | fit (s) | score (s per 10k images) |")
+    print("|---|---|---|---|---|")
+    base = _timed(lambda: [compute_scores(head_kind, f, z, names=["msp", "mls", "energy"]) for f, z in kept],
+                  device, args.repeats)
+    print(f"| msp + mls + energy | MaxSoftmax, MaxLogit, EnergyBased | posterior/logits | 0 | {base * per10k:.3f} |")
+    for name in names:
+        if name in posthoc.ALWAYS:
+            continue
+        spec = posthoc.DETECTORS[name]
+        one = posthoc.PosthocDetectors([name], head_kind, every.num_classes, every.channels)
+        with torch.no_grad():
+            fit = _timed(lambda: one.fit(model.head, rows, maps), device, args.repeats)
+            score = _timed(lambda: [compute_scores(head_kind, f, z, names=[name], detectors=one) for f, z in kept],
+                           device, args.repeats)
+        print(f"| {name} | {spec.cls} | {spec.input} | {fit:.3f} | {score * per10k:.3f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
