@@ -105,9 +105,11 @@ def describe_protocol(cfg: Config) -> str:
                 "training-augmented training images, AUPR = trapezoid area, FPR95 at the ROC point closest to TPR "
                 "0.95 (known positive), OSCR closed at CCR 1 (oscr_to_1); macro-F1 "
                 + NOT_REPORTED["reference"]["macro_f1"])
+    stats = ("score statistics from test-transformed training images" if cfg.eval.stats_transform == "test" else
+             "class statistics from test-transformed and z-norm moments from training-augmented training images")
     return (f"protocol clean: {cfg.data.val_fraction:g} of the known training images held out for validation, "
-            f"checkpoint chosen by {cfg.eval.select_best_by}, score statistics from {cfg.eval.stats_transform}-"
-            "transformed training images, AUPR = average precision, FPR95 at the first threshold reaching TPR "
+            f"checkpoint chosen by {cfg.eval.select_best_by}, {stats}, "
+            "AUPR = average precision, FPR95 at the first threshold reaching TPR "
             "0.95 (known positive and OOD positive), macro-F1 at a threshold set on validation knowns")
 
 

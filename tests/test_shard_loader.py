@@ -156,6 +156,19 @@ def test_validation_is_a_stratified_slice_when_there_are_too_few_shards(sets):
     assert not set(val) & set(collect(loaders["train_eval"])[0])
 
 
+def test_augmented_statistics_set_is_the_same_images_under_the_other_transform(sets):
+    """The reference protocol: class statistics from train_eval (test transform), z-norm
+    moments from train_eval_augmented, the same samples under the training transform."""
+    flipped = lambda image: -to_tensor(image)  # noqa: E731  (stands for the training augmentation)
+    cfg = config(sets, num_workers=0)
+    loaders = build_shard_loaders(cfg, SPLIT, to_tensor, to_tensor, 0, rank=0, world_size=1, stats_transform=flipped)
+    plain = {int(i): x for images, _, ids in loaders["train_eval"] for x, i in zip(images, ids)}
+    augmented = {int(i): x for images, _, ids in loaders["train_eval_augmented"] for x, i in zip(images, ids)}
+    assert plain.keys() == augmented.keys() and len(plain) > 0
+    assert all(torch.equal(augmented[i], -plain[i]) for i in plain)
+    assert build_shard_loaders(cfg, SPLIT, to_tensor, to_tensor, 0, rank=0, world_size=1)["train_eval_augmented"] is None
+
+
 def test_fewer_shards_than_ranks_x_workers(sets):
     cfg = config(sets, train="few", test="few", num_workers=2)
     with pytest.warns(UserWarning, match="using 1 workers per rank"):

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", help="run folders, or folders holding them (e.g. runs/)")
     p.add_argument("--metric", default="auroc",
-                   help="summary key: auroc, oscr, closed_acc, aupr_in, fpr95_known_pos, fpr95_ood_pos, ...")
+                   help="summary key: auroc, oscr (reference protocol: oscr_to_1), closed_acc, aupr_in, fpr95_known_pos, fpr95_ood_pos, ...")
     p.add_argument("--scores", nargs="+", default=["primary"],
                    help="primary (each run's own) and/or score names: integrated s0 s1 s2 msp mls energy, and the "
                         "post-hoc detectors the runs report (eval.baselines)")

@@ -5,10 +5,12 @@ recalibration (`eval.recalibrate_bn`) and the score statistics' transform
 (`eval.stats_transform`, test | train = the reference protocol). For each variant it refits
 the score statistics from the training images (as the end of training does), then prints
 closed-set accuracy, OSCR and AUROC of every score (integrated, s0, s1, s2, msp, mls,
-energy) and the integrated score's term moments: a term with a small std gets a large
-weight (1/std) in `integrated`. Two combinations fitted on the validation KNOWNS only
-(`val_z`, `val_rank`, see `validation_combinations`) are reported beside them; nothing here
-looks at test labels to choose anything. Nothing is written to the run folder.
+energy), the primary score's metrics under both protocols' definitions side by side (AUPR,
+FPR95, OSCR: what a definition alone changes) and the integrated score's term moments: a
+term with a small std gets a large weight (1/std) in `integrated`. Two combinations fitted
+on the validation KNOWNS only (`val_z`, `val_rank`, see `validation_combinations`) are
+reported beside them; nothing here looks at test labels to choose anything. Nothing is
+written to the run folder.
 
     cssr-reevaluate runs/NAME --variants base recal stats_train --json out.json
 """
@@ -68,7 +70,12 @@ def evaluate_variant(run_dir: Path, overrides: list[str]) -> dict:
         val = run.evaluator.scores(eval_module(run.accelerator, run.model), run.data.val, "val")
         for name, combined in validation_combinations(val, test, terms).items():
             auroc[name] = metrics.auroc(combined[known], combined[~known])
-    out = {"overrides": overrides, "closed_acc": summary["closed_acc"], "oscr": summary.get("oscr", summary.get("oscr_to_1")), "auroc": auroc,
+    primary = run.scorer.primary
+    definitions = metrics.protocol_metrics(test[primary], test["pred"], test["labels"], run.data.meta.num_classes,
+                                           "clean", side_by_side=True)
+    oscr = summary.get("oscr", summary.get("oscr_to_1"))  # the run's protocol's OSCR
+    out = {"overrides": overrides, "closed_acc": summary["closed_acc"], "oscr": oscr, "auroc": auroc,
+           "definitions": {k: v for k, v in definitions.items() if k not in ("closed_acc", "auroc", "macro_f1")},
            "term_mean_std": {n: [float(t) for t in run.scorer.stats.zstats(n)] for n in terms},
            "term_test_std": {n: float(np.std(test[n][known])) for n in terms}}
     run.close()
@@ -86,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         aurocs = " ".join(f"{k} {v:.4f}" for k, v in r["auroc"].items())
         stds = " ".join(f"{k} {s:.4g}" for k, (_, s) in r["term_mean_std"].items())
         print(f"{name}: closed_acc {r['closed_acc']:.4f} oscr {r['oscr']:.4f} | auroc {aurocs} | term std {stds}")
+        print(f"{name} definitions: " + " ".join(f"{k} {v:.4f}" for k, v in r["definitions"].items()))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

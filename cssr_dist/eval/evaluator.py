@@ -3,9 +3,10 @@ validates, and writes the per-set report.
 
 Statistics are fitted on known TRAINING images with test transforms, summed across ranks;
 under `eval.stats_transform=train` (the reference protocol) the z-normalisation moments
-alone come from the same images under the training augmentation. Thresholds for macro-F1 come from the validation slice, never the test set. Every
-score is reported with the same metrics so baselines sit beside CSSR; every OOD set gets its
-own row, and near/far groups their means (OpenOOD's evaluator is the pattern).
+alone come from the same images under the training augmentation. Thresholds for macro-F1
+come from the validation slice, never the test set. Every score is reported with the same
+metrics so baselines sit beside CSSR; every OOD set gets its own row, and near/far groups
+their means (OpenOOD's evaluator is the pattern).
 """
 
 from __future__ import annotations
