@@ -42,7 +42,7 @@ from cssr_dist.data.batch_transform import split_at_to_tensor
 from cssr_dist.apps.make_shards.cli import ShardOptions, make_shard_set
 from cssr_dist.data.layouts import list_imagefolder
 from cssr_dist.data.readers.shards import build_shard_loaders
-from cssr_dist.data.readers.shards import TAR_READER_ENV
+from cssr_dist.data.shards.samples import TAR_READER_ENV
 from cssr_dist.data.splits import OpenSetSplit
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

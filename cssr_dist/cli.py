@@ -103,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         if args.print_config:
+            if cfg.data.mean is None or cfg.data.image_size is None:  # "the backbone's own", as a run resolves it
+                # start-up time: timm and torch only when the config leaves these to the backbone
+                from .models.backbones import resolve_backbone_data_config
+
+                cfg.data = resolve_backbone_data_config(cfg.model, cfg.data)
             print(dump_yaml(cfg), end="")
             return 0
         # start-up time: --help and --print-config answer without importing torch and the engine

@@ -97,6 +97,17 @@ def test_print_config_exits_zero(capsys):
     assert "seed: 3" in out and "name: smoke" in out
 
 
+def test_print_config_shows_the_backbones_own_normalisation(capsys):
+    """load_config leaves null data.mean/std/image_size to the backbone (config.py knows no model
+    registry); --print-config shows them resolved, as the run's config.yaml will."""
+    from cssr_dist.config import load_config
+
+    assert load_config(ROOT / "configs/imagenet/rcssr.yaml").data.image_size is None
+    assert main(["--config", str(ROOT / "configs/imagenet/rcssr.yaml"), "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "image_size: 224" in out and "test_resize: 256" in out and "- 0.485" in out
+
+
 def test_gpu_flag_is_explained(capsys):
     assert main(["--gpu", "0", "--print-config"]) == 0
     assert "Accelerate chooses devices" in capsys.readouterr().err

@@ -282,8 +282,11 @@ def test_seeded_samples_make_augmentation_a_function_of_the_sample():
 def test_imagenet_config_carries_the_fine_tuning_recipe():
     """configs/imagenet/rcssr.yaml, what slurm/imagenet_rcssr.sh runs by default (docs/method.md §5)."""
     from cssr_dist.cli import config_from_args, parse
+    from cssr_dist.models.backbones import resolve_backbone_data_config
 
     cfg = config_from_args(parse(["--config", "configs/imagenet/rcssr.yaml"]))
+    assert cfg.data.image_size is None  # "the backbone's own": the engine resolves it, as below
+    cfg.data = resolve_backbone_data_config(cfg.model, cfg.data)
     assert (cfg.data.format, cfg.data.shards.train, cfg.data.shards.test) == ("shards", "imagenet-train", "imagenet-val")
     assert (cfg.data.image_size, cfg.data.test_resize, cfg.data.train_augment) == (224, 256, "imagenet")
     assert cfg.data.mean == [0.485, 0.456, 0.406] and cfg.data.std == [0.229, 0.224, 0.225]

@@ -24,7 +24,8 @@ from cssr_dist.models.cssr_head import CSSRHead
 from cssr_dist.models.linear_head import LinearHead
 from cssr_dist.models.osr_model import build_head, build_model, check_logit_saturation, cssr_gamma
 from cssr_dist.models.pretrained import cached_pretrained_file, convert_weights, read_state_dict
-from cssr_dist.engine.optim import base_lr, build_optimizer
+from cssr_dist.engine.optim import build_optimizer
+from cssr_dist.protocol import base_lr
 
 ROOT = Path(__file__).resolve().parents[1]
 
