@@ -149,3 +149,12 @@ def test_a_detector_that_cannot_be_fitted_costs_one_warning_not_the_evaluation()
     scores = scorer(out.features, out.logits)
     assert "knn" not in scores and scores["entropy"].shape == (10,)
     assert scorer.detectors.not_fitted["knn"].startswith("ValueError: k=50 exceeds")
+
+
+def test_config_takes_a_list_or_all():
+    from cssr_dist.config import load_config
+
+    assert load_config("configs/smoke.yaml", ["eval.baselines=all"]).eval.baselines == "all"
+    assert load_config("configs/smoke.yaml").eval.baselines == ["msp", "mls", "energy"]
+    with pytest.raises(ConfigError, match="give a list of score names or 'all'"):
+        load_config("configs/smoke.yaml", ["eval.baselines=knn"])
