@@ -47,8 +47,9 @@ def _data(model: OSRModel) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], tor
         opt.step()
     model.eval()
     batches = [(x[i:i + BATCH], y[i:i + BATCH]) for i in range(0, N_TRAIN, BATCH)]
-    test = torch.cat([protos[torch.arange(N_TEST // 2) % K] + 0.5 * torch.randn(N_TEST // 2, 1, SIDE, SIDE, generator=g),
-                      torch.rand(N_TEST - N_TEST // 2, 1, SIDE, SIDE, generator=g) * 2])
+    half = N_TEST // 2
+    test = torch.cat([protos[torch.arange(half) % K] + 0.5 * torch.randn(half, 1, SIDE, SIDE, generator=g),
+                      torch.rand(N_TEST - half, 1, SIDE, SIDE, generator=g) * 2])
     return batches, test
 
 

@@ -5,10 +5,10 @@ on a trained run's model and data, beside the model's own forward passes.
 One forward pass over the run's statistics images collects the bounded training sample
 (eval.posthoc_fit_samples / posthoc_fit_maps, as the evaluation does); the first --batches
 test batches are forwarded once and kept. Then, per detector, its fit on that sample and
-its scoring of the kept batches are timed (best of --repeats; a detector's score time excludes the pooling every detector shares, which
-the first row times with the default three scores). The end-to-end figure that
-matters (an evaluation with eval.baselines=all against [msp,mls,energy]) is measured with
-`train.py --test`; docs/benchmarks.md gives both commands.
+its scoring of the kept batches are timed (best of --repeats; a detector's score time
+excludes the pooling every detector shares, which the first row times with the default three
+scores). The end-to-end figure that matters (an evaluation with eval.baselines=all against
+[msp,mls,energy]) is measured with `train.py --test`; docs/benchmarks.md gives both commands.
 
     python tools/bench_posthoc.py --run runs/fashion_mnist_rcssr --batches 8
 """
