@@ -86,7 +86,7 @@ def test_checkpoint_metrics_identical_on_one_and_two_processes(trained):
     assert one["num_test_unknown"] == two["num_test_unknown"] == 80
     for key in METRICS:
         assert two[key] == pytest.approx(one[key], abs=1e-6), key
-    assert {"knn", "vim", "react", "mahalanobis"} <= set(one["baselines"]) and "posthoc_not_fitted" not in one
+    assert {"knn", "react", "vra", "mahalanobis"} <= set(one["baselines"]) and "posthoc_not_fitted" not in one
     for name, base in one["baselines"].items():
         for key in METRICS:
             assert two["baselines"][name][key] == pytest.approx(base[key], abs=1e-6), (name, key)

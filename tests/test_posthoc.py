@@ -47,8 +47,9 @@ def _data(model: OSRModel) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], tor
         opt.step()
     model.eval()
     batches = [(x[i:i + BATCH], y[i:i + BATCH]) for i in range(0, N_TRAIN, BATCH)]
-    test = torch.cat([protos[torch.arange(N_TEST // 2) % K] + 0.5 * torch.randn(N_TEST // 2, 1, SIDE, SIDE, generator=g),
-                      torch.rand(N_TEST - N_TEST // 2, 1, SIDE, SIDE, generator=g) * 2])
+    half = N_TEST // 2
+    test = torch.cat([protos[torch.arange(half) % K] + 0.5 * torch.randn(half, 1, SIDE, SIDE, generator=g),
+                      torch.rand(N_TEST - half, 1, SIDE, SIDE, generator=g) * 2])
     return batches, test
 
 
@@ -149,3 +150,12 @@ def test_a_detector_that_cannot_be_fitted_costs_one_warning_not_the_evaluation()
     scores = scorer(out.features, out.logits)
     assert "knn" not in scores and scores["entropy"].shape == (10,)
     assert scorer.detectors.not_fitted["knn"].startswith("ValueError: k=50 exceeds")
+
+
+def test_config_takes_a_list_or_all():
+    from cssr_dist.config import load_config
+
+    assert load_config("configs/smoke.yaml", ["eval.baselines=all"]).eval.baselines == "all"
+    assert load_config("configs/smoke.yaml").eval.baselines == ["msp", "mls", "energy"]
+    with pytest.raises(ConfigError, match="give a list of score names or 'all'"):
+        load_config("configs/smoke.yaml", ["eval.baselines=knn"])

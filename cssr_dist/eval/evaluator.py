@@ -98,7 +98,8 @@ class Evaluator:
 
     # ------------------------------------------------------------------ the report
     def evaluate(self, model, fit: bool = True) -> dict:
-        """Fit (unless restored: then the post-hoc detectors only), score validation, test and every OOD set once; report each."""
+        """Fit (unless restored: then the post-hoc detectors only), score validation, test and
+        every OOD set once; report each."""
         started = time.perf_counter()
         if fit:
             self.recalibrate(model)
