@@ -65,3 +65,15 @@ def check_plain_name(name: object, what: str, error: type[CssrError] = ConfigErr
         raise error(f"{what} = {name!r} is not a plain name ({bad}); use one folder name such as "
                     "'fmnist_rcssr_a' (letters, digits, '_', '-', '.')")
     return text
+
+
+def user_message(err: BaseException) -> str:
+    """The one line to show for `err`. An error raised in a DataLoader worker reaches the main
+    process re-created by torch with the worker's whole traceback as its message; the user
+    needs only that traceback's last line, the worker's own message."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.strip().splitlines() if line.strip()][-1]
+    prefix = f"{type(err).__module__}.{type(err).__name__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last

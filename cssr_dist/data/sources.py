@@ -54,8 +54,16 @@ class FileSource(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        with Image.open(self.paths[index]) as img:
-            return img.convert("RGB"), int(self.targets[index])
+        """An image that cannot be decoded (truncated, not an image, over PIL's pixel limit) stops
+        the run with one line naming the file: a training set silently smaller than the one the
+        run records would be lost data."""
+        path = self.paths[index]
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB"), int(self.targets[index])
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            raise DataError(f"image {path} of data set {self.name!r} cannot be read ({type(err).__name__}: "
+                            f"{str(err)[:120]}); replace or remove the file, then start the run again") from None
 
 
 def _missing(what: str, path: Path, how: str) -> DataError:
