@@ -9,7 +9,6 @@ configured, because wandb with a key but no network blocks for minutes.
 from __future__ import annotations
 
 import io
-import json
 import netrc
 import os
 import subprocess

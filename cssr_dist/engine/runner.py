@@ -15,7 +15,6 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm

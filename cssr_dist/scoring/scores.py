@@ -28,19 +28,17 @@ statistics yet). Scores are float64 [B].
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..distributed import gather_by_id
 from ..errors import ConfigError
 from ..models.losses import class_log_probs, loss_kind_for_head
 from . import posthoc
-from .posthoc import PosthocDetectors, Pooled, TrainingSample
+from .posthoc import PosthocDetectors, Pooled
 from .statistics import ZNORM_EPS, ScoreStatistics, gram_matrix
 
 __all__ = [
