@@ -39,11 +39,11 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..config import Config, load_config
 from ..data import readers
-from ..data.layouts import IMAGE_SUFFIXES, image_files, is_image_name
+from ..data.layouts import IMAGE_READ_ERRORS, IMAGE_SUFFIXES, image_files, is_image_name
 from ..data.shards.index import read_index, shard_urls
 from ..data.shards.samples import CorruptSample, check_members, decode_image, iter_shard
 from ..data.transforms import build_transform
@@ -223,8 +223,7 @@ def _open_image(path: Path) -> Image.Image:
             with Image.open(path) as img:
                 img.load()
                 return img.copy()
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as err:
+    except (*IMAGE_READ_ERRORS, Image.DecompressionBombWarning) as err:
         raise UnreadableImage(f"{type(err).__name__}: {str(err)[:160]}") from None
 
 

@@ -32,8 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import PIL.Image
+
 from ..errors import DataError
 
+#: What PIL raises for a file that is not a usable image (truncated, not an image, over
+#: `Image.MAX_IMAGE_PIXELS`; UnidentifiedImageError is an OSError): every reader that decodes
+#: images catches exactly these, so a bad image is handled alike in training, shards and predict.
+IMAGE_READ_ERRORS = (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 WNID = re.compile(r"^n\d{8}$")
 LABEL_FORMATS = ("auto", "ilsvrc-gt", "loc-csv", "filename-wnid")

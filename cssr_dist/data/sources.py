@@ -61,7 +61,7 @@ class FileSource(Dataset):
         try:
             with Image.open(path) as img:
                 return img.convert("RGB"), int(self.targets[index])
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        except layouts.IMAGE_READ_ERRORS as err:
             raise DataError(f"image {path} of data set {self.name!r} cannot be read ({type(err).__name__}: "
                             f"{str(err)[:120]}); replace or remove the file, then start the run again") from None
 

@@ -18,6 +18,7 @@ from typing import Iterable
 import PIL.Image
 import webdataset as wds
 
+from ...data.layouts import IMAGE_READ_ERRORS
 from ...data.shards.index import KEY_FORMAT, ShardInfo
 from ...errors import DataError
 
@@ -89,7 +90,7 @@ def encode_bytes(data: bytes, opts: EncodeOptions, where: str) -> tuple[str, byt
         with PIL.Image.open(io.BytesIO(data)) as image:
             image.load()
             return encode_pil(image, opts)
-    except (OSError, ValueError, PIL.Image.DecompressionBombError) as err:
+    except IMAGE_READ_ERRORS as err:
         raise DataError(f"cannot decode source image {where}: {err}") from None
 
 

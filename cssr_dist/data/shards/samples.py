@@ -19,6 +19,7 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from ...errors import DataError
+from ..layouts import IMAGE_READ_ERRORS
 from .index import ALLOWED_EXTS, IMAGE_EXTS
 from .tar import open_tar_stream, tar_members
 
@@ -71,7 +72,7 @@ def decode_image(sample: dict, mode: str | None) -> PIL.Image.Image:
         image = PIL.Image.open(io.BytesIO(sample[image_member(sample)]))
         image.load()
         return image.convert(mode) if mode and image.mode != mode else image
-    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as err:
+    except IMAGE_READ_ERRORS as err:
         raise CorruptSample(f"image does not decode ({type(err).__name__}: {err})") from None
 
 
