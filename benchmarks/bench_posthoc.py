@@ -24,7 +24,7 @@ import torch
 from cssr_dist.apps.predict import restore_run
 from cssr_dist.data.readers import build_run_data
 from cssr_dist.distributed import gather_by_id
-from cssr_dist.errors import CssrError
+from cssr_dist.errors import CssrError, report
 from cssr_dist.models.losses import class_log_probs, loss_kind_for_head
 from cssr_dist.scoring import posthoc
 from cssr_dist.scoring.scores import compute_scores, resolve_baselines
@@ -56,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = restore_run(args.run, args.device, threshold=0.0)
     except CssrError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
     cfg, model, device = run.cfg, run.model, run.device
     head_kind = cfg.model.head
     loss_kind = loss_kind_for_head(head_kind)

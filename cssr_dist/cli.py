@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .config import Config, apply_override, build_config, dump_yaml, load_yaml_tree, parse_override
-from .errors import STORAGE_ERRNOS, ConfigError, CssrError, storage_error, user_message
+from .errors import STORAGE_ERRNOS, ConfigError, CssrError, report, storage_error
 
 GPU_NOTE = ("note: --gpu is ignored: Accelerate chooses devices (use `accelerate launch --gpu_ids 0,1` "
             "or CUDA_VISIBLE_DEVICES)")
@@ -119,12 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         except Preempted:  # the checkpoint is written and the launcher's marker left (runner.train)
             return REQUEUE_EXIT_CODE
     except CssrError as err:
-        print(f"error: {user_message(err)}", file=sys.stderr)
-        return 2
+        return report(err)
     except OSError as err:  # any other write the storage refused (history, summary, plots): one line too
         if err.errno not in STORAGE_ERRNOS:
             raise
         folder = Path(err.filename).parent if err.filename else Path(".")
-        print(f"error: {storage_error(err, Path(err.filename or '?').name, folder)}", file=sys.stderr)
-        return 2
+        return report(storage_error(err, Path(err.filename or '?').name, folder))
     return 0

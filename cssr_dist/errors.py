@@ -7,6 +7,7 @@ researcher who mistyped a key needs the fix, not a stack.
 import errno
 import os
 import shutil
+import sys
 from pathlib import Path
 
 
@@ -77,3 +78,13 @@ def user_message(err: BaseException) -> str:
     last = [line for line in text.strip().splitlines() if line.strip()][-1]
     prefix = f"{type(err).__module__}.{type(err).__name__}: "
     return last[len(prefix):] if last.startswith(prefix) else last
+
+
+#: Exit status of a program stopped by a user-facing error (bad config, data, names, storage).
+USER_ERROR_EXIT = 2
+
+
+def report(err: BaseException) -> int:
+    """Print `err` as the one `error:` line every program ends with; returns USER_ERROR_EXIT."""
+    print(f"error: {user_message(err)}", file=sys.stderr)
+    return USER_ERROR_EXIT

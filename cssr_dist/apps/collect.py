@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import CssrError
+from ..errors import CssrError, report
 from .results import build_table, render, scan
 from .sweep import REPO_ROOT, expand
 
@@ -53,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                     if args.datasets else None)
         table = build_table(results, args.metric, args.scores, args.eval_set, expected, args.layout)
     except CssrError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
     text = render(table, args.format, args.digits, 100.0 if args.percent else 1.0, args.per_run)
     print(text, end="")
     if args.output:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import CssrError
+from ..errors import CssrError, report
 from ..models.backbones import check_backbone_name
 from ..models.pretrained import convert_weights
 
@@ -33,8 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         check_backbone_name(args.model)
         done = convert_weights(args.source, args.model, args.out)
     except CssrError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
     head = "with" if done.classifier else "without"
     print(f"wrote {done.path}: {done.tensors} tensors of {done.model} ({head} classifier), matched by order")
     return 0

@@ -50,7 +50,7 @@ from ..data.transforms import build_transform
 from ..engine.build import build_model_and_scorer
 from ..engine.checkpoint import WEIGHTS_FILE, apply_best, load_weights
 from ..models.backbones import resolve_backbone_data_config
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, report
 
 #: Where a run keeps the selected weights + score statistics (engine/checkpoint.py writes it).
 BEST_DIR = Path("checkpoints") / "best"
@@ -358,8 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = predict(run, args.paths, args.batch_size)
         write_predictions(rows, run, args.out)
     except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
     sys.stdout.flush()
     print(summary_line(rows, run), file=sys.stderr)
     return 0

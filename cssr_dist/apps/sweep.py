@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..errors import ConfigError, CssrError, check_plain_name
+from ..errors import ConfigError, CssrError, check_plain_name, report
 
 #: The checkout this package runs from (an editable install): configs/, slurm/ and train.py live there.
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -218,8 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         launcher = shlex.split(args.launcher) if args.launcher else main_launcher_default()
         outcome = run_local(specs, launcher, args.output_dir, args.overrides, cwd=REPO_ROOT, dry_run=args.dry_run)
     except CssrError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
     failed = [name for name, state in outcome.items() if state.startswith("failed")]
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(failed)}; rerun the same command to resume them", file=sys.stderr)

@@ -45,7 +45,7 @@ from ...data.shards.index import (
 )
 from ...data.shards.samples import CorruptSample, check_members, decode_image, iter_shard, parse_id, parse_label
 from ...data.sources import build_source
-from ...errors import CssrError, DataError
+from ...errors import CssrError, DataError, report
 from ...data.layouts import Record
 from .writer import EncodeOptions, encode_bytes, encode_pil, make_sample, plan_shards, write_shard
 
@@ -363,8 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(build_parser().parse_args(argv), command)
     except CssrError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
 
 
 if __name__ == "__main__":
