@@ -295,7 +295,8 @@ def _rank_main(rank: int, world: int, port: int, root: str, out: str) -> None:
 @pytest.mark.timeout(60)
 def test_two_real_processes_with_gloo_split_the_test_set(sets, tmp_path):
     out = tmp_path / "gathered.json"
-    mp.start_processes(_rank_main, args=(2, _free_port(), str(sets), str(out)), nprocs=2, start_method="fork")
+    # spawn, not fork: a child forked after torch or tqdm started threads can deadlock
+    mp.start_processes(_rank_main, args=(2, _free_port(), str(sets), str(out)), nprocs=2, start_method="spawn")
     gathered = json.loads(out.read_text())
     assert [g["rank"] for g in gathered] == [0, 1]  # taken from torch.distributed
     ids = gathered[0]["test"] + gathered[1]["test"]

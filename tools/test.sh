@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh --dev
 export HF_HUB_OFFLINE=1 WANDB_MODE=offline WANDB_SILENT=true PYTHONUNBUFFERED=1
-exec .venv/bin/python -m pytest -q --durations=15 "$@"
+# A hard limit, so that a hung test process still ends CI with its report (CI allows 90 min).
+exec timeout --kill-after=60 3600 .venv/bin/python -m pytest -q --durations=15 "$@"

@@ -22,6 +22,7 @@ import shlex
 import sys
 from collections import Counter
 from multiprocessing import get_context
+from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -112,6 +113,17 @@ def _encoded_samples(items: list[tuple[int, Record]], opts: EncodeOptions, memor
                 raise DataError(f"cannot read source image {record.ref}: {err}") from None
             ext, data = encode_bytes(data, opts, str(record.ref))
         yield make_sample(sample_id, ext, data, record.label, record.name)
+
+
+def _pool_context() -> BaseContext:
+    """Worker processes start fresh ("spawn"), never forked from this process.
+
+    Why: a forked child inherits every lock another thread held at fork time (tqdm's monitor,
+    torch's pools, logging) and Python-level signal handlers (the trainer's SIGTERM handler),
+    so a forked writer can deadlock and then ignore the pool's SIGTERM: the parent waits
+    forever. Workers rebuild an in-memory source once each from its (name, root, train) spec.
+    """
+    return get_context("spawn")
 
 
 def _write_task(task: tuple) -> ShardInfo:
@@ -206,7 +218,7 @@ def make_shard_set(listing: src.Listing, out: str | os.PathLike, opts: ShardOpti
     bar = tqdm(total=n, unit="img", desc=f"shards {prefix.name}", disable=not opts.progress, smoothing=0.1)
     bar.update(sum(len(s) for s, name in zip(shards, names) if prefix.with_name(name).exists()))
     if opts.workers > 1 and len(todo) > 1:
-        with get_context("fork" if sys.platform == "linux" else "spawn").Pool(opts.workers) as pool:
+        with _pool_context().Pool(opts.workers) as pool:
             for info in pool.imap_unordered(_write_task, todo):
                 bar.update(info.samples)
     else:
@@ -272,7 +284,7 @@ def verify_shard_set(spec: str | os.PathLike, workers: int = 1, progress: bool =
     tasks = [t for t in tasks if t[0] not in missing]
     bar = tqdm(total=len(tasks), unit="shard", desc="verify", disable=not progress)
     if workers > 1 and len(tasks) > 1:
-        with get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers) as pool:
+        with _pool_context().Pool(workers) as pool:
             results = list(pool.imap(_verify_task, tasks))
     else:
         results = [_verify_task(t) for t in tasks]
