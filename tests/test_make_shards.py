@@ -226,6 +226,75 @@ def test_ood_folder_and_file_list(tmp_path):
         {f"pics/{f.name}": i % 3 for i, f in enumerate(files)}
 
 
+def _error_line(capsys) -> str:
+    """The one line a refused make_shards printed (no traceback)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_openood_image_lists(tmp_path, capsys):
+    """OpenOOD v1.5's benchmark_imglist lines as published (`<set>/<...>/<file> <label>`, -1 for OOD,
+    sorted-wnid positions for ImageNet-1k), paths relative to images_largescale/."""
+    images = tmp_path / "images_largescale"
+    ood = ["ssb_hard/n11622368/n11622368_1063.JPEG", "ssb_hard/n11622368/n11622368_1120.JPEG",
+           "ssb_hard/n01575401/n01575401_10029.JPEG"]
+    for i, rel in enumerate(ood):
+        jpeg(images / rel, i)
+    lists = tmp_path / "benchmark_imglist" / "imagenet"
+    lists.mkdir(parents=True)
+    (lists / "test_ssb_hard.txt").write_text("".join(f"{rel} -1\n" for rel in ood))
+    # the published size is checked first: 3 lines are not OpenOOD v1.5's 49,000
+    common = ["--source", "filelist", "--root", images, "--list", lists / "test_ssb_hard.txt", "--dataset", "ssb_hard",
+              "--subset", "ood", "--out", tmp_path / "ood-ssb_hard"]
+    assert run(*common) == 2
+    line = _error_line(capsys)
+    assert "test_ssb_hard.txt has 3 'path label' lines, expected 49000" in line and "--expect-lines" in line
+    assert not (tmp_path / "ood-ssb_hard.json").exists()
+    assert run(*common, "--expect-lines", "3", "--verify") == 0
+    index, _ = read_index(str(tmp_path / "ood-ssb_hard"))
+    assert index.total == index.unknown_count == 3 and index.classes == []
+    assert sorted(s["txt"].decode() for s in read_back(tmp_path / "ood-ssb_hard").values()) == sorted(ood)
+
+    # the ID test list: labels index the training classes (sorted wnids), taken --classes-from its index
+    for c, wnid in enumerate(WNIDS):
+        jpeg(tmp_path / "train" / wnid / "a.JPEG", 10 + c)
+    assert run("--source", "imagefolder", "--root", tmp_path / "train", "--out", tmp_path / "imagenet-train") == 0
+    val = [("imagenet_1k/val/ILSVRC2012_val_00000001.JPEG", 2), ("imagenet_1k/val/ILSVRC2012_val_00000002.JPEG", 0)]
+    for i, (rel, _) in enumerate(val):
+        jpeg(images / rel, 20 + i)
+    (lists / "test_imagenet.txt").write_text("".join(f"{rel} {label}\n" for rel, label in val))
+    assert run("--source", "filelist", "--root", images, "--list", lists / "test_imagenet.txt", "--expect-lines", "2",
+               "--classes-from", tmp_path / "imagenet-train.json", "--subset", "test",
+               "--out", tmp_path / "imagenet-test") == 0
+    test, train = read_index(str(tmp_path / "imagenet-test"))[0], read_index(str(tmp_path / "imagenet-train"))[0]
+    assert test.wnids == train.wnids == WNIDS and test.class_counts == [1, 0, 1]
+    assert {s["txt"].decode(): int(s["cls"]) for s in read_back(tmp_path / "imagenet-test").values()} == dict(val)
+
+
+@pytest.mark.parametrize("bad, says", [
+    ("imagenet_1k/val/ILSVRC2012_val_00000003.JPEG n01440764", "expected 'path label'"),
+    ("imagenet_1k/val/ILSVRC2012_val_00000003.JPEG", "expected 'path label'"),
+    ("imagenet_1k/val/ILSVRC2012_val_00000003.JPEG {'label': 3}", "expected 'path label'"),
+    ("../../etc/passwd -1", "must be relative to --root and stay below it"),
+    ("/etc/passwd -1", "must be relative to --root and stay below it"),
+    ("imagenet_1k/val/ILSVRC2012_val_00000003.JPEG -2", "label -2"),
+    ("imagenet_1k/val/ILSVRC2012_val_00000003.JPEG 3", "label 3, but --classes-from"),
+])
+def test_a_bad_list_line_is_named_by_file_and_line(tmp_path, capsys, bad, says):
+    for c, wnid in enumerate(WNIDS):
+        jpeg(tmp_path / "train" / wnid / "a.JPEG", c)
+    assert run("--source", "imagefolder", "--root", tmp_path / "train", "--out", tmp_path / "tr") == 0
+    jpeg(tmp_path / "imagenet_1k" / "val" / "ILSVRC2012_val_00000001.JPEG", 5)
+    listed = tmp_path / "my_list.txt"  # line 2 blank: numbers count every line of the file
+    listed.write_text(f"imagenet_1k/val/ILSVRC2012_val_00000001.JPEG 0\n\n{bad}\n")
+    capsys.readouterr()
+    assert run("--source", "filelist", "--root", tmp_path, "--list", listed, "--classes-from", tmp_path / "tr.json",
+               "--out", tmp_path / "out") == 2
+    line = _error_line(capsys)
+    assert f"{listed}:3: " in line and says in line, line
+
+
 # ---------------------------------------------------------------- options
 def test_bytes_per_shard_and_resize(tmp_path):
     root = tmp_path / "big"

@@ -272,27 +272,68 @@ def list_ood(root: str | Path, dataset: str) -> Listing:
     return Listing(dataset, "ood", "ood", str(base), [], records)
 
 
-def list_filelist(list_file: str | Path, root: str | Path | None, dataset: str, subset: str,
-                  class_names: str | None = None) -> Listing:
-    """`path label` lines (path relative to `root`, may contain spaces; label int, -1 = unknown)."""
-    path = Path(list_file)
-    base = Path(root) if root else path.parent
-    records = []
-    for number, line in enumerate(_read_lines(path), 1):
+def _filelist_lines(path: Path) -> list[tuple[int, str, int]]:
+    """(line number, relative path, label) of each non-blank `path label` line.
+
+    The format of OpenOOD's `benchmark_imglist/*.txt` (and any plain list): the label is the
+    last whitespace-separated token (an int, -1 = unknown), the path everything before it
+    (it may contain spaces); paths are relative (OpenOOD refuses a leading `/` too) and may
+    not leave the image root (`..`). Any other line stops with `file:line`."""
+    if not path.is_file():
+        raise DataError(f"file list not found: {path}; pass --list FILE of 'path label' lines")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read file list {path}: {err}") from None
+    rows = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line:
+            continue
         parts = line.rsplit(None, 1)
         if len(parts) != 2 or not re.fullmatch(r"-?\d+", parts[1]):
-            raise DataError(f"{path}:{number}: expected 'path label', got {line!r}")
-        file = base / parts[0]
-        records.append(Record(str(file), int(parts[1]), parts[0]))
-    if not records:
+            raise DataError(f"{path}:{number}: expected 'path label' (label an integer, -1 = unknown), "
+                            f"got {line[:120]!r}")
+        rel = parts[0]
+        if rel.startswith(("/", "\\")) or ".." in Path(rel).parts:
+            raise DataError(f"{path}:{number}: path {rel[:120]!r} must be relative to --root and stay below it")
+        label = int(parts[1])
+        if label < -1:
+            raise DataError(f"{path}:{number}: label {label}; labels are class indices >= 0, or -1 for unknown")
+        rows.append((number, rel, label))
+    if not rows:
         raise DataError(f"file list {path} is empty")
+    return rows
+
+
+def list_filelist(list_file: str | Path, root: str | Path | None, dataset: str, subset: str,
+                  class_names: str | None = None, classes_from: str | Path | None = None,
+                  expected: int | None = None) -> Listing:
+    """`path label` lines (OpenOOD's benchmark_imglist format; path relative to `root`).
+
+    `classes_from` (a training shard index, a folder of class folders or a list) gives the
+    class order the labels index, so an ID test list gets the training set's classes (OpenOOD's
+    ImageNet labels are sorted-wnid positions, the order of `--source imagefolder`);
+    `expected`: the number of lines the list must have (checked before any image is looked at)."""
+    path = Path(list_file)
+    base = Path(root) if root else path.parent
+    rows = _filelist_lines(path)
+    if expected is not None and len(rows) != expected:
+        raise DataError(f"{path} has {len(rows)} 'path label' lines, expected {expected} (OpenOOD v1.5's published "
+                        "list); download the list again, or pass --expect-lines N (0: no check) if this is intended")
+    order = read_class_order(classes_from, []) if classes_from else None
+    if order is not None:
+        beyond = next(((n, label) for n, _, label in rows if label >= len(order)), None)
+        if beyond:
+            raise DataError(f"{path}:{beyond[0]}: label {beyond[1]}, but --classes-from {classes_from} has "
+                            f"{len(order)} classes")
+    records = [Record(str(base / rel), label, rel) for _, rel, label in rows]
     missing = [r.ref for r in records if not Path(r.ref).is_file()]
     if missing:
         raise DataError(f"{len(missing)} files of {path} do not exist (e.g. {missing[0]}); paths are relative "
                         f"to --root {base}")
     records.sort(key=lambda r: r.name)
-    num = max(r.label for r in records) + 1
-    if any(r.label < -1 for r in records):
-        raise DataError(f"{path}: labels must be >= -1")
-    return Listing(dataset, subset, "filelist", str(base), read_class_names(class_names, [str(i) for i in range(num)]),
-                   records)
+    if order is None:
+        order = [str(i) for i in range(max(r.label for r in records) + 1)]
+    wnids = order if order and all(WNID.match(w) for w in order) else None
+    return Listing(dataset, subset, "filelist", str(base), read_class_names(class_names, order), records, wnids)

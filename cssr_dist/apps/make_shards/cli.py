@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from ... import __version__
 from ...data import layouts as src
+from ...data import openood
 from ...data.shards.index import (
     ShardIndex,
     ShardInfo,
@@ -87,8 +88,18 @@ def listing_from_args(args: argparse.Namespace) -> src.Listing:
     if args.source == "filelist":
         if not args.list:
             raise DataError("--source filelist needs --list FILE of 'path label' lines")
-        return src.list_filelist(args.list, args.root, dataset, args.subset, args.class_names)
+        return src.list_filelist(args.list, args.root, dataset, args.subset, args.class_names, args.classes_from,
+                                 expected_list_lines(args.list, args.expect_lines))
     raise DataError(f"--source {args.source!r} unknown; choose one of {', '.join(SOURCES)}")
+
+
+def expected_list_lines(list_file: str, given: int | None) -> int | None:
+    """--expect-lines N (0: no check), else the published size of an OpenOOD v1.5 list of that name."""
+    if given is not None:
+        if given < 0:
+            raise DataError(f"--expect-lines {given}: give a line count, or 0 for no check")
+        return given or None
+    return openood.expected_lines(list_file)
 
 
 # ---------------------------------------------------------------- encoding one shard (worker side)
@@ -322,9 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     "or 'filename wnid' lines)")
     p.add_argument("--label-format", default="auto", choices=src.LABEL_FORMATS)
     p.add_argument("--id-map", help="flat + ilsvrc-gt: devkit data/meta.mat or 'ILSVRC_id wnid' lines")
-    p.add_argument("--classes-from", help="class (wnid) order: training index .json, folder of class folders, or list")
+    p.add_argument("--classes-from", help="flat, filelist: class (wnid) order: training index .json, folder of class "
+                                          "folders, or list")
     p.add_argument("--class-names", help="'wnid name' mapping (LOC_synset_mapping.txt, words.txt) or one name a line")
-    p.add_argument("--list", help="filelist: 'path label' lines, paths relative to --root")
+    p.add_argument("--list", help="filelist: 'path label' lines, paths relative to --root (OpenOOD's benchmark_imglist "
+                                  "format)")
+    p.add_argument("--expect-lines", type=int, help="filelist: the line count the list must have (default: OpenOOD "
+                                                    "v1.5's published size for its list names, else none; 0: no check)")
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--max-bytes", type=parse_size, help="also cut shards at this many (source) bytes, e.g. 1G")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed for the sample order (class-mixed shards)")
