@@ -39,17 +39,11 @@ cssr_run_job() {
   export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} PYTHONUNBUFFERED=1
   export CSSR_DIST_TIMEOUT_S=${CSSR_DIST_TIMEOUT_S:-600}
 
-  # Validate the config once, here, before N nodes start; learn the run folder.
+  # Pre-flight, once, here, before N nodes start: the config, every shard index (train, test,
+  # each OOD set), the weight file, the output folder (cssr_dist/engine/preflight.py); one line
+  # per problem and exit 2. Prints the run folder.
   local run_dir
-  run_dir=$("$py" -c 'import sys
-from pathlib import Path
-from cssr_dist.cli import config_from_args, parse
-from cssr_dist.errors import CssrError
-try:
-    cfg = config_from_args(parse(sys.argv[1:]))
-except CssrError as err:
-    sys.exit(f"error: {err}")
-print(Path(cfg.run.output_dir, cfg.run.name).resolve())' --config "$config" "run.name=$name" "$@") || return 2
+  run_dir=$("$py" -m cssr_dist.apps.preflight --config "$config" "run.name=$name" "$@") || return 2
 
   local restart=${SLURM_RESTART_COUNT:-0}
   local log_dir=$run_dir/slurm/${SLURM_JOB_ID}.${restart}

@@ -1,5 +1,10 @@
 """Sweeps: data sets x splits x methods x seeds -> one run folder each, run locally one after
-another or submitted as the Slurm array `slurm/osr_sweep.sh`.
+another or submitted to Slurm: the array `slurm/osr_sweep.sh` (one task per run, small data
+sets), or one multi-node job of `slurm/imagenet_rcssr.sh` per run for ImageNet configs
+(`data.dataset: imagenet`), with the cluster's partition, account, nodes, GPUs per node and
+time limit (:class:`SlurmResources`). Before anything is submitted, every unfinished run is
+pre-flighted (`engine/preflight.py`: shard indexes, weights, output folders); the job runs the
+same check again on its batch host before `srun` starts the nodes.
 
 A run is identified by its folder `<output_dir>/<name>`, name `{dataset}_{method}_{split}_s{seed}`
 (prefixed by `<tag>_` when a tag is given). Its state comes from the folder alone, so a sweep
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -21,13 +27,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ..cli import config_from_args, parse
+from ..config import Config
+from ..engine.preflight import preflight
 from ..errors import ConfigError, CssrError, check_plain_name, report
 
 #: The checkout this package runs from (an editable install): configs/, slurm/ and train.py live there.
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-__all__ = ["DEFAULT_SPLITS", "RunSpec", "expand", "run_state", "train_command", "run_local", "slurm_submission",
-           "format_duration"]
+__all__ = ["DEFAULT_SPLITS", "RunSpec", "SlurmResources", "expand", "run_state", "train_command", "run_local",
+           "slurm_submission", "multinode_submissions", "is_multinode", "preflight_specs", "format_duration"]
+
+ARRAY_SCRIPT = "slurm/osr_sweep.sh"
+MULTINODE_SCRIPT = "slurm/imagenet_rcssr.sh"
+MULTINODE_DATASETS = ("imagenet",)  # data.dataset values whose runs go to MULTINODE_SCRIPT
+#: Slurm's --time formats: minutes, m:s, h:m:s, d-h, d-h:m, d-h:m:s
+SLURM_TIME = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}")
 
 #: Each data set's own split family (as osr_sweep.sh): CSSR a-e, ARPL 0-4, built-in "default".
 DEFAULT_SPLITS: dict[str, tuple[str, ...]] = {
@@ -38,6 +53,7 @@ DEFAULT_SPLITS: dict[str, tuple[str, ...]] = {
     "cifar_plus50": ("0", "1", "2", "3", "4"),
     "mnist": ("0", "1", "2", "3", "4"),
     "fashion_mnist": ("0", "1", "2", "3", "4"),
+    "imagenet": ("default",),  # split_family none: all 1000 classes known, unknowns from the OOD sets
 }
 
 FINISHED, INTERRUPTED, NEW = "finished", "interrupted", "new"
@@ -62,6 +78,35 @@ class RunSpec:
     def overrides(self, output_dir: str | Path) -> list[str]:
         return [f"data.split={self.split}", f"run.seed={self.seed}", f"run.name={self.name}",
                 f"run.output_dir={output_dir}"]
+
+
+@dataclass(frozen=True)
+class SlurmResources:
+    """What a sweep asks Slurm for; None leaves the script's own #SBATCH default."""
+
+    partition: str | None = None
+    account: str | None = None
+    nodes: int | None = None
+    gpus_per_node: int | None = None
+    time: str | None = None
+
+    def check(self) -> "SlurmResources":
+        for what, name in (("--partition", self.partition), ("--account", self.account)):
+            if name is not None:
+                check_plain_name(name, what)
+        if self.nodes is not None and self.nodes < 1:
+            raise ConfigError(f"--nodes {self.nodes}: a job needs at least 1 node")
+        if self.gpus_per_node is not None and self.gpus_per_node < 0:
+            raise ConfigError(f"--gpus-per-node {self.gpus_per_node}: give 0 or more")
+        if self.time is not None and not SLURM_TIME.fullmatch(self.time):
+            raise ConfigError(f"--time {self.time!r} is not a Slurm time limit; use minutes, HH:MM:SS or D-HH:MM:SS")
+        return self
+
+    def sbatch_options(self) -> list[str]:
+        """`--partition=.. --account=.. --nodes=.. --gpus-per-node=.. --time=..` for the values given."""
+        values = (("partition", self.partition), ("account", self.account), ("nodes", self.nodes),
+                  ("gpus-per-node", self.gpus_per_node), ("time", self.time))
+        return [f"--{key}={value}" for key, value in values if value is not None]
 
 
 def expand(datasets: Sequence[str], methods: Sequence[str], splits: Sequence[str] | None = None,
@@ -146,8 +191,26 @@ def run_local(specs: Sequence[RunSpec], launcher: Sequence[str], output_dir: str
     return outcome
 
 
+def spec_config(spec: RunSpec, output_dir: str | Path, overrides: Sequence[str] = (),
+                configs_dir: str | Path = REPO_ROOT / "configs") -> Config:
+    """The validated config a run of the sweep will use (train.py's own parsing)."""
+    config = Path(configs_dir) / spec.dataset / f"{spec.method}.yaml"
+    return config_from_args(parse(["--config", str(config), *spec.overrides(output_dir), *overrides]))
+
+
+def is_multinode(cfg: Config) -> bool:
+    """ImageNet configs go to the multi-node script, one job per run; the rest to the array."""
+    return cfg.data.dataset in MULTINODE_DATASETS
+
+
+def preflight_specs(configs: dict[str, Config]) -> list[str]:
+    """Pre-flight each run's config: `<run name>: <problem>` lines (empty: submit)."""
+    return [f"{name}: {problem}" for name, cfg in configs.items() for problem in preflight(cfg)]
+
+
 def slurm_submission(specs: Sequence[RunSpec], output_dir: str | Path, overrides: Sequence[str] = (),
-                     parallel: int = 8, script: str = "slurm/osr_sweep.sh") -> tuple[list[str], dict[str, str]] | None:
+                     parallel: int = 8, script: str = ARRAY_SCRIPT,
+                     resources: SlurmResources = SlurmResources()) -> tuple[list[str], dict[str, str]] | None:
     """(`sbatch` command, environment) submitting only the unfinished runs as array indices of
     `osr_sweep.sh`'s grid; None when every run is finished. The grid must be a full product
     (as :func:`expand` makes): the script rebuilds it from SWEEP_* variables."""
@@ -171,8 +234,53 @@ def slurm_submission(specs: Sequence[RunSpec], output_dir: str | Path, overrides
     if not indices:
         return None
     array = ",".join(map(str, indices))
-    cmd = ["sbatch", f"--array={array}%{parallel}", script, f"run.output_dir={output_dir}", *overrides]
+    cmd = ["sbatch", *resources.sbatch_options(), f"--array={array}%{parallel}", script,
+           f"run.output_dir={output_dir}", *overrides]
     return cmd, env
+
+
+def multinode_submissions(specs: Sequence[RunSpec], output_dir: str | Path, overrides: Sequence[str] = (),
+                          resources: SlurmResources = SlurmResources(),
+                          script: str = MULTINODE_SCRIPT) -> list[list[str]]:
+    """One `sbatch [resources] --job-name=<run> imagenet_rcssr.sh <config> <run overrides>` per unfinished run:
+    each run gets its own allocation of N nodes x G GPUs (an array task is one node's worth)."""
+    return [["sbatch", *resources.sbatch_options(), f"--job-name={spec.name}", script, spec.config,
+             *spec.overrides(output_dir), *overrides]
+            for spec in specs if run_state(output_dir, spec) != FINISHED]
+
+
+def submit_slurm(specs: Sequence[RunSpec], args: argparse.Namespace, resources: SlurmResources,
+                 run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> int:
+    """Pre-flight every unfinished run, then submit the array or one multi-node job per run."""
+    todo = [s for s in specs if run_state(args.output_dir, s) != FINISHED]
+    if not todo:
+        print(f"all {len(specs)} runs finished; nothing to submit")
+        return 0
+    configs = {s.name: spec_config(s, args.output_dir, args.overrides) for s in todo}
+    if not args.no_preflight:
+        problems = preflight_specs(configs)
+        for line in problems:
+            print(f"preflight: {line}", file=sys.stderr)
+        if problems:
+            print(f"error: {len(problems)} pre-flight problem(s) in {len(todo)} run(s); nothing was submitted",
+                  file=sys.stderr)
+            return 2
+    kinds = {is_multinode(cfg) for cfg in configs.values()}
+    if len(kinds) > 1:
+        raise ConfigError("this sweep mixes ImageNet configs (one multi-node job per run) with others (one array); "
+                          "submit them as two sweeps")
+    if kinds.pop():
+        commands, env = multinode_submissions(specs, args.output_dir, args.overrides, resources), {}
+    else:
+        plan = slurm_submission(specs, args.output_dir, args.overrides, args.parallel, resources=resources)
+        assert plan is not None  # todo is not empty
+        commands, env = [plan[0]], plan[1]
+    rc = 0
+    for cmd in commands:
+        print(" ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(cmd)]))
+        if not args.dry_run:
+            rc = rc or run(cmd, cwd=REPO_ROOT, env={**os.environ, **env}).returncode
+    return rc
 
 
 def main_launcher_default() -> list[str]:
@@ -185,7 +293,10 @@ Slurm array; finished runs are skipped and interrupted ones resume.
 
     cssr-sweep --datasets fashion_mnist mnist --methods linear pcssr rcssr \\
         --launcher "accelerate launch --num_processes 2" -- schedule.epochs=3
-    cssr-sweep --datasets cifar10 svhn --slurm -- data.root=/data   # sbatch osr_sweep.sh
+    cssr-sweep --datasets cifar10 svhn --slurm -- data.root=/data   # sbatch osr_sweep.sh (one array)
+    cssr-sweep --datasets imagenet --methods openood_rcssr openood_rcssr_r50 --splits none --slurm \
+        --partition gpu --account myproj --nodes 2 --gpus-per-node 8 --time 12:00:00 -- data.root=/shards
+                                                    # one sbatch imagenet_rcssr.sh (2 x 8 GPUs) per run
     cssr-sweep ... --dry-run                                          # show the plan
 """
 
@@ -199,8 +310,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default="", help="run-name prefix")
     p.add_argument("--output-dir", default="runs")
     p.add_argument("--launcher", help="command before train.py (default: this Python's `accelerate launch`)")
-    p.add_argument("--slurm", action="store_true", help="submit slurm/osr_sweep.sh for the unfinished runs")
+    p.add_argument("--slurm", action="store_true", help="submit the unfinished runs: slurm/osr_sweep.sh as one array, "
+                                                        "or one slurm/imagenet_rcssr.sh job per run for ImageNet configs")
     p.add_argument("--parallel", type=int, default=8, help="Slurm: array tasks running at once")
+    p.add_argument("--partition", help="Slurm: partition (sbatch --partition)")
+    p.add_argument("--account", help="Slurm: account to charge (sbatch --account)")
+    p.add_argument("--nodes", type=int, help="Slurm: nodes per job (default: the script's, 2 for ImageNet, 1 array)")
+    p.add_argument("--gpus-per-node", type=int, help="Slurm: GPUs per node = processes per node (default: the "
+                                                     "script's, 8 for ImageNet, 1 array)")
+    p.add_argument("--time", help="Slurm: time limit per job, minutes or [D-]HH:MM:SS (default: the script's)")
+    p.add_argument("--no-preflight", action="store_true", help="Slurm: submit without checking shard indexes, "
+                                                               "weights and output folders here (the job still does)")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("overrides", nargs="*", help="config overrides for every run (after --)")
     args = p.parse_args(argv)
@@ -208,13 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         specs = expand(args.datasets, args.methods, args.splits, args.seeds, args.tag, REPO_ROOT / "configs")
         if args.slurm:
-            plan = slurm_submission(specs, args.output_dir, args.overrides, args.parallel)
-            if plan is None:
-                print(f"all {len(specs)} runs finished; nothing to submit")
-                return 0
-            cmd, env = plan
-            print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(cmd))
-            return 0 if args.dry_run else subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, **env}).returncode
+            resources = SlurmResources(args.partition, args.account, args.nodes, args.gpus_per_node, args.time).check()
+            return submit_slurm(specs, args, resources)
         launcher = shlex.split(args.launcher) if args.launcher else main_launcher_default()
         outcome = run_local(specs, launcher, args.output_dir, args.overrides, cwd=REPO_ROOT, dry_run=args.dry_run)
     except CssrError as err:

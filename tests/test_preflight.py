@@ -1,0 +1,124 @@
+"""Pre-flight (engine/preflight.py, `python -m cssr_dist.apps.preflight`): shard indexes, weight files
+and output folders are checked before any node starts, one line per problem."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cssr_dist.apps.make_shards.cli import main as make_shards
+from cssr_dist.apps.preflight import main as preflight_main
+from cssr_dist.config import load_config
+from cssr_dist.engine.preflight import preflight, safetensors_header_problem
+from tests.conftest import write_images
+
+ROOT = Path(__file__).resolve().parent.parent
+OPENOOD = ROOT / "configs" / "imagenet" / "openood_rcssr.yaml"
+SETS = ["imagenet-train", "openood-imagenet-test", "openood-ssb_hard", "openood-ninco", "openood-inaturalist",
+        "openood-textures", "openood-openimage_o"]
+
+
+@pytest.fixture(scope="module")
+def shard_root(tmp_path_factory) -> Path:
+    """Every shard set of configs/imagenet/openood_rcssr.yaml, 2 images each (the same tiny folder)."""
+    tmp = tmp_path_factory.mktemp("pre")
+    for c in range(2):
+        write_images(tmp / "img" / f"n{c:08d}", ["a.png"], seed=c)
+    root = tmp / "shards"
+    for name in SETS:
+        source = ["--source", "ood"] if name.startswith("openood-") and name != "openood-imagenet-test" else \
+            ["--source", "imagefolder"]
+        assert make_shards([*source, "--root", str(tmp / "img"), "--out", str(root / name), "--workers", "1",
+                            "--no-progress"]) == 0
+    return root
+
+
+def _cfg(root: Path, tmp: Path, *overrides: str):
+    weights = tmp / "w.safetensors"
+    if not weights.exists():
+        save_file({"conv1.weight": torch.zeros(2, 3, 1, 1)}, str(weights))
+    return load_config(OPENOOD, [f"data.root={root}", f"model.pretrained_file={weights}", f"run.output_dir={tmp / 'runs'}",
+                                 *overrides])
+
+
+def test_a_complete_run_passes(shard_root, tmp_path):
+    assert preflight(_cfg(shard_root, tmp_path)) == []
+
+
+def test_a_wrong_data_root_is_one_line(shard_root, tmp_path):
+    problems = preflight(_cfg(tmp_path / "nowhere", tmp_path))
+    assert len(problems) == 1 and problems[0].startswith(f"data.root: {tmp_path / 'nowhere'} is not a folder")
+
+
+def test_each_broken_shard_set_is_named(shard_root, tmp_path):
+    root = tmp_path / "copy"
+    root.mkdir()
+    for file in shard_root.iterdir():
+        os.symlink(file, root / file.name)
+    (root / "openood-ninco.json").unlink()  # a set never made
+    (root / "openood-textures.json").unlink()
+    (root / "openood-textures.json").write_text("{not json")  # a corrupt index
+    (root / "openood-inaturalist-000000.tar").unlink()  # a shard not copied
+    problems = preflight(_cfg(root, tmp_path))
+    assert len(problems) == 3, problems
+    assert problems[0].startswith("data.ood[1] (ninco): shard index not found")
+    assert problems[1].startswith("data.ood[2] (inaturalist): 1 of 1 shard files listed in") and "missing" in problems[1]
+    assert problems[2].startswith("data.ood[3] (textures): cannot read shard index")
+
+
+def test_weight_files(shard_root, tmp_path):
+    assert preflight(_cfg(shard_root, tmp_path, f"model.pretrained_file={tmp_path / 'none.safetensors'}")) == \
+        [f"model.pretrained_file: {tmp_path / 'none.safetensors'} does not exist"]
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(struct.pack("<Q", 10**15) + b"{}")  # a header length no file has
+    assert safetensors_header_problem(bad) == f"{bad} has no valid safetensors header (header length {10**15})"
+    bad.write_bytes(struct.pack("<Q", 6) + b"nojson")
+    assert safetensors_header_problem(bad) == f"{bad} has no valid safetensors header (not JSON)"
+    bad.write_bytes(b"PK\x03")  # a zip (torch.save) renamed
+    assert safetensors_header_problem(bad) == f"{bad} is too short to be a safetensors file"
+    assert preflight(_cfg(shard_root, tmp_path, f"model.pretrained_file={bad}")) == \
+        [f"model.pretrained_file: {bad} is too short to be a safetensors file"]
+
+
+def test_output_folders(shard_root, tmp_path):
+    blocker = tmp_path / "out"
+    blocker.write_text("a file where the runs folder should go")  # as root, permissions would not stop a write
+    assert preflight(_cfg(shard_root, tmp_path, f"run.output_dir={blocker / 'runs'}")) == \
+        [f"run.output_dir: {blocker / 'runs'} cannot be created or written ({blocker} is not a writable folder)"]
+
+
+def test_another_runs_folder_and_a_folder_in_use(shard_root, tmp_path):
+    cfg = _cfg(shard_root, tmp_path)
+    run = Path(cfg.run.output_dir) / cfg.run.name
+    run.mkdir(parents=True)
+    (run / "history.jsonl").write_text(json.dumps({"epoch": 1}) + "\n")  # trained, nothing to resume from
+    problems = preflight(cfg)
+    assert len(problems) == 1 and problems[0].startswith(f"run folder {run} holds a trained run (history.jsonl)")
+    (run / "history.jsonl").unlink()
+    with open(run / ".lock", "w") as lock:  # what RunFolder.lock holds while a job runs
+        lock.write("pid 1 on nodeX since 2026-12-07 01:00:00\n")
+        lock.flush()
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert preflight(cfg) == [f"run folder {run} is in use by another job (pid 1 on nodeX since 2026-12-07 "
+                                  "01:00:00); wait for it or choose another run.name"]
+    assert preflight(cfg) == []  # lock released, empty folder: a fresh start
+
+
+def test_the_program_prints_the_run_folder_or_one_line_per_problem(shard_root, tmp_path, capsys):
+    args = ["--config", str(OPENOOD), f"data.root={shard_root}", f"run.output_dir={tmp_path / 'runs'}",
+            "run.name=r1", "model.pretrained=false"]
+    assert preflight_main(args) == 0
+    assert capsys.readouterr().out.strip() == str((tmp_path / "runs" / "r1").resolve())
+    assert preflight_main([*args, f"data.root={tmp_path}/x", "model.pretrained_file=/nonexistent.safetensors"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.splitlines() == [
+        f"preflight: data.root: {tmp_path}/x is not a folder; the shard prefixes (imagenet-train, "
+        "openood-imagenet-test, openood-ssb_hard, ...) are looked up there",
+        "preflight: model.pretrained_file: /nonexistent.safetensors does not exist"]
