@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from cssr_dist.errors import ConfigError
-from cssr_dist.apps.sweep import RunSpec, expand, run_local, run_state, slurm_submission, train_command
+from cssr_dist.apps.sweep import (RunSpec, SlurmResources, expand, main, multinode_submissions, run_local, run_state,
+                                  slurm_submission, train_command)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,7 +47,7 @@ def test_expand_order_names_and_errors():
     with pytest.raises(ConfigError, match="no config .*nosuch"):
         expand(["mnist"], ["nosuch"], configs_dir=ROOT / "configs")
     with pytest.raises(ConfigError, match="no default splits"):
-        expand(["imagenet"], ["rcssr"], configs_dir=ROOT / "configs")
+        expand(["cifar100"], ["rcssr"], configs_dir=ROOT / "configs")
 
 
 def test_run_local_skips_finished_and_resumes_interrupted(tmp_path, monkeypatch):
@@ -116,3 +118,58 @@ def test_slurm_submission_lists_only_unfinished_tasks_of_the_scripts_grid(tmp_pa
     assert slurm_submission(specs, tmp_path) is None
     with pytest.raises(ConfigError, match="full grid"):
         slurm_submission(specs[:-1] + [RunSpec("mnist", "rcssr", "9", 0, "t")], tmp_path)
+
+
+# ---------------------------------------------------------------- cluster resources (no Slurm needed)
+def test_sbatch_options_carry_partition_account_nodes_gpus_and_time():
+    full = SlurmResources(partition="gpu", account="proj1", nodes=2, gpus_per_node=8, time="1-12:00:00").check()
+    assert full.sbatch_options() == ["--partition=gpu", "--account=proj1", "--nodes=2", "--gpus-per-node=8",
+                                     "--time=1-12:00:00"]
+    assert SlurmResources().sbatch_options() == []  # the script's own #SBATCH lines then
+    assert SlurmResources(gpus_per_node=0, time="90").check().sbatch_options() == ["--gpus-per-node=0", "--time=90"]
+    for bad, says in ((SlurmResources(time="12h"), "--time '12h' is not a Slurm time limit"),
+                      (SlurmResources(nodes=0), "--nodes 0: a job needs at least 1 node"),
+                      (SlurmResources(gpus_per_node=-1), "--gpus-per-node -1"),
+                      (SlurmResources(partition="a b/c"), "--partition")):
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            bad.check()
+
+
+def test_array_submission_carries_the_resources(tmp_path):
+    specs = expand(["mnist"], ["rcssr"], splits=["0", "1"], configs_dir=ROOT / "configs")
+    cmd, _ = slurm_submission(specs, tmp_path, ["data.root=/d"], parallel=2,
+                              resources=SlurmResources(partition="p", account="a", nodes=1, gpus_per_node=1, time="60"))
+    assert cmd == ["sbatch", "--partition=p", "--account=a", "--nodes=1", "--gpus-per-node=1", "--time=60",
+                   "--array=0,1%2", "slurm/osr_sweep.sh", f"run.output_dir={tmp_path}", "data.root=/d"]
+
+
+def test_imagenet_runs_get_one_multinode_job_each(tmp_path, capsys):
+    specs = expand(["imagenet"], ["openood_rcssr", "openood_rcssr_r50"], configs_dir=ROOT / "configs")
+    assert [s.name for s in specs] == ["imagenet_openood_rcssr_default_s0", "imagenet_openood_rcssr_r50_default_s0"]
+    (tmp_path / specs[0].name).mkdir()
+    (tmp_path / specs[0].name / "summary.json").write_text("{}")  # finished: not submitted again
+    res = SlurmResources(partition="gpu", account="proj", nodes=4, gpus_per_node=8, time="12:00:00")
+    assert multinode_submissions(specs, tmp_path, ["data.root=/s"], res) == [[
+        "sbatch", "--partition=gpu", "--account=proj", "--nodes=4", "--gpus-per-node=8", "--time=12:00:00",
+        "--job-name=imagenet_openood_rcssr_r50_default_s0", "slurm/imagenet_rcssr.sh",
+        "configs/imagenet/openood_rcssr_r50.yaml", "data.split=default", "run.seed=0",
+        "run.name=imagenet_openood_rcssr_r50_default_s0", f"run.output_dir={tmp_path}", "data.root=/s"]]
+    # through the command line: the ImageNet config picks the multi-node script
+    argv = ["--datasets", "imagenet", "--methods", "openood_rcssr", "--output-dir", str(tmp_path / "new"), "--slurm",
+            "--partition", "gpu", "--nodes", "2", "--gpus-per-node", "8", "--time", "08:00:00", "--dry-run"]
+    assert main([*argv, "--no-preflight", "--", "data.root=/s"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == ["sbatch --partition=gpu --nodes=2 --gpus-per-node=8 --time=08:00:00 "
+                   "--job-name=imagenet_openood_rcssr_default_s0 slurm/imagenet_rcssr.sh "
+                   "configs/imagenet/openood_rcssr.yaml data.split=default run.seed=0 "
+                   f"run.name=imagenet_openood_rcssr_default_s0 run.output_dir={tmp_path / 'new'} data.root=/s"]
+    # with the pre-flight: a data root without shards submits nothing, one line per problem
+    assert main([*argv, "--", f"data.root={tmp_path / 'nowhere'}", "model.pretrained=false"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.splitlines() == [
+        f"preflight: imagenet_openood_rcssr_default_s0: data.root: {tmp_path / 'nowhere'} is not a folder; the shard "
+        "prefixes (imagenet-train, openood-imagenet-test, openood-ssb_hard, ...) are looked up there",
+        "error: 1 pre-flight problem(s) in 1 run(s); nothing was submitted"]
+    assert main([*argv[:6], "--slurm", "--time", "8 hours"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --time '8 hours' is not a Slurm time limit; use minutes, " \
+        "HH:MM:SS or D-HH:MM:SS"
