@@ -25,9 +25,11 @@ Takes exactly the options of `accelerate launch` and adds what a cluster job nee
   bytes ("AF_UNIX path too long", after which the loader waits for ever).
 * **Multi-node options from the environment** when not given on the command line:
   `--machine_rank` from MACHINE_RANK or SLURM_NODEID, `--main_process_ip` from
-  MASTER_ADDR, `--main_process_port` from MASTER_PORT, `--num_machines` from NNODES or
-  SLURM_NNODES (only when the launch is multi-machine, `--num_machines` > 1 or a
-  multi-node config file).
+  MASTER_ADDR, `--main_process_port` from MASTER_PORT (else, in a Slurm job, a port derived
+  from SLURM_JOB_ID: every node of a job computes the same one, two jobs on one node differ),
+  `--num_machines` from NNODES or SLURM_NNODES (only when the launch is multi-machine,
+  `--num_machines` > 1 or a multi-node config file). One-machine launches use port 0 in the
+  launcher files: Accelerate then takes a free port itself.
 """
 
 from __future__ import annotations
@@ -76,6 +78,15 @@ def _forward(signum: int, frame) -> None:  # noqa: ARG001 - signal handler signa
             pass
 
 
+JOB_PORT_BASE, JOB_PORT_SPAN = 20000, 12000  # 20000-31999: below Linux's ephemeral ports (32768-60999)
+
+
+def job_port() -> str | None:
+    """The rendezvous port of this Slurm job when MASTER_PORT is not set: the same on every node."""
+    job = os.environ.get("SLURM_JOB_ID", "")
+    return str(JOB_PORT_BASE + int(job) % JOB_PORT_SPAN) if job.isdigit() else None
+
+
 def _has(argv: list[str], option: str) -> bool:
     return any(a == option or a.startswith(option + "=") for a in argv)
 
@@ -107,6 +118,8 @@ def with_env_options(argv: list[str]) -> list[str]:
         return argv
     for option, names in ENV_OPTIONS:
         value = next((os.environ[n] for n in names if os.environ.get(n)), None)
+        if value is None and option == "--main_process_port":
+            value = job_port()
         if value is not None and not _has(launcher, option):
             launcher += [option, value]
     return launcher + rest

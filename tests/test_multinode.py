@@ -118,6 +118,14 @@ def test_launcher_takes_multi_node_options_from_the_environment(monkeypatch):
     assert out.count("--main_process_port") == 1 and out[-1] == "--main_process_port=9"  # train.py's args untouched
     single = ["--num_processes", "1", "--num_machines", "1", "train.py"]
     assert launch.with_env_options(single) == single  # one machine: nothing added
+    # no MASTER_PORT: every node of a Slurm job derives the same port from the job id, another job another one
+    monkeypatch.delenv("MASTER_PORT")
+    ports = []
+    for job in ("4242", "4243"):
+        monkeypatch.setenv("SLURM_JOB_ID", job)
+        out = launch.with_env_options(["--config_file", str(ROOT / "launchers" / "multi_node.yaml"), "train.py"])
+        ports.append(out[out.index("--main_process_port") + 1])
+    assert ports == ["24242", "24243"]
 
 
 def test_launcher_config_files_load_with_their_documented_shape():
@@ -132,6 +140,32 @@ def test_launcher_config_files_load_with_their_documented_shape():
         cfg = load_config_from_file(str(ROOT / "launchers" / f"{name}.yaml"))
         assert (str(cfg.distributed_type).split(".")[-1], cfg.num_processes, cfg.num_machines,
                 cfg.mixed_precision, cfg.use_cpu) == shape, name
+        if cfg.num_processes > 1 and cfg.num_machines == 1:  # 0: Accelerate's "a free port" (two jobs on one node)
+            assert cfg.main_process_port == 0, name
+
+
+def test_port_0_in_a_launcher_file_becomes_a_free_port():
+    """What Accelerate does with the single-machine files' `main_process_port: 0`: a port free right now."""
+    import argparse
+    import socket
+
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        ports = set()
+        for _ in range(2):
+            args = argparse.Namespace(main_process_port=0)
+            try:
+                prepare_multi_gpu_env(args)
+            except (AttributeError, TypeError):  # later fields of a full launch namespace; the port comes first
+                pass
+            ports.add(args.main_process_port)
+        assert all(isinstance(p, int) and p > 0 and p != taken.getsockname()[1] for p in ports), ports
+    finally:
+        taken.close()
 
 
 def test_launcher_scratch_folder_keeps_unix_socket_paths_short(monkeypatch, tmp_path):
