@@ -122,13 +122,15 @@ def test_slurm_submission_lists_only_unfinished_tasks_of_the_scripts_grid(tmp_pa
 
 # ---------------------------------------------------------------- cluster resources (no Slurm needed)
 def test_sbatch_options_carry_partition_account_nodes_gpus_and_time():
-    full = SlurmResources(partition="gpu", account="proj1", nodes=2, gpus_per_node=8, time="1-12:00:00").check()
+    full = SlurmResources(partition="gpu", account="proj1", nodes=2, gpus_per_node=8, time="1-12:00:00",
+                          cpus_per_task=64).check()
     assert full.sbatch_options() == ["--partition=gpu", "--account=proj1", "--nodes=2", "--gpus-per-node=8",
-                                     "--time=1-12:00:00"]
+                                     "--cpus-per-task=64", "--time=1-12:00:00"]
     assert SlurmResources().sbatch_options() == []  # the script's own #SBATCH lines then
     assert SlurmResources(gpus_per_node=0, time="90").check().sbatch_options() == ["--gpus-per-node=0", "--time=90"]
     for bad, says in ((SlurmResources(time="12h"), "--time '12h' is not a Slurm time limit"),
                       (SlurmResources(nodes=0), "--nodes 0: a job needs at least 1 node"),
+                      (SlurmResources(cpus_per_task=0), "--cpus-per-task 0"),
                       (SlurmResources(gpus_per_node=-1), "--gpus-per-node -1"),
                       (SlurmResources(partition="a b/c"), "--partition")):
         with pytest.raises(ConfigError, match=re.escape(says)):

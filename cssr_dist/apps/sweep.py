@@ -89,6 +89,7 @@ class SlurmResources:
     nodes: int | None = None
     gpus_per_node: int | None = None
     time: str | None = None
+    cpus_per_task: int | None = None  # per node (one launcher task per node): loader workers + the processes
 
     def check(self) -> "SlurmResources":
         for what, name in (("--partition", self.partition), ("--account", self.account)):
@@ -98,14 +99,16 @@ class SlurmResources:
             raise ConfigError(f"--nodes {self.nodes}: a job needs at least 1 node")
         if self.gpus_per_node is not None and self.gpus_per_node < 0:
             raise ConfigError(f"--gpus-per-node {self.gpus_per_node}: give 0 or more")
+        if self.cpus_per_task is not None and self.cpus_per_task < 1:
+            raise ConfigError(f"--cpus-per-task {self.cpus_per_task}: give 1 or more")
         if self.time is not None and not SLURM_TIME.fullmatch(self.time):
             raise ConfigError(f"--time {self.time!r} is not a Slurm time limit; use minutes, HH:MM:SS or D-HH:MM:SS")
         return self
 
     def sbatch_options(self) -> list[str]:
-        """`--partition=.. --account=.. --nodes=.. --gpus-per-node=.. --time=..` for the values given."""
+        """`--partition=.. --account=.. --nodes=.. --gpus-per-node=.. --cpus-per-task=.. --time=..` (those given)."""
         values = (("partition", self.partition), ("account", self.account), ("nodes", self.nodes),
-                  ("gpus-per-node", self.gpus_per_node), ("time", self.time))
+                  ("gpus-per-node", self.gpus_per_node), ("cpus-per-task", self.cpus_per_task), ("time", self.time))
         return [f"--{key}={value}" for key, value in values if value is not None]
 
 
@@ -319,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus-per-node", type=int, help="Slurm: GPUs per node = processes per node (default: the "
                                                      "script's, 8 for ImageNet, 1 array)")
     p.add_argument("--time", help="Slurm: time limit per job, minutes or [D-]HH:MM:SS (default: the script's)")
+    p.add_argument("--cpus-per-task", type=int, help="Slurm: CPUs per node (default: the script's, 64 for ImageNet, "
+                                                     "8 array)")
     p.add_argument("--no-preflight", action="store_true", help="Slurm: submit without checking shard indexes, "
                                                                "weights and output folders here (the job still does)")
     p.add_argument("--dry-run", action="store_true")
@@ -328,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         specs = expand(args.datasets, args.methods, args.splits, args.seeds, args.tag, REPO_ROOT / "configs")
         if args.slurm:
-            resources = SlurmResources(args.partition, args.account, args.nodes, args.gpus_per_node, args.time).check()
+            resources = SlurmResources(args.partition, args.account, args.nodes, args.gpus_per_node, args.time,
+                                       args.cpus_per_task).check()
             return submit_slurm(specs, args, resources)
         launcher = shlex.split(args.launcher) if args.launcher else main_launcher_default()
         outcome = run_local(specs, launcher, args.output_dir, args.overrides, cwd=REPO_ROOT, dry_run=args.dry_run)
