@@ -353,3 +353,35 @@ def test_a_bad_config_fails_fast_with_one_line(cluster):
     out = (tmp / f"bad-{job}.out").read_text()
     assert "error: unknown config key 'optim.lrr'" in out and "did you mean 'optim.lr'" in out
     assert not (tmp / "runs" / f"configs_smoke_{job}").exists()
+
+
+# ---------------------------------------------------------------- cssr-sweep --slurm: resources and pre-flight
+@pytest.mark.slow
+def test_sweep_submits_with_the_cluster_options_and_a_bad_data_root_fails_preflight_before_srun(cluster):
+    """An ImageNet sweep goes to imagenet_rcssr.sh with the given partition/account/nodes/GPUs/CPUs/time
+    (scontrol shows them); the job's pre-flight finds the wrong data.root on the batch host and ends
+    it with one line, exit 2, before srun starts any node (no node log, no run folder)."""
+    tmp, env = cluster
+    runs, out = tmp / "sweep_pre", tmp / "sweep_pre-%j.out"
+    submit = subprocess.run(
+        [sys.executable, "tools/sweep.py", "--datasets", "imagenet", "--methods", "openood_rcssr",
+         "--output-dir", str(runs), "--slurm", "--partition", "low0", "--account", "cssrtest", "--nodes", "2",
+         "--gpus-per-node", "0", "--cpus-per-task", "1", "--time", "7",
+         "--no-preflight", "--", f"data.root={tmp / 'nowhere'}", "model.pretrained=false"],
+        cwd=ROOT, env={**env, "SBATCH_OUTPUT": str(out)}, capture_output=True, text=True, timeout=120)
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    job = re.search(r"Submitted batch job (\d+)", submit.stdout).group(1)
+    deadline, info = time.monotonic() + 120, {}
+    while time.monotonic() < deadline:
+        info = _job_info(env, job)
+        if info.get("JobState") in ("FAILED", "COMPLETED", "CANCELLED", "TIMEOUT"):
+            break
+        time.sleep(0.5)
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), info
+    assert (info["Partition"], info["Account"], info["NumNodes"], info["TimeLimit"], info["JobName"]) == \
+        ("low0", "cssrtest", "2", "00:07:00", "imagenet_openood_rcssr_default_s0")
+    assert info["Restarts"] == "0"
+    lines = Path(str(out).replace("%j", job)).read_text().splitlines()
+    assert lines == [f"preflight: data.root: {tmp / 'nowhere'} is not a folder; the shard prefixes (imagenet-train, "
+                     "openood-imagenet-test, openood-ssb_hard, ...) are looked up there"]
+    assert not runs.exists()  # srun never ran: no run folder, no node logs
