@@ -6,6 +6,7 @@ import pytest
 
 from cssr_dist.cli import build_parser, config_from_args, main
 from cssr_dist.config import ConfigError, load_config, load_yaml_tree
+from cssr_dist.data.openood import IMAGENET_LISTS
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER = [f"configs/{ds}/{m}.yaml" for ds in ("cifar10", "svhn", "tinyimagenet", "cifar_plus10", "cifar_plus50")
@@ -32,6 +33,22 @@ def test_paper_recipes(ds, backbone, size, epochs, milestones):
     assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.4, 0.0, 5e-4)
     assert cfg.data.batch_size == 128 and cfg.model.gamma == 0.1 and cfg.model.latent_dim == 64
     assert cfg.schedule.warmup_epochs == (1 if ds == "tinyimagenet" else 0)
+
+
+@pytest.mark.parametrize("name, backbone, head", [("openood_rcssr", "resnet18.tv_in1k", "rcssr"),
+                                                  ("openood_rcssr_r50", "resnet50.tv_in1k", "rcssr"),
+                                                  ("openood_linear", "resnet18.tv_in1k", "linear"),
+                                                  ("openood_linear_r50", "resnet50.tv_in1k", "linear")])
+def test_openood_imagenet_configs_are_openood_v15s_benchmark(name, backbone, head):
+    """ID test = test_imagenet.txt's shards; near SSB-hard, NINCO; far iNaturalist, Textures, OpenImage-O
+    (the roles of data/openood.py's table, which make_shards checks the lists against)."""
+    cfg = load_config(ROOT / "configs" / "imagenet" / f"{name}.yaml")
+    assert (cfg.model.backbone, cfg.model.head, cfg.data.dataset, cfg.data.split_family) == \
+        (backbone, head, "imagenet", "none")
+    assert (cfg.data.shards.train, cfg.data.shards.test) == ("imagenet-train", "openood-imagenet-test")
+    roles = {f"test_{e.name}.txt": e.group for e in cfg.data.ood}
+    assert roles == {f: r.role for f, r in IMAGENET_LISTS.items() if r.role in ("near", "far")}
+    assert [e.shards for e in cfg.data.ood] == [f"openood-{e.name}" for e in cfg.data.ood]
 
 
 def test_method_heads():
