@@ -9,6 +9,10 @@
 #
 # The run folder is <run.output_dir>/<config dir>_<config name>_<job id> unless run.name is
 # given; a requeued job keeps its id and so resumes its own run folder (and W&B run).
+# Before srun, on the batch host: the pre-flight (cssr_dist/engine/preflight.py: config, every shard
+# index, the weight file, the output folder); a problem ends the job with one line each, exit 2.
+# tools/sweep.py --slurm submits this script once per ImageNet run with --partition/--account/
+# --nodes/--gpus-per-node/--cpus-per-task/--time (docs/distributed.md, "Sweeps on a cluster").
 # Per node: one launcher (launchers/launch.py = accelerate launch + exit-code/signal
 # handling) started by srun, machine rank = SLURM_NODEID, one process per GPU, rendezvous
 # on the first node (MASTER_ADDR/MASTER_PORT override it). Node logs:
