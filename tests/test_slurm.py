@@ -7,6 +7,8 @@ tiny through overrides and run on CPU (ACCELERATE_USE_CPU=1, no GPUs requested, 
 on 127.0.0.1 because the node names do not resolve). The tiny run is stopped after its first
 checkpoint by USR1, by Slurm's own preemption (a `high` job; partitions `low` with a grace time,
 `low0` without) and by SIGTERM to the batch shell; each must end in exit 42, a requeue and a resume.
+An ImageNet sweep (tools/sweep.py --slurm) is submitted with the cluster options, which
+`scontrol show job` must show, and its wrong data.root must end the job in the pre-flight, before srun.
 Skipped only when Slurm is not installed (tools/setup.sh --dev installs it; CI runs them).
 """
 
