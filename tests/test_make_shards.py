@@ -252,6 +252,7 @@ def test_openood_image_lists(tmp_path, capsys):
     assert "test_ssb_hard.txt has 3 'path label' lines, expected 49000" in line and "--expect-lines" in line
     assert not (tmp_path / "ood-ssb_hard.json").exists()
     assert run(*common, "--expect-lines", "3", "--verify") == 0
+    assert f"{lists / 'test_ssb_hard.txt'}: 3 lines, as expected (--expect-lines)" in capsys.readouterr().out
     index, _ = read_index(str(tmp_path / "ood-ssb_hard"))
     assert index.total == index.unknown_count == 3 and index.classes == []
     assert sorted(s["txt"].decode() for s in read_back(tmp_path / "ood-ssb_hard").values()) == sorted(ood)

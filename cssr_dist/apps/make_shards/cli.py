@@ -88,8 +88,13 @@ def listing_from_args(args: argparse.Namespace) -> src.Listing:
     if args.source == "filelist":
         if not args.list:
             raise DataError("--source filelist needs --list FILE of 'path label' lines")
-        return src.list_filelist(args.list, args.root, dataset, args.subset, args.class_names, args.classes_from,
-                                 expected_list_lines(args.list, args.expect_lines))
+        expected = expected_list_lines(args.list, args.expect_lines)
+        listing = src.list_filelist(args.list, args.root, dataset, args.subset, args.class_names, args.classes_from,
+                                    expected)
+        if expected is not None:
+            source = "--expect-lines" if args.expect_lines else "OpenOOD v1.5's published size"
+            print(f"{args.list}: {expected} lines, as expected ({source})")
+        return listing
     raise DataError(f"--source {args.source!r} unknown; choose one of {', '.join(SOURCES)}")
 
 
