@@ -209,3 +209,14 @@ def test_tool_end_to_end(runs, tmp_path):
     assert bad.stderr.startswith("error: unknown metric 'fpr95'") and "fpr95_ood_pos" in bad.stderr
     missing = subprocess.run(tool + [str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "not a folder" in missing.stderr
+
+
+def test_near_far_means_from_a_wandb_summary_without_the_groups_set_lists():
+    """W&B's summary keeps ood_groups' numbers but not their `sets` lists: the primary score's group
+    mean is read as logged (docs/openood_imagenet.md, step 7); other scores need the list."""
+    folder = {"auroc": 0.9, "ood": {"a": {"auroc": 0.6}, "b": {"auroc": 0.8}},
+              "ood_groups": {"near": {"auroc": 0.7, "sets": ["a", "b"]}}}
+    logged = {"auroc": 0.9, "ood": {"a": {"auroc": 0.6}, "b": {"auroc": 0.8}}, "ood_groups": {"near": {"auroc": 0.7}}}
+    assert metric_value(folder, "auroc", "primary", "near") == pytest.approx(0.7)
+    assert metric_value(logged, "auroc", "primary", "near") == pytest.approx(0.7)
+    assert metric_value(logged, "auroc", "msp", "near") is None and metric_value(logged, "auroc", "primary", "far") is None

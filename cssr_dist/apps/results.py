@@ -188,7 +188,10 @@ def metric_value(summary: dict, metric: str, score: str = "primary", eval_set: s
     "near" / "far": the mean over that group's sets (the split's unknowns among them), for
     any score (the summary's own group means hold the primary score only)."""
     if eval_set in GROUPS:
-        sets = ((summary.get("ood_groups") or {}).get(eval_set) or {}).get("sets") or []
+        group = (summary.get("ood_groups") or {}).get(eval_set) or {}
+        sets = group.get("sets") or []
+        if not sets and score == "primary":  # W&B's summary keeps the group's numbers, not its list of sets
+            return _number(group.get(metric))
         values = [metric_value(summary, metric, score, s) for s in sets]
         return sum(values) / len(values) if values and None not in values else None
     node = _node(summary, score, eval_set)
