@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 
 from cssr_dist.errors import ConfigError
 from cssr_dist.apps.sweep import (RunSpec, SlurmResources, expand, main, multinode_submissions, run_local, run_state,
-                                  slurm_submission, train_command)
+                                  slurm_submission, submit_slurm, train_command)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -175,3 +176,21 @@ def test_imagenet_runs_get_one_multinode_job_each(tmp_path, capsys):
     assert main([*argv[:6], "--slurm", "--time", "8 hours"]) == 2
     assert capsys.readouterr().err.strip() == "error: --time '8 hours' is not a Slurm time limit; use minutes, " \
         "HH:MM:SS or D-HH:MM:SS"
+
+
+def test_a_refused_sbatch_stops_the_submission_with_one_line(tmp_path, capsys):
+    """The first sbatch that fails (a partition the account may not use, a limit) ends the submission:
+    the rest would fail alike, and the same sweep command submits them later."""
+    specs = expand(["imagenet"], ["openood_rcssr", "openood_rcssr_r50"], configs_dir=ROOT / "configs")
+    args = argparse.Namespace(output_dir=str(tmp_path), overrides=["data.root=/s"], no_preflight=True, dry_run=False,
+                              parallel=8)
+    calls = []
+
+    def refused(cmd, **kwargs):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1)
+
+    assert submit_slurm(specs, args, SlurmResources(partition="gpu"), run=refused) == 1
+    assert len(calls) == 1 and calls[0][:3] == ["sbatch", "--partition=gpu", "--job-name=imagenet_openood_rcssr_default_s0"]
+    assert capsys.readouterr().err.strip() == ("error: sbatch exited 1; 1 more job(s) not submitted; rerun the same "
+                                               "command to submit the rest")

@@ -278,12 +278,14 @@ def submit_slurm(specs: Sequence[RunSpec], args: argparse.Namespace, resources: 
         plan = slurm_submission(specs, args.output_dir, args.overrides, args.parallel, resources=resources)
         assert plan is not None  # todo is not empty
         commands, env = [plan[0]], plan[1]
-    rc = 0
-    for cmd in commands:
+    for i, cmd in enumerate(commands):
         print(" ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(cmd)]))
-        if not args.dry_run:
-            rc = rc or run(cmd, cwd=REPO_ROOT, env={**os.environ, **env}).returncode
-    return rc
+        rc = 0 if args.dry_run else run(cmd, cwd=REPO_ROOT, env={**os.environ, **env}).returncode
+        if rc:  # sbatch said why; the rest would fail alike (partition, account, limits)
+            print(f"error: sbatch exited {rc}; {len(commands) - i - 1} more job(s) not submitted; rerun the same "
+                  "command to submit the rest", file=sys.stderr)
+            return rc
+    return 0
 
 
 def main_launcher_default() -> list[str]:
