@@ -187,8 +187,9 @@ class FailSoftWandBTracker(WandBTracker):
         """Values for the run's summary that no history row carries (the selected epoch, times)."""
         self._guarded("summary", lambda: self.run.summary.update(values))
 
-    def log_artifact(self, artifact, aliases: list[str]) -> None:
-        self._guarded(f"artifact {artifact.name}", lambda: self.run.log_artifact(artifact, aliases=aliases))
+    def log_artifact(self, make: Callable[[], Any], aliases: list[str]) -> None:
+        """`make()` builds the `wandb.Artifact` (hashing its files) inside the guard too."""
+        self._guarded("artifact", lambda: self.run.log_artifact(make(), aliases=aliases))
 
 
 def wandb_tracker(cfg: Config) -> list[FailSoftWandBTracker] | None:
@@ -271,8 +272,6 @@ def record_run_end(accelerator, summary: dict, best_dir: Path) -> bool:
     outside the run folder, offline runs included; `wandb sync` uploads them later, so an
     offline run is synced before its best/ is replaced.
     """
-    import wandb  # start-up time: wandb loads only when a W&B run exists
-
     tracker = _wandb_tracker(accelerator)
     if tracker is None or getattr(tracker, "failure", None) is not None:
         return False
@@ -281,16 +280,24 @@ def record_run_end(accelerator, summary: dict, best_dir: Path) -> bool:
     tracker.update_summary(values)
     files = sorted(p for p in Path(best_dir).iterdir() if p.is_file()) if Path(best_dir).is_dir() else []
     if files:
-        artifact = wandb.Artifact(f"model-{tracker.run.id}", type="model",
-                                  description=f"checkpoints/best/ of run {summary.get('run')}: weights and score "
-                                              "statistics (safetensors), for cssr-predict and --test",
-                                  metadata={k: summary.get(k) for k in ("run", "best_epoch", "best_selection",
-                                                                        "selected_by", "epochs")})
-        for path in files:
-            artifact.add_file(str(path), name=path.name, policy="immutable")
         best = summary.get("best_epoch")
-        tracker.log_artifact(artifact, aliases=["best"] + ([f"epoch-{best}"] if best is not None else []))
+        tracker.log_artifact(lambda: best_artifact(tracker.run.id, files, summary),
+                             aliases=["best"] + ([f"epoch-{best}"] if best is not None else []))
     return True
+
+
+def best_artifact(run_id: str, files: list[Path], summary: dict):
+    """`model-<run id>`, type model: the files of best/ in place (no copy), with the selection as metadata."""
+    import wandb  # start-up time: wandb loads only when a W&B run exists
+
+    artifact = wandb.Artifact(f"model-{run_id}", type="model",
+                              description=f"checkpoints/best/ of run {summary.get('run')}: weights and score "
+                                          "statistics (safetensors), for cssr-predict and --test",
+                              metadata={k: summary.get(k) for k in ("run", "best_epoch", "best_selection",
+                                                                    "selected_by", "epochs")})
+    for path in files:
+        artifact.add_file(str(path), name=path.name, policy="immutable")
+    return artifact
 
 
 def log_evaluation(accelerator, summary: dict, scores: dict, labels, step: int | None, prefix: str = "test") -> bool:
