@@ -137,7 +137,7 @@ class EvalConfig:
     posthoc_fit_samples: int = option("cap of training images whose pooled features and logits fit the post-hoc detectors (a fixed id-hashed subsample, gathered on every rank)", 20000)
     posthoc_fit_maps: int = option("cap of training feature maps kept for the post-hoc detectors fitted on feature maps (ReAct, VRA)", 1000)
     tpr: float = option('TPR (on validation knowns) that sets the macro-F1 threshold', 0.95)
-    select_best_by: str = option("val_acc | val_loss | last: which checkpoint is 'best' (never test metrics)", "val_acc")
+    select_best_by: str = option("val_acc | val_loss | last: which checkpoint is 'best' (never test metrics); a tie goes to the lower val_loss (val_acc) or higher val_acc (val_loss), then the earlier epoch", "val_acc")
     protocol: str = option("clean (validation slice, best-by-validation, clean metric definitions) | reference (the paper's: all training images every epoch, last epoch, its lr formula, reference AUPR/FPR95/OSCR, z-norm moments from augmented images); see cssr_dist/protocol.py", "clean")
     stats_transform: str = option("test | train: transform of the training images behind the z-normalisation moments of the integrated score (reference: train, the strong augmentation); prototypes and Gram means always use test transforms", "test")
     recalibrate_bn: bool = option("recompute BatchNorm running statistics on training images (test transforms) before evaluating", False)
@@ -151,7 +151,7 @@ class TrackingConfig:
     entity: str | None = option('W&B entity', None)
     group: str | None = option('W&B group (e.g. a sweep)', None)
     tags: list[str] = option('W&B tags', factory=list)
-    log_every: int = option('log (and check preemption) every N steps', 50)
+    log_every: int = option('log (and check preemption) every N steps; the steps since the last log are logged at each epoch end too', 50)
 
 
 @dataclass

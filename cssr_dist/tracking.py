@@ -24,7 +24,7 @@ from PIL import Image
 
 from .config import Config, to_dict
 from .eval import metrics
-from .eval.plots import histogram_figure, per_class_rows, thin_curve
+from .eval.plots import can_draw_histogram, histogram_figure, per_class_rows, thin_curve
 
 def wandb_has_api_key() -> bool:
     """True when wandb could authenticate: WANDB_API_KEY or a netrc entry for the API host."""
@@ -100,15 +100,30 @@ def wandb_init_kwargs(cfg: Config, run_dir: Path, run_id: str, job_type: str = "
 
 
 def wandb_config(cfg: Config, world_size: int | None = None) -> dict[str, Any]:
-    """Flat run config for W&B (lists as strings) + git revision, split and world size.
+    """The full run config for W&B, one flat `section/key` entry per setting with its value as
+    it is (lists, OOD set entries and nulls included, so every setting can be filtered by), plus
+    git revision, split, world size and experiment group.
 
     Only the config schema's values go in: no environment variable is read, so no API key
     or other secret can reach the W&B config.
     """
-    config = {k: (str(v) if isinstance(v, list) else v) for k, v in flatten("", to_dict(cfg)).items()}
+    config = config_values("", to_dict(cfg))
     config.update({"git_revision": git_revision(), "split": split_name(cfg), "world_size": world_size,
                    "experiment_group": experiment_group(cfg)})
     return config
+
+
+def config_values(prefix: str, values: dict) -> dict[str, Any]:
+    """Nested config sections -> flat `a/b` keys; every leaf kept as it is (unlike `flatten`,
+    which keeps only metric-like scalars)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            flat.update(config_values(name, value))
+        else:
+            flat[name] = list(value) if isinstance(value, tuple) else value
+    return flat
 
 
 class FailSoftWandBTracker(WandBTracker):
@@ -168,6 +183,14 @@ class FailSoftWandBTracker(WandBTracker):
     def finish(self) -> None:
         self._guarded("finish", super().finish)
 
+    def update_summary(self, values: dict) -> None:
+        """Values for the run's summary that no history row carries (the selected epoch, times)."""
+        self._guarded("summary", lambda: self.run.summary.update(values))
+
+    def log_artifact(self, make: Callable[[], Any], aliases: list[str]) -> None:
+        """`make()` builds the `wandb.Artifact` (hashing its files) inside the guard too."""
+        self._guarded("artifact", lambda: self.run.log_artifact(make(), aliases=aliases))
+
 
 def wandb_tracker(cfg: Config) -> list[FailSoftWandBTracker] | None:
     """`Accelerator(log_with=...)` for this config: the fail-soft W&B tracker, or None."""
@@ -218,6 +241,8 @@ def evaluation_payload(summary: dict, scores: dict, labels, prefix: str) -> dict
             xs.append(fx.tolist())
             ys.append(fy.tolist())
             names.append(name)
+        if not can_draw_histogram(values):  # no empty plots
+            continue
         buf = io.BytesIO()
         histogram_figure(values, labels, f"{name} ({prefix})").savefig(buf, format="png")
         buf.seek(0)
@@ -230,6 +255,49 @@ def evaluation_payload(summary: dict, scores: dict, labels, prefix: str) -> dict
         payload[f"{prefix}/tables/per_unknown_class_auroc"] = wandb.Table(columns=["unknown_class", "auroc"],
                                                                   data=[list(r) for r in per_class_rows(per_class)])
     return payload
+
+
+#: The run summary keys (summary.json and W&B) that describe the training rather than an evaluation.
+RUN_SUMMARY_KEYS = ("epochs", "best_epoch", "best_selection", "selected_by", "train_time_s", "images_per_s",
+                    "world_size")
+
+
+def record_run_end(accelerator, summary: dict, best_dir: Path) -> bool:
+    """At the end of training: the run's W&B summary gets the selected epoch, how it was
+    selected, train time and images/s, and the headline AUROC with what it is the AUROC of;
+    `best_dir` (checkpoints/best/) becomes a W&B model artifact `model-<run id>` with aliases
+    `best` and `epoch-<N>`. No-op (False) unless the W&B tracker is active on this process.
+
+    The artifact refers to the files where they are (`policy="immutable"`): W&B makes no copy
+    outside the run folder, offline runs included; `wandb sync` uploads them later, so an
+    offline run is synced before its best/ is replaced.
+    """
+    tracker = _wandb_tracker(accelerator)
+    if tracker is None or getattr(tracker, "failure", None) is not None:
+        return False
+    values = {k: summary[k] for k in RUN_SUMMARY_KEYS if summary.get(k) is not None}
+    values.update({f"final/{k}": summary[k] for k in ("headline_auroc", "headline_auroc_of") if k in summary})
+    tracker.update_summary(values)
+    files = sorted(p for p in Path(best_dir).iterdir() if p.is_file()) if Path(best_dir).is_dir() else []
+    if files:
+        best = summary.get("best_epoch")
+        tracker.log_artifact(lambda: best_artifact(tracker.run.id, files, summary),
+                             aliases=["best"] + ([f"epoch-{best}"] if best is not None else []))
+    return True
+
+
+def best_artifact(run_id: str, files: list[Path], summary: dict):
+    """`model-<run id>`, type model: the files of best/ in place (no copy), with the selection as metadata."""
+    import wandb  # start-up time: wandb loads only when a W&B run exists
+
+    artifact = wandb.Artifact(f"model-{run_id}", type="model",
+                              description=f"checkpoints/best/ of run {summary.get('run')}: weights and score "
+                                          "statistics (safetensors), for cssr-predict and --test",
+                              metadata={k: summary.get(k) for k in ("run", "best_epoch", "best_selection",
+                                                                    "selected_by", "epochs")})
+    for path in files:
+        artifact.add_file(str(path), name=path.name, policy="immutable")
+    return artifact
 
 
 def log_evaluation(accelerator, summary: dict, scores: dict, labels, step: int | None, prefix: str = "test") -> bool:

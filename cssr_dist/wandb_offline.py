@@ -4,7 +4,8 @@ wandb >= 0.19 no longer writes `files/wandb-summary.json` or `config.yaml` for o
 and no longer ships a Python reader for its `.wandb` record file (its Go core writes it).
 The file is a LevelDB-style log (32 KiB blocks; 7-byte chunk headers: CRC32, length, type
 FULL/FIRST/MIDDLE/LAST) of protobuf `Record`s, whose schema wandb still ships
-(`wandb.proto.wandb_internal_pb2`). This module reads config, history and summary from it,
+(`wandb.proto.wandb_internal_pb2`). This module reads config, history, summary and the
+logged artifacts' manifests from it,
 so results can be collected from W&B files and tests can check what a run logged.
 Nothing is executed or unpickled: values are JSON.
 """
@@ -19,11 +20,23 @@ from typing import Any, Iterator
 
 from .errors import DataError
 
-__all__ = ["OfflineRun", "read_offline_run", "find_offline_runs"]
+__all__ = ["OfflineArtifact", "OfflineRun", "read_offline_run", "find_offline_runs"]
 
 _BLOCK = 32768
 _HEADER = 7  # ':W&B' + magic (2 bytes) + version (1 byte)
 _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+@dataclass
+class OfflineArtifact:
+    """An artifact the run logged: name, type, aliases, metadata and its files (the manifest's
+    `path -> {"digest": base64 MD5, "size": bytes, "local_path": where W&B will upload it from}`)."""
+
+    name: str
+    type: str
+    aliases: list[str]
+    metadata: dict[str, Any]
+    files: dict[str, dict[str, Any]]
 
 
 @dataclass
@@ -35,6 +48,7 @@ class OfflineRun:
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     finished: bool = False  # an exit record was written (the run ended, not killed)
+    artifacts: list[OfflineArtifact] = field(default_factory=list)
 
     def history_keys(self) -> set[str]:
         return {k for row in self.history for k in row}
@@ -97,9 +111,18 @@ def read_offline_run(path: str | Path) -> OfflineRun:
         elif kind == "summary":
             for item in record.summary.update:
                 _set_nested(run.summary, _key(item), json.loads(item.value_json))
+        elif kind == "artifact":
+            run.artifacts.append(_artifact(record.artifact))
         elif kind == "exit":
             run.finished = True
     return run
+
+
+def _artifact(record) -> OfflineArtifact:
+    return OfflineArtifact(name=record.name, type=record.type, aliases=list(record.aliases),
+                           metadata=json.loads(record.metadata) if record.metadata else {},
+                           files={e.path: {"digest": e.digest, "size": e.size, "local_path": e.local_path}
+                                  for e in record.manifest.contents})
 
 
 def find_offline_runs(run_dir: str | Path) -> list[Path]:

@@ -112,19 +112,45 @@ def test_no_host_sync_inside_steps_without_logging(sync_counter, grad_clip):
     assert result.steps == STEPS and trainer.state.global_step == STEPS
     assert changed, "the steps did not train (test would be vacuous)"
     assert torch.isfinite(torch.tensor(result.mean_loss))
-    # nothing per step: the epoch-end loss reduction, and the one-time logit-saturation check of
-    # a fresh run's first batch (Trainer._step at global_step 0)
-    assert sync_counter.by_caller() == Counter({"_record_epoch_loss": 1, "check_logit_saturation": 1}), \
+    # nothing per step: at the epoch's end the loss reduction and the flush of the logging window
+    # (train/loss at least once per epoch), and the one-time logit-saturation check of a fresh
+    # run's first batch (Trainer._step at global_step 0)
+    assert sync_counter.by_caller() == Counter({"_record_epoch_loss": 1, "_log": 1, "check_logit_saturation": 1}), \
         sync_counter.calls
 
 
-@pytest.mark.parametrize("log_every", [1, 2, 3])
+@pytest.mark.parametrize("log_every", [1, 2, 3, 4])
 def test_logging_steps_are_the_only_syncs(sync_counter, log_every):
     trainer = make_trainer(log_every=log_every)
     result, _ = run_counted(trainer, sync_counter)
     assert result.steps == STEPS
-    assert sync_counter.by_caller() == Counter({"_log": STEPS // log_every, "_record_epoch_loss": 1,
+    logs = -(-STEPS // log_every)  # the logging steps, plus the epoch-end flush of a partial window
+    assert sync_counter.by_caller() == Counter({"_log": logs, "_record_epoch_loss": 1,
                                                 "check_logit_saturation": 1}), sync_counter.calls
+
+
+@pytest.mark.parametrize("log_every", [4, STEPS + 100])
+def test_train_loss_is_logged_every_step_once_and_at_least_once_per_epoch(log_every):
+    """A window left open at the epoch's end is logged there (before, a `log_every` above an
+    epoch's steps logged no train/loss at all, and the last steps of every epoch were dropped)."""
+    losses = []
+    base = build_loss("rcssr")
+
+    def recording_loss(logits, labels):
+        loss = base(logits, labels)
+        losses.append(float(loss.detach()))
+        return loss
+
+    trainer = make_trainer(log_every=log_every, loss_fn=recording_loss)
+    logged = []
+    trainer.accelerator.log = lambda values, step=None: logged.append((step, values))
+    result = trainer.train_epoch(random_batches())
+    windows = [(4, losses[:4]), (6, losses[4:])] if log_every == 4 else [(6, losses)]
+    assert [step for step, _ in logged] == [step for step, _ in windows]
+    for (_, values), (_, window) in zip(logged, windows):
+        assert values["train/loss"] == pytest.approx(sum(window) / len(window), rel=1e-5)
+        assert values["train/images_per_s"] > 0
+    assert result.images == 4 * STEPS and result.seconds > 0
 
 
 def test_counter_sees_a_sync_in_the_step(sync_counter):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import types
@@ -73,6 +74,18 @@ def test_write_evaluation_plots(tmp_path):
         assert img.format == "PNG" and img.size == (450, 400)
     assert (tmp_path / "plots" / "ood_SUN_per_unknown_class_auroc.csv").read_text().splitlines() == [
         "unknown_class,auroc", "cat,0.61", "dog,0.72"]
+
+
+def test_no_empty_plot_for_a_set_without_unknowns_or_scores(tmp_path):
+    """A split-less test set has no unknowns: no ROC curve can be drawn, so no ROC file (an
+    empty "ROC (final)" was written before); a score without a finite value gets no histogram."""
+    scores, labels = _evaluation()
+    known = labels >= 0
+    scores = {name: s[known] for name, s in scores.items()}
+    scores["s2"] = np.full(known.sum(), np.nan)
+    paths = write_evaluation_plots(tmp_path, scores, labels[known], "final")
+    assert sorted(p.name for p in paths) == sorted(f"final_hist_{n}.png" for n in SCORE_NAMES if n != "s2")
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(p.name for p in paths)
 
 
 def test_wandb_naming_groups_a_family_and_tags_what_varies():

@@ -216,3 +216,29 @@ def test_summary_reports_samples_skipped_per_set(shard_set, tmp_path):
     report = data.corrupt_samples(lambda counts: counts)
     assert report["test"] == {"seen": 12, "skipped": 12 - kept} and 0 < 12 - kept <= 4
     assert report["train_eval"] == {"seen": 0, "skipped": 0}  # not read yet
+
+
+def test_corrupt_samples_of_one_evaluation_count_every_set_it_read_once(shard_set, tmp_path):
+    """Issue 19: the counts were taken before the OOD sets were read (`seen 0` for a set that was
+    evaluated), and summed over every evaluation so far. Now: counted after the reads, since a
+    baseline taken before the evaluation (`since`), and sets not read since are left out."""
+    from cssr_dist.config import OodSetConfig
+    from cssr_dist.data.readers import RunData
+
+    crafted = crafted_copy(shard_set, tmp_path)
+    data = (crafted / "toy-000002.tar").read_bytes()
+    (crafted / "toy-000002.tar").write_bytes(data[:1500])  # truncated: samples 9-11 lost, 8 maybe
+    cfg = data_cfg(crafted)
+    cfg.shards.max_corrupt_fraction = 0.5
+    cfg.ood = [OodSetConfig(name="far", shards="toy")]
+    loaders = build_shard_loaders(cfg, SPLIT, to_tensor, to_tensor, 0, rank=0, world_size=1)
+    data = RunData(train=loaders["train"], val=loaders["val"], train_eval=loaders["train_eval"], test=loaders["test"],
+                   ood=loaders["ood"], meta=None)
+    list(loaders["test"])  # an earlier evaluation read the test set once
+    before = data.corrupt_counts()
+    kept = {name: sum(len(ids) for _, _, ids in loader) for name, loader in (("test", loaders["test"]),
+                                                                           ("ood/far", loaders["ood"]["far"]))}
+    report = data.corrupt_samples(lambda counts: counts, since=before)
+    assert report == {name: {"seen": 12, "skipped": 12 - n} for name, n in kept.items()}  # train_eval not read
+    assert 0 < 12 - kept["ood/far"] <= 4
+    assert data.corrupt_samples(lambda counts: counts)["test"]["seen"] == 24  # without `since`: every read so far

@@ -63,3 +63,31 @@ def test_run_folder_files(tmp_path):
     assert [json.loads(line) for line in lines] == [{"epoch": 1, "loss": None}, {"epoch": 2, "loss": 0.5}]
     assert folder.read_summary() == {"auroc": 0.75}
     assert "head: rcssr" in (tmp_path / "r" / "config.yaml").read_text()
+
+
+def test_run_end_record_is_fail_soft_and_a_no_op_without_wandb(tmp_path, capsys):
+    """The end-of-run W&B record (summary + best/ artifact) never ends a finished run: a failing
+    artifact costs one line and W&B stays off; without a W&B tracker nothing happens."""
+    import types
+
+    from cssr_dist.tracking import FailSoftWandBTracker, record_run_end
+
+    best = tmp_path / "best"
+    best.mkdir()
+    (best / "weights.safetensors").write_bytes(b"w")
+
+    def refuse(artifact, aliases):
+        raise ConnectionResetError("service gone")
+
+    tracker = FailSoftWandBTracker("p")
+    tracker.run = types.SimpleNamespace(id="abc123", summary={}, log_artifact=refuse)
+    acc = types.SimpleNamespace(is_main_process=True, trackers=[tracker])
+    summary = {"run": "r", "best_epoch": 2, "best_selection": "best epoch 2 (...)", "train_time_s": 3.5,
+               "images_per_s": None, "headline_auroc": 0.8, "headline_auroc_of": "near-OOD mean (a)"}
+    assert record_run_end(acc, summary, best)
+    assert tracker.run.summary == {"best_epoch": 2, "best_selection": "best epoch 2 (...)", "train_time_s": 3.5,
+                                   "final/headline_auroc": 0.8, "final/headline_auroc_of": "near-OOD mean (a)"}
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("W&B artifact failed")]
+    assert len(lines) == 1 and "ConnectionResetError: service gone" in lines[0] and tracker.failure
+    assert not record_run_end(acc, summary, best)  # W&B is off for the rest of the attempt
+    assert not record_run_end(types.SimpleNamespace(is_main_process=True, trackers=[]), summary, best)

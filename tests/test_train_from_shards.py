@@ -1,6 +1,7 @@
 """Issue 3 end to end: raw trees -> tools/make_shards.py -> train.py (data.format=shards) -> summary."""
 
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,7 @@ def test_imagenet_layout_and_ood_folder_train_and_evaluate_from_shards(tmp_path)
     # several shards per set, so that rank/worker splitting is exercised
     assert make_shards(["--source", "ood", "--root", str(ood), "--out", str(shards / "inat"),
                         "--samples-per-shard", "4", "--no-progress"]) == 0
+    _garble_first_image(shards / "inat-000001.tar")  # one corrupt OOD sample: skipped and counted
 
     out = launch_train(tmp_path, [
         "--config", "configs/smoke.yaml", f"run.output_dir={tmp_path / 'runs'}", "run.name=in_shards",
@@ -61,13 +63,27 @@ def test_imagenet_layout_and_ood_folder_train_and_evaluate_from_shards(tmp_path)
         "data.in_chans=3", "data.image_size=32", "data.test_resize=32", "data.mean=[0.5,0.5,0.5]",
         "data.std=[0.25,0.25,0.25]", "data.train_per_class=null", "data.test_per_class=null",
         "data.stats_per_class=null", "data.batch_size=8", "data.eval_batch_size=16", "data.num_workers=1",
-        "data.train_augment=flip_crop", "schedule.epochs=2", "tracking.wandb=false"], processes=2, timeout=150)
+        "data.train_augment=flip_crop", "schedule.epochs=2", "tracking.wandb=false",
+        "data.shards.max_corrupt_fraction=0.5"], processes=2, timeout=150)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     summary = json.loads((tmp_path / "runs" / "in_shards" / "summary.json").read_text())
     assert summary["num_test_known"] == 18 and summary["num_test_unknown"] == 6   # every val image once
     assert summary["closed_acc"] > 0.5                                             # chance 1/3
     assert set(summary["ood"]) == {"inaturalist"}
     assert 0.0 <= summary["ood"]["inaturalist"]["auroc"] <= 1.0
+    # counted after the OOD sets were read (issue 19: `seen 0` before), once for this evaluation
+    # (epoch 1's test evaluation read every set too), summed over both ranks
+    assert summary["corrupt_samples"]["ood/inaturalist"] == {"seen": 12, "skipped": 1}
+    assert summary["corrupt_samples"]["test"] == {"seen": 24, "skipped": 0}
+
+
+def _garble_first_image(shard: Path) -> None:
+    """Zero the bytes of the shard's first image in place (the tar stays valid): an undecodable sample."""
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith((".jpg", ".jpeg", ".png", ".webp")))
+    with open(shard, "r+b") as fh:
+        fh.seek(member.offset_data)
+        fh.write(bytes(member.size))
 
 
 @pytest.mark.slow

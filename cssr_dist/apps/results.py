@@ -137,7 +137,9 @@ def read_wandb_run(path: str | Path, prefix: str = "final") -> RunResult | None:
     if not runs:
         return None
     record = read_offline_run(runs[-1])
-    config = _unflatten({k: v for k, v in record.config.items() if not k.startswith("_")})
+    # the settings (`section/key`, the whole config since issue 19), without W&B's own `_wandb/...`
+    # and the run extras (split, world size, git revision): the same experiment fingerprint as the folder's
+    config = _unflatten({k: v for k, v in record.config.items() if "/" in k and not k.startswith("_")})
     flat = {}
 
     def walk(node: dict, name: str) -> None:

@@ -30,7 +30,7 @@ from ..models.backbones import resolve_backbone_data_config
 from ..models.losses import build_loss
 from ..models.osr_model import compile_or_eager, resolve_compile_mode
 from ..protocol import batch_plan, describe_protocol
-from ..tracking import log_evaluation, new_run_id, start_tracking, stop_tracking, wandb_tracker
+from ..tracking import log_evaluation, new_run_id, record_run_end, start_tracking, stop_tracking, wandb_tracker
 from .build import build_model_and_scorer
 from .checkpoint import Checkpointer, NoUsableCheckpoint, TrainerState
 from .distributed import process_group_kwargs
@@ -38,7 +38,7 @@ from .optim import build_optimizer
 from .preemption import Preempted, PreemptionFlag, mark_preempted
 from .run_folder import RunFolder, config_fingerprint, environment_record
 from .schedule import build_scheduler
-from .trainer import Trainer
+from .trainer import Trainer, best_epoch_line, images_per_s
 
 
 def build_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
@@ -184,16 +184,20 @@ def train(cfg: Config) -> dict:
         mark_preempted()  # the checkpoint is complete: tell the launcher before W&B's flush (it may be slow online)
         stop_tracking(acc)  # flush this attempt's W&B rows; a dead W&B service costs one line, not the exit code
         raise
+    selection = best_epoch_line(state.history, cfg.eval.select_best_by, state.best_epoch)
+    acc.print(selection)
     if (run.folder.checkpoints / "best" / "weights.safetensors").is_file():
         run.load_best()
     run.eval_prefix = "final"
     summary = run.evaluator.evaluate(run.model)
     summary.update({"run": cfg.run.name, "epochs": state.epoch, "best_epoch": state.best_epoch,
-                    "selected_by": cfg.eval.select_best_by, "train_time_s": round(state.train_time_s, 1),
+                    "selected_by": cfg.eval.select_best_by, "best_selection": selection,
+                    "train_time_s": round(state.train_time_s, 1), "images_per_s": images_per_s(state.history),
                     "world_size": acc.num_processes, "counts": run.data.meta.counts,
                     "class_names": run.data.meta.class_names})
     run.save_best(state)  # the selected weights now with the statistics fitted for them
     run.report(summary)
+    record_run_end(acc, summary, run.folder.checkpoints / "best")  # W&B: run summary, best/ as model artifact
     run.close()
     return summary
 

@@ -82,6 +82,8 @@ class StepResult:
     mean_loss: float
     steps: int
     stop: str | None = None  # None | "preempted" | "max_steps"
+    images: int = 0  # training images of this epoch (this attempt), all ranks
+    seconds: float = 0.0  # wall time of the epoch's training loop (step checkpoints included)
 
 
 def failure_hook_from_env() -> tuple[int, int, str] | None:
@@ -201,7 +203,11 @@ class Trainer:
         return "preempted" if self.preemption.should_stop(self.accelerator) else None
 
     def train_epoch(self, batches, progress=None) -> StepResult:
-        """Train over `batches` (already positioned after resume); update the state as it goes."""
+        """Train over `batches` (already positioned after resume); update the state as it goes.
+
+        The logging window is also flushed at the epoch's end, so `train/loss` is logged at least
+        once per epoch (also when `tracking.log_every` exceeds an epoch's steps) and no step's
+        loss is left out of the log."""
         self.model.train()
         log_every = max(1, self.cfg.tracking.log_every)
         if self.divergence is None:
@@ -212,9 +218,19 @@ class Trainer:
         base = (self.state.epoch_loss_sum, self.state.epoch_loss_steps)
         loss_sum = torch.zeros((), device=self.accelerator.device)
         window_sum = torch.zeros(2, device=self.accelerator.device)  # loss sum, correct predictions
-        steps = window_images = self._window = 0
-        window_start = time.perf_counter()
+        steps = window_images = epoch_images = self._window = 0
+        epoch_start = window_start = time.perf_counter()
         stop = None
+
+        def flush() -> None:
+            nonlocal window_images, window_start
+            value = self._log(window_sum, self._window, window_images, time.perf_counter() - window_start)
+            window_sum.zero_()
+            self._window = window_images = 0
+            window_start = time.perf_counter()
+            if progress is not None:
+                progress.set_postfix(loss=f"{value:.4f}")
+
         for images, labels, _ in batches:
             if self.fail_at is not None:
                 self._maybe_fail()
@@ -224,17 +240,13 @@ class Trainer:
             steps += 1
             self._window += 1
             window_images += labels.shape[0]
+            epoch_images += labels.shape[0]
             self.state.global_step += 1
             self.state.step_in_epoch += 1
             if progress is not None:
                 progress.update(1)
             if self.state.global_step % log_every == 0:
-                value = self._log(window_sum, self._window, window_images, time.perf_counter() - window_start)
-                window_sum.zero_()
-                self._window = window_images = 0
-                window_start = time.perf_counter()
-                if progress is not None:
-                    progress.set_postfix(loss=f"{value:.4f}")
+                flush()
             if ckpt_every and self.state.global_step % ckpt_every == 0:
                 self._record_epoch_loss(base, loss_sum, steps)
                 self.on_checkpoint()
@@ -245,10 +257,14 @@ class Trainer:
                 stop = self._stop_reason()
                 if stop:
                     break
+        if self._window:  # the epoch's last steps since the last logging step
+            flush()
         mean = self._record_epoch_loss(base, loss_sum, steps)
+        seconds = time.perf_counter() - epoch_start
         if stop is None:
             stop = self._stop_reason()
-        return StepResult(mean_loss=mean, steps=steps, stop=stop)
+        return StepResult(mean_loss=mean, steps=steps, stop=stop,
+                          images=epoch_images * self.accelerator.num_processes, seconds=seconds)
 
     def _record_epoch_loss(self, base: tuple[float, int], loss_sum: torch.Tensor, steps: int) -> float:
         """Collective. Puts the epoch's loss so far (before a resume + since) into the state
@@ -281,6 +297,8 @@ class Trainer:
             last = state.epoch >= cfg.schedule.epochs or result.stop == "max_steps"
             row = {"epoch": state.epoch, "step": state.global_step, "train_loss": result.mean_loss,
                    "lr": self.scheduler.get_last_lr()[0], "time_s": round(time.time() - start, 2),
+                   "train_s": round(result.seconds, 3),
+                   "images_per_s": round(result.images / max(result.seconds, 1e-9), 1),
                    **evaluator.validate(self.model)}
             interval = cfg.eval.test_interval
             if interval and epoch_done and state.epoch % interval == 0 and not last:
@@ -299,20 +317,80 @@ class Trainer:
         self._count_time()
 
     def _select_best(self, row: dict, save_best: Callable[[], None]) -> None:
-        """Keep the weights of the best epoch by `eval.select_best_by` (validation only)."""
+        """Keep the weights of the best epoch by `eval.select_best_by` (validation only; ties
+        broken by `better`)."""
         key = self.cfg.eval.select_best_by
-        if key == "last" or improved(key, row.get(key), self.state.best_value):
+        best_row = next((r for r in self.state.history if r.get("epoch") == self.state.best_epoch), None)
+        if key == "last" or better(key, row, best_row if self.state.best_epoch is not None else None):
             self.state.best_value, self.state.best_epoch = row.get(key), self.state.epoch
             save_best()
 
 
-def improved(metric: str, value: float | None, best: float | None) -> bool:
-    """Whether `value` beats `best` (lower is better for val_loss; NaN never improves)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+#: What breaks a tie of `eval.select_best_by` (equal values, as equal accuracies on the
+#: validation slice often are): the other validation number, then the earlier epoch.
+TIE_BREAK = {"val_acc": ("val_loss", "lower"), "val_loss": ("val_acc", "higher")}
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _beats(metric: str, value: Any, other: Any) -> bool:
+    """`value` strictly better than `other` for `metric` (lower is better for val_loss only);
+    a missing or non-finite value never beats, and any finite value beats a missing one."""
+    if not _finite(value):
         return False
-    if best is None:
+    if not _finite(other):
         return True
-    return value < best if metric == "val_loss" else value > best
+    return value < other if metric == "val_loss" else value > other
+
+
+def better(metric: str, row: dict, best: dict | None) -> bool:
+    """Whether epoch `row` replaces `best` (None: no best yet) under `metric`: a strictly better
+    value wins; on an equal value, `TIE_BREAK[metric]` decides (lower val_loss for val_acc,
+    higher val_acc for val_loss); on a full tie the earlier epoch stays. The ONE selection rule."""
+    value = row.get(metric)
+    if not _finite(value):
+        return False
+    if best is None or not _finite(best.get(metric)):
+        return True
+    if value != best[metric]:
+        return _beats(metric, value, best[metric])
+    other = TIE_BREAK[metric][0]
+    return _beats(other, row.get(other), best.get(other))
+
+
+def best_epoch_line(history: list[dict], metric: str, best_epoch: int | None) -> str:
+    """The line printed once at the end: which epoch was selected, by what, and how a tie was
+    broken (or that there was none)."""
+    if metric == "last":
+        return f"best epoch {best_epoch} (eval.select_best_by=last: the last epoch, no comparison)"
+    best = next((r for r in history if r.get("epoch") == best_epoch), None)
+    if best is None:
+        return (f"no best epoch (no epoch has a finite {metric}: no validation slice?); "
+                "the last weights are evaluated")
+    other, direction = TIE_BREAK[metric]
+    rule = f"ties broken by {direction} {other}, then the earlier epoch"
+    tied = [r["epoch"] for r in history if r is not best and r.get(metric) == best[metric]]
+    if not tied:
+        return f"best epoch {best_epoch} ({metric}={best[metric]:.4f}, no tie; {rule})"
+    tie_values = ", ".join(f"epoch {r['epoch']}: {_fmt(r.get(other))}" for r in history
+                           if r.get("epoch") in tied)
+    return (f"best epoch {best_epoch} ({metric}={best[metric]:.4f}, tied with epoch(s) "
+            f"{', '.join(map(str, tied))}; tie broken by {direction} {other}: {_fmt(best.get(other))} vs "
+            f"{tie_values}; then the earlier epoch)")
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if _finite(value) else str(value)
+
+
+def images_per_s(history: list[dict]) -> float | None:
+    """Training images per second over the run's epochs (their training loops: validation and
+    evaluation left out), from the epoch rows; None when no row has it."""
+    rows = [r for r in history if _finite(r.get("images_per_s")) and _finite(r.get("train_s"))]
+    seconds = sum(r["train_s"] for r in rows)
+    return round(sum(r["images_per_s"] * r["train_s"] for r in rows) / seconds, 1) if seconds > 0 else None
 
 
 def epoch_line(row: dict) -> str:

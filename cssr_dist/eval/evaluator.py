@@ -101,6 +101,7 @@ class Evaluator:
         """Fit (unless restored: then the post-hoc detectors only), score validation, test and
         every OOD set once; report each."""
         started = time.perf_counter()
+        read_before = self.data.corrupt_counts()
         if fit:
             self.recalibrate(model)
             self.fit(model)
@@ -115,9 +116,6 @@ class Evaluator:
         report = lambda joined: score_report(joined, val, primary, baselines, meta.num_classes,  # noqa: E731
                                              cfg.tpr, cfg.protocol)
         summary = report(test)
-        skipped = self.data.corrupt_samples(lambda t: self.accelerator.reduce(t, reduction="sum"))
-        if skipped:  # a set that shrank under data.shards.max_corrupt_fraction says so in its results
-            summary["corrupt_samples"] = skipped
         summary["num_test_known"] = int((test["labels"] >= 0).sum())
         summary["num_test_unknown"] = int((test["labels"] < 0).sum())
         summary["protocol"], summary["metric_keys"] = cfg.protocol, list(metrics.protocol_metric_keys(cfg.protocol))
@@ -134,6 +132,11 @@ class Evaluator:
             if summary["num_test_unknown"]:  # the split's own unknown classes: the nearest OOD there is
                 members, groups = {TEST_UNKNOWNS: summary, **members}, {TEST_UNKNOWNS: "near", **groups}
             summary["ood_groups"] = group_means(members, groups)
+        summary["headline_auroc"], summary["headline_auroc_of"] = headline_auroc(summary)
+        # counted after every set was read (the OOD sets included), as this evaluation's reads only
+        skipped = self.data.corrupt_samples(lambda t: self.accelerator.reduce(t, reduction="sum"), since=read_before)
+        if skipped:  # a set that shrank under data.shards.max_corrupt_fraction says so in its results
+            summary["corrupt_samples"] = skipped
         if self.scorer.detectors.not_fitted:
             summary["posthoc_not_fitted"] = dict(self.scorer.detectors.not_fitted)
         summary["eval_time_s"] = round(time.perf_counter() - started, 2)  # fit + every set (no plots, no W&B)
@@ -178,6 +181,20 @@ def join_known_and_ood(test: dict, ood: dict) -> dict:
     """Known test samples plus one OOD set (labelled -1), for per-OOD-set metrics."""
     known = test["labels"] >= 0
     return {k: np.concatenate([test[k][known], ood[k]]) for k in test if k in ood}
+
+
+def headline_auroc(summary: dict) -> tuple[float, str]:
+    """THE AUROC a run is ranked by, and what it is the AUROC of: the test set's own unknown
+    classes when the split has them; otherwise (a split-less run, ImageNet style) the mean over
+    the near-OOD sets, else over the far ones; NaN when there is nothing unknown at all."""
+    if summary.get("num_test_unknown"):
+        return float(summary.get("auroc", float("nan"))), "test set (the split's unknown classes)"
+    groups = summary.get("ood_groups") or {}
+    for group in ("near", "far"):
+        if group in groups:
+            sets = groups[group]["sets"]
+            return float(groups[group].get("auroc", float("nan"))), f"{group}-OOD mean ({', '.join(sets)})"
+    return float("nan"), "nothing (no unknown test class and no OOD set)"
 
 
 def group_means(per_set: dict[str, dict], groups: dict[str, str]) -> dict[str, dict]:

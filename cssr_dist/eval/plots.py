@@ -22,7 +22,8 @@ from matplotlib.figure import Figure
 
 from . import metrics
 
-__all__ = ["roc_figure", "histogram_figure", "per_class_rows", "write_evaluation_plots", "thin_curve"]
+__all__ = ["roc_figure", "histogram_figure", "can_draw_roc", "can_draw_histogram", "per_class_rows",
+           "write_evaluation_plots", "thin_curve"]
 
 #: Most points of an ROC curve sent to W&B or drawn (the curve of 50k samples has ~50k).
 MAX_CURVE_POINTS = 1000
@@ -48,6 +49,17 @@ def _figure(width: float = 4.5, height: float = 4.0) -> Figure:
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
     return fig
+
+
+def can_draw_roc(labels: np.ndarray) -> bool:
+    """An ROC curve needs known AND unknown samples (a split-less test set has no unknowns)."""
+    known = np.asarray(labels) >= 0
+    return bool(known.any() and (~known).any())
+
+
+def can_draw_histogram(scores: np.ndarray) -> bool:
+    """A histogram needs one finite score."""
+    return bool(np.isfinite(np.asarray(scores, dtype=np.float64)).any())
 
 
 def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str) -> Figure:
@@ -106,8 +118,9 @@ def write_evaluation_plots(run_dir: str | Path, scores: dict[str, np.ndarray], l
                            prefix: str = "test", per_class_auroc: dict | None = None) -> list[Path]:
     """PNG plots and the per-class table of one evaluation into ``<run_dir>/plots/``.
 
-    Writes ``<prefix>_roc.png`` (every score's ROC curve on one axis),
-    ``<prefix>_hist_<score>.png`` per score and, when given,
+    Writes ``<prefix>_roc.png`` (every score's ROC curve on one axis; only when the set has
+    known and unknown samples), ``<prefix>_hist_<score>.png`` per score with a finite value and,
+    when given,
     ``<prefix>_per_unknown_class_auroc.csv``. Files are overwritten, so the folder holds the
     latest evaluation. Returns the paths written. Call on the main process only.
     """
@@ -116,10 +129,13 @@ def write_evaluation_plots(run_dir: str | Path, scores: dict[str, np.ndarray], l
     labels = np.asarray(labels)
     tag = _safe(prefix)
     written = []
-    roc = out / f"{tag}_roc.png"
-    roc_figure({name: (s, labels) for name, s in scores.items()}, f"ROC ({prefix})").savefig(roc)
-    written.append(roc)
+    if can_draw_roc(labels):  # no empty plot: without unknowns there is no curve
+        roc = out / f"{tag}_roc.png"
+        roc_figure({name: (s, labels) for name, s in scores.items()}, f"ROC ({prefix})").savefig(roc)
+        written.append(roc)
     for name, s in scores.items():
+        if not can_draw_histogram(s):
+            continue
         path = out / f"{tag}_hist_{_safe(name)}.png"
         histogram_figure(s, labels, f"{name} ({prefix})").savefig(path)
         written.append(path)

@@ -37,6 +37,9 @@ def metrics_table(summary: dict, run_name: str) -> str:
     for group, means in (summary.get("ood_groups") or {}).items():
         lines.append(f"| {group} mean ({len(means.get('sets', []))} sets) | {summary.get('score', '')} | "
                      + " | ".join(_fmt(means.get(k)) for k in keys) + " |")
+    if "headline_auroc" in summary:
+        lines += ["", f"Headline AUROC ({summary.get('score')}): {_fmt(summary['headline_auroc'])}, "
+                      f"of: {summary.get('headline_auroc_of')}."]
     per_class = summary.get("per_unknown_class_auroc") or {}
     if per_class:
         lines += ["", f"AUROC per unknown class ({summary.get('score')}):", "",

@@ -60,18 +60,32 @@ class RunData:
     #: the reference protocol's z-normalisation moments
     train_eval_augmented: Any | None = None
 
-    def corrupt_samples(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, dict[str, int]]:
-        """{set: {"seen", "skipped"}} of the evaluation sets that skip corrupt samples (shards),
-        summed over ranks by `reduce_sum` (a collective: every rank calls it)."""
+    def _counted_sets(self) -> dict[str, Any]:
+        """The evaluation sets that count corrupt samples (shards), by report name."""
         sets = {"val": self.val, "train_eval": self.train_eval, "train_eval_augmented": self.train_eval_augmented,
-                "test": self.test,
-                **{f"ood/{name}": loader for name, loader in self.ood.items()}}
-        named = {name: loader for name, loader in sets.items() if hasattr(loader, "corrupt_counts")}
+                "test": self.test, **{f"ood/{name}": loader for name, loader in self.ood.items()}}
+        return {name: loader for name, loader in sets.items() if hasattr(loader, "corrupt_counts")}
+
+    def corrupt_counts(self) -> dict[str, tuple[int, int]]:
+        """This rank's (seen, corrupt) per counted set so far (no collective): a baseline for
+        `corrupt_samples(since=...)`."""
+        return {name: loader.corrupt_counts() for name, loader in self._counted_sets().items()}
+
+    def corrupt_samples(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor],
+                        since: dict[str, tuple[int, int]] | None = None) -> dict[str, dict[str, int]]:
+        """{set: {"seen", "skipped"}} of the evaluation sets that skip corrupt samples (shards),
+        summed over ranks by `reduce_sum` (a collective: every rank calls it). With `since` (this
+        rank's `corrupt_counts()` taken before an evaluation) only the reads after it count, and
+        the sets not read since are left out: the counts of one evaluation, each set once."""
+        named = self._counted_sets()
         if not named:
             return {}
-        counts = torch.tensor([loader.corrupt_counts() for loader in named.values()], dtype=torch.float64)
-        counts = reduce_sum(counts.to(self.device)).cpu()
-        return {name: {"seen": int(c[0]), "skipped": int(c[1])} for name, c in zip(named, counts.tolist())}
+        base = since or {}
+        local = [[now - before for now, before in zip(loader.corrupt_counts(), base.get(name, (0, 0)))]
+                 for name, loader in named.items()]
+        counts = reduce_sum(torch.tensor(local, dtype=torch.float64).to(self.device)).cpu()
+        report = {name: {"seen": int(c[0]), "skipped": int(c[1])} for name, c in zip(named, counts.tolist())}
+        return {name: c for name, c in report.items() if since is None or c["seen"] > 0}
 
     def close(self) -> None:
         """Stop loader workers (shard streams keep a shard open between epochs)."""
