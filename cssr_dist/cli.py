@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from .config import Config, apply_override, build_config, dump_yaml, load_yaml_tree, parse_override
-from .errors import STORAGE_ERRNOS, USER_ERROR_EXIT, ConfigError, CssrError, report, storage_error
+from .errors import (STORAGE_ERRNOS, USER_ERROR_EXIT, ConfigError, CssrError, FailedOnAnotherRank, report,
+                     storage_error)
 
 GPU_NOTE = ("note: --gpu is ignored: Accelerate chooses devices (use `accelerate launch --gpu_ids 0,1` "
             "or CUDA_VISIBLE_DEVICES)")
@@ -135,12 +136,20 @@ def _multi_process() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+#: how long a rank whose write failed elsewhere waits for that rank's own line before printing its own
+PEER_LINE_WAIT_S = 10.0
+
+
 def report_once(err: BaseException) -> int:
     """The one `error:` line of the whole job: in a multi-process run only the first rank to
-    fail prints it (`distributed.claim_first_error`); the others exit with the same status, quietly."""
+    fail prints it (`distributed.claim_first_error`); the others exit with the same status, quietly.
+    An error that only echoes another rank's (`FailedOnAnotherRank`) waits for that rank's line."""
     if _multi_process():
-        from .distributed import claim_first_error  # start-up time: torch only on a multi-process error path
+        # start-up time: torch only on a multi-process error path
+        from .distributed import claim_first_error, peer_failed_first
 
+        if isinstance(err, FailedOnAnotherRank) and peer_failed_first(PEER_LINE_WAIT_S):
+            return USER_ERROR_EXIT
         if not claim_first_error():
             return USER_ERROR_EXIT
     return report(err)

@@ -69,16 +69,20 @@ def claim_first_error() -> bool:
         return True
 
 
-def peer_failed_first() -> bool:
-    """True when a rank of this job already stopped with a user error: an exception here (a
-    collective whose peer is gone, a barrier that broke) is its consequence, not news, and
-    this rank exits without a traceback that would bury that rank's line."""
+def peer_failed_first(wait_s: float = 0.0) -> bool:
+    """True when a rank of this job stopped with a user error (waiting up to `wait_s` for it
+    to say so): an exception here (a collective whose peer is gone, a barrier that broke, a
+    write that failed elsewhere) is its consequence, not news, and this rank exits without a
+    line or traceback that would bury that rank's line."""
     store = _agent_store()
     if store is None:
         return False
     try:
+        if wait_s > 0:
+            store.wait([_user_error_key()], timedelta(seconds=wait_s))
+            return True
         return bool(store.check([_user_error_key()]))
-    except RuntimeError:
+    except RuntimeError:  # DistStoreError (a RuntimeError): not announced in time, or no store
         return False
 
 
