@@ -176,15 +176,16 @@ def slurm_submission(specs: Sequence[RunSpec], output_dir: str | Path, overrides
 
 
 def main_launcher_default() -> list[str]:
-    """`python -m accelerate.commands.launch` of this interpreter (the venv's accelerate)."""
-    return [sys.executable, "-m", "accelerate.commands.launch"]
+    """`launchers/launch.py` under this interpreter: `accelerate launch` (the venv's) whose
+    failed run ends in its one `error:` line, not in the launcher's traceback."""
+    return [sys.executable, str(REPO_ROOT / "launchers" / "launch.py")]
 
 
 USAGE = """Run a sweep (data sets x splits x methods x seeds), locally one run after another or as a
 Slurm array; finished runs are skipped and interrupted ones resume.
 
     cssr-sweep --datasets fashion_mnist mnist --methods linear pcssr rcssr \\
-        --launcher "accelerate launch --num_processes 2" -- schedule.epochs=3
+        --launcher "python launchers/launch.py --num_processes 2" -- schedule.epochs=3
     cssr-sweep --datasets cifar10 svhn --slurm -- data.root=/data   # sbatch osr_sweep.sh
     cssr-sweep ... --dry-run                                          # show the plan
 """
@@ -198,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--tag", default="", help="run-name prefix")
     p.add_argument("--output-dir", default="runs")
-    p.add_argument("--launcher", help="command before train.py (default: this Python's `accelerate launch`)")
+    p.add_argument("--launcher", help="command before train.py (default: this Python's launchers/launch.py, "
+                   "which takes accelerate launch's options)")
     p.add_argument("--slurm", action="store_true", help="submit slurm/osr_sweep.sh for the unfinished runs")
     p.add_argument("--parallel", type=int, default=8, help="Slurm: array tasks running at once")
     p.add_argument("--dry-run", action="store_true")
