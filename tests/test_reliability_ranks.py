@@ -98,3 +98,52 @@ def test_a_full_disk_on_rank_0_stops_every_rank_in_one_line_and_keeps_the_previo
         assert load_file(str(kept[0] / "model.safetensors"))  # complete: it parses
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.fixture
+def agent_store(monkeypatch):
+    """A TCPStore standing in for torchrun's agent store, and the environment torchrun gives a worker."""
+    import torch.distributed as dist
+
+    port = free_port()
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    yield store
+
+
+def test_the_first_user_error_of_a_job_is_printed_once_and_its_echoes_are_quiet(agent_store, monkeypatch, capsys):
+    from cssr_dist import cli
+    from cssr_dist.cli import quiet_after_a_peer_error, report_once
+    from cssr_dist.distributed import peer_failed_first
+    from cssr_dist.errors import ConfigError, FailedOnAnotherRank
+
+    assert not peer_failed_first()
+    with pytest.raises(RuntimeError, match="Connection closed"):  # a crash with no user error before it: re-raised
+        quiet_after_a_peer_error(RuntimeError("Connection closed by peer"))
+    assert report_once(ConfigError("bad key")) == 2  # the first rank: prints
+    assert report_once(ConfigError("bad key")) == 2  # the same error on the next rank: quiet
+    assert report_once(FailedOnAnotherRank("a write failed on another rank")) == 2  # an echo: quiet at once
+    assert capsys.readouterr().err == "error: bad key\n"
+    assert peer_failed_first() and quiet_after_a_peer_error(RuntimeError("Connection closed by peer")) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # torchrun restarted the workers: a new attempt
+    assert not peer_failed_first()
+    assert report_once(ConfigError("bad key")) == 2 and capsys.readouterr().err == "error: bad key\n"
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")  # an echo whose cause never speaks (a crash): said after the wait
+    monkeypatch.setattr(cli, "PEER_LINE_WAIT_S", 0.2)
+    assert report_once(FailedOnAnotherRank("a write failed on another rank")) == 2
+    assert capsys.readouterr().err == "error: a write failed on another rank\n"
+
+
+def test_without_torchrun_every_process_prints_its_own_error(monkeypatch, capsys):
+    from cssr_dist.cli import report_once
+    from cssr_dist.errors import ConfigError, FailedOnAnotherRank
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    assert report_once(ConfigError("a")) == 2 and report_once(FailedOnAnotherRank("b")) == 2
+    assert capsys.readouterr().err == "error: a\nerror: b\n"
