@@ -66,6 +66,7 @@ def assert_one_line_alone(out: subprocess.CompletedProcess, *expected: str) -> s
     return errors[0]
 
 
+@pytest.mark.slow
 def test_an_unreadable_image_on_rank_1_only_is_one_line_and_no_traceback(tmp_path):
     root = folder_tree(tmp_path / "data")
     bad = root / "val" / "class_0" / "1.png"
@@ -76,6 +77,7 @@ def test_an_unreadable_image_on_rank_1_only_is_one_line_and_no_traceback(tmp_pat
     assert_one_line_alone(out, str(bad), "replace or remove the file")
 
 
+@pytest.mark.slow
 def test_a_full_disk_on_rank_0_stops_every_rank_in_one_line_and_keeps_the_previous_checkpoint(tmp_path):
     """A step checkpoint is ~2.6 MB (model, momentum, statistics). With ~4 MB free the first one
     fits; the second, written beside it before the first is removed, does not: rank 0 (which
@@ -133,7 +135,8 @@ def test_the_first_user_error_of_a_job_is_printed_once_and_its_echoes_are_quiet(
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # torchrun restarted the workers: a new attempt
     assert not peer_failed_first()
     assert report_once(ConfigError("bad key")) == 2 and capsys.readouterr().err == "error: bad key\n"
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")  # an echo whose cause never speaks (a crash): said after the wait
+    # an echo whose cause never speaks (that rank crashed): said after the wait
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
     monkeypatch.setattr(cli, "PEER_LINE_WAIT_S", 0.2)
     assert report_once(FailedOnAnotherRank("a write failed on another rank")) == 2
     assert capsys.readouterr().err == "error: a write failed on another rank\n"
