@@ -22,7 +22,8 @@ GPU_NOTE = ("note: --gpu is ignored: Accelerate chooses devices (use `accelerate
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train.py",
-        description="Train / evaluate CSSR open-set recognition models (run with `accelerate launch train.py ...`).",
+        description="Train / evaluate CSSR open-set recognition models (run with `python launchers/launch.py "
+                    "[accelerate launch options] train.py ...`).",
     )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. schedule.epochs=5")
     p.add_argument("--config", help="YAML config (may `inherit` others); default: built-in Fashion-MNIST RCSSR")
