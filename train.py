@@ -1,4 +1,5 @@
-"""Entry point: `accelerate launch train.py [--config FILE] [key=value ...]`.
+"""Entry point: `python launchers/launch.py [accelerate launch options] train.py [--config FILE] [key=value ...]`
+(`accelerate launch` works too, but adds its own traceback after a user error's line).
 
 Thin on purpose: everything lives in `cssr_dist.cli.main` (also the `cssr-train` console
 script). User errors print one line (`error: ...`) and exit 2; a preempted run exits 42

@@ -7,11 +7,13 @@ cssr --save run1 --configupdate a:1,b:2`); each flag maps onto the one config sc
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from .config import Config, apply_override, build_config, dump_yaml, load_yaml_tree, parse_override
-from .errors import STORAGE_ERRNOS, ConfigError, CssrError, report, storage_error
+from .errors import (STORAGE_ERRNOS, USER_ERROR_EXIT, ConfigError, CssrError, FailedOnAnotherRank, report,
+                     storage_error)
 
 GPU_NOTE = ("note: --gpu is ignored: Accelerate chooses devices (use `accelerate launch --gpu_ids 0,1` "
             "or CUDA_VISIBLE_DEVICES)")
@@ -20,7 +22,8 @@ GPU_NOTE = ("note: --gpu is ignored: Accelerate chooses devices (use `accelerate
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train.py",
-        description="Train / evaluate CSSR open-set recognition models (run with `accelerate launch train.py ...`).",
+        description="Train / evaluate CSSR open-set recognition models (run with `python launchers/launch.py "
+                    "[accelerate launch options] train.py ...`).",
     )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. schedule.epochs=5")
     p.add_argument("--config", help="YAML config (may `inherit` others); default: built-in Fashion-MNIST RCSSR")
@@ -119,10 +122,47 @@ def main(argv: list[str] | None = None) -> int:
         except Preempted:  # the checkpoint is written and the launcher's marker left (runner.train)
             return REQUEUE_EXIT_CODE
     except CssrError as err:
-        return report(err)
+        return report_once(err)
     except OSError as err:  # any other write the storage refused (history, summary, plots): one line too
-        if err.errno not in STORAGE_ERRNOS:
-            raise
-        folder = Path(err.filename).parent if err.filename else Path(".")
-        return report(storage_error(err, Path(err.filename or '?').name, folder))
+        if err.errno in STORAGE_ERRNOS:
+            folder = Path(err.filename).parent if err.filename else Path(".")
+            return report_once(storage_error(err, Path(err.filename or '?').name, folder))
+        return quiet_after_a_peer_error(err)
+    except Exception as err:  # noqa: BLE001 - re-raised unless another rank's user error caused it
+        return quiet_after_a_peer_error(err)
     return 0
+
+
+def _multi_process() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+#: how long a rank whose write failed elsewhere waits for that rank's own line before printing its own
+PEER_LINE_WAIT_S = 10.0
+
+
+def report_once(err: BaseException) -> int:
+    """The one `error:` line of the whole job: in a multi-process run only the first rank to
+    fail prints it (`distributed.claim_first_error`); the others exit with the same status, quietly.
+    An error that only echoes another rank's (`FailedOnAnotherRank`) waits for that rank's line."""
+    if _multi_process():
+        # start-up time: torch only on a multi-process error path
+        from .distributed import claim_first_error, peer_failed_first
+
+        if isinstance(err, FailedOnAnotherRank) and peer_failed_first(PEER_LINE_WAIT_S):
+            return USER_ERROR_EXIT
+        if not claim_first_error():
+            return USER_ERROR_EXIT
+    return report(err)
+
+
+def quiet_after_a_peer_error(err: Exception) -> int:
+    """A rank whose collective broke because another rank stopped with a user error exits
+    with that status and no traceback: the user reads the first rank's line, alone. Any other
+    exception is a real failure and is re-raised (its traceback is the report)."""
+    if _multi_process():
+        from .distributed import peer_failed_first  # start-up time: torch only on a multi-process error path
+
+        if peer_failed_first():
+            return USER_ERROR_EXIT
+    raise err

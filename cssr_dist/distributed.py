@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -21,6 +22,68 @@ def dist_info() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+#: how long an erring rank waits for torchrun's store before it prints its line anyway
+STORE_TIMEOUT_S = 10.0
+
+
+def _agent_store() -> torch.distributed.Store | None:
+    """A client of torchrun's agent store (it outlives every worker), or None: one process,
+    not launched by torchrun, or the store is unreachable.
+
+    Why the agent's store and not the process group's: an error may come before the group
+    exists (a config error on every rank), and a rank that hosted the group's store could be
+    the one that failed. The agent serves it at MASTER_ADDR:MASTER_PORT when it sets
+    TORCHELASTIC_USE_AGENT_STORE (torch.distributed.rendezvous), on every node of the job.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    try:
+        return torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                          timeout=timedelta(seconds=STORE_TIMEOUT_S))
+    except (KeyError, ValueError, RuntimeError):
+        return None
+
+
+def _user_error_key() -> str:
+    """One key per launch attempt (torchrun's restarts start a new attempt)."""
+    return f"cssr/user_error/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def claim_first_error() -> bool:
+    """Announce a user error of this rank to the job; True when it is the job's first, so this
+    rank prints the one `error:` line and every later one stays quiet (the same config error
+    raised on every rank is printed once, not once per rank).
+
+    Called BEFORE the rank exits: the other ranks' collectives fail only when its sockets
+    close, so by then `peer_failed_first` already sees the announcement. Outside torchrun, or
+    with the store unreachable, every rank prints its own error (True).
+    """
+    store = _agent_store()
+    if store is None:
+        return True
+    try:
+        return store.add(_user_error_key(), 1) == 1
+    except RuntimeError:
+        return True
+
+
+def peer_failed_first(wait_s: float = 0.0) -> bool:
+    """True when a rank of this job stopped with a user error (waiting up to `wait_s` for it
+    to say so): an exception here (a collective whose peer is gone, a barrier that broke, a
+    write that failed elsewhere) is its consequence, not news, and this rank exits without a
+    line or traceback that would bury that rank's line."""
+    store = _agent_store()
+    if store is None:
+        return False
+    try:
+        if wait_s > 0:
+            store.wait([_user_error_key()], timedelta(seconds=wait_s))
+            return True
+        return bool(store.check([_user_error_key()]))
+    except RuntimeError:  # DistStoreError (a RuntimeError): not announced in time, or no store
+        return False
 
 
 def concat_local(chunks: list[dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:

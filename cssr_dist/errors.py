@@ -27,6 +27,12 @@ class StorageError(CssrError):
     """Writing failed: disk full, quota, read-only folder or an I/O error."""
 
 
+class FailedOnAnotherRank(StorageError):
+    """This rank's part of a write succeeded but another rank's failed (the ranks agree on every
+    checkpoint write, so all stop). That rank's own line names the cause; this one is printed
+    only when that line never comes (`cli.report_once`)."""
+
+
 #: errno values that mean "the storage refused the write", not a bug
 STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM})
 

@@ -8,9 +8,11 @@ configured, because wandb with a key but no network blocks for minutes.
 
 from __future__ import annotations
 
+import errno
 import io
 import netrc
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -23,6 +25,7 @@ from accelerate.tracking import WandBTracker
 from PIL import Image
 
 from .config import Config, to_dict
+from .errors import storage_error
 from .eval import metrics
 from .eval.plots import can_draw_histogram, histogram_figure, per_class_rows, thin_curve
 
@@ -126,6 +129,11 @@ def config_values(prefix: str, values: dict) -> dict[str, Any]:
     return flat
 
 
+#: below this much free space in the run folder, a W&B write stops the run (FailSoftWandBTracker):
+#: W&B's records of one evaluation (plots, tables) take a few hundred kB
+WANDB_MIN_FREE_BYTES = 1_000_000
+
+
 class FailSoftWandBTracker(WandBTracker):
     """Accelerate's W&B tracker whose failures never end the run.
 
@@ -139,11 +147,32 @@ class FailSoftWandBTracker(WandBTracker):
 
     Accelerate does not pass `init_trackers(init_kwargs=...)` to tracker instances, and the
     run id is known only after the checkpoint is restored: `start_tracking` sets them.
+
+    One failure is not soft: a full disk under W&B's folder (the run folder). W&B's service
+    then drops the records without a word (measured: W&B 0.31 offline, a full 4 MB tmpfs,
+    200 `log` calls and `finish` all "succeed", the run file stays empty), and the next
+    checkpoint would fail on the same disk anyway. So before each write the free space is
+    checked (`WANDB_MIN_FREE_BYTES`), and the run stops with the one StorageError line: free
+    space, rerun, and the run resumes from its last checkpoint into the same W&B run, which
+    gets the steps since then again. `finish` is not checked: the preemption path must end.
     """
 
     def __init__(self, project: str):
         super().__init__(project)
         self.failure: str | None = None
+
+    def _check_space(self, what: str) -> None:
+        """StorageError (one line, the folder, the space) when W&B's folder has no room left."""
+        if self.failure is not None:  # W&B is off: it writes nothing
+            return
+        folder = Path(getattr(self, "init_kwargs", {}).get("dir") or ".")
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            return  # no such folder yet: W&B makes it, and its own failure is soft
+        if free < WANDB_MIN_FREE_BYTES:
+            raise storage_error(OSError(errno.ENOSPC, "too little space left for W&B's records"),
+                                f"W&B's {what}", folder / "wandb", WANDB_MIN_FREE_BYTES)
 
     def _guarded(self, what: str, call: Callable[[], Any]) -> Any:
         if self.failure is not None:
@@ -168,15 +197,19 @@ class FailSoftWandBTracker(WandBTracker):
             pass
 
     def start(self) -> None:
+        self._check_space("start")
         self._guarded("start", super().start)
 
     def store_init_configuration(self, values: dict) -> None:
+        self._check_space("config")
         self._guarded("config", lambda: super(FailSoftWandBTracker, self).store_init_configuration(values))
 
     def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+        self._check_space(f"log at step {step}")
         self._guarded(f"log at step {step}", lambda: super(FailSoftWandBTracker, self).log(values, step, **kwargs))
 
     def log_images(self, values: dict, step: int | None = None, **kwargs) -> None:
+        self._check_space(f"images at step {step}")
         self._guarded(f"images at step {step}",
                       lambda: super(FailSoftWandBTracker, self).log_images(values, step, **kwargs))
 

@@ -23,6 +23,14 @@ Takes exactly the options of `accelerate launch` and adds what a cluster job nee
   end. It is made under TMPDIR when that path is short, else under /tmp: DataLoader
   workers pass tensors through Unix sockets in TMPDIR, whose paths may not exceed 107
   bytes ("AF_UNIX path too long", after which the loader waits for ever).
+* **The first real error, alone.** A rank that stops on a user error (bad config, data or
+  storage) prints one `error:` line and exits 2; the other ranks exit 2 quietly
+  (`cssr_dist.distributed.peer_failed_first`). `accelerate launch` would then print
+  torchrun's "Sending process ... closing signal" / "failed (exitcode: 2)" log lines and a
+  `ChildFailedError` traceback (a `CalledProcessError` one for a single process;
+  `accelerate launch --quiet` covers only that case, and turns exit 2 into 1). Here the
+  launch ends with exit 2 and nothing after that line. Any other failure (a crash, a killed
+  rank) still gets torchrun's table of every rank and the rank that failed first.
 * **Multi-node options from the environment** when not given on the command line:
   `--machine_rank` from MACHINE_RANK or SLURM_NODEID, `--main_process_ip` from
   MASTER_ADDR, `--main_process_port` from MASTER_PORT (else, in a Slurm job, a port derived
@@ -34,6 +42,7 @@ Takes exactly the options of `accelerate launch` and adds what a cluster job nee
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -43,6 +52,11 @@ import tempfile
 from pathlib import Path
 
 REQUEUE_EXIT_CODE = 42  # = cssr_dist.engine.preemption.REQUEUE_EXIT_CODE (kept import-free)
+USER_ERROR_EXIT = 2  # = cssr_dist.errors.USER_ERROR_EXIT: the rank printed its one `error:` line
+# torchrun's agent logs these as a failure unfolds; the launcher's own report at the end says the
+# same (the ChildFailedError table for a crash), and for a user error they would follow its line
+ELASTIC_LOGGER = "torch.distributed.elastic.multiprocessing.api"
+REPEATED_BY_THE_REPORT = ("Sending process %s closing signal %s", "failed (exitcode: %s)")
 FORWARDED = (signal.SIGUSR1, signal.SIGTERM)
 MARKER_ENV = "CSSR_PREEMPT_MARKER"  # = cssr_dist.engine.preemption.MARKER_ENV
 # signals torchrun's agent turns into "stop, SIGKILL the workers after 30 s, exit 128+N";
@@ -145,6 +159,11 @@ def _bound_exit_barrier(seconds: float, shutdown_s: float) -> None:
     lea.LocalElasticAgent.__init__ = init
 
 
+def _quiet_failure_log(record: logging.LogRecord) -> bool:
+    """logging filter: drop torchrun's per-failure lines (kept: everything else it logs)."""
+    return not str(record.msg).startswith(REPEATED_BY_THE_REPORT)
+
+
 MAX_TMP_BASE = 50  # + /cssr-launch-XXXXXXXX/pymp-XXXXXXXX/listener-XXXXXXXX must stay < 108
 
 
@@ -180,11 +199,14 @@ def _launch(argv: list[str]) -> int:
         signal.signal(sig, _forward)
     _bound_exit_barrier(float(os.environ.get("CSSR_EXIT_BARRIER_TIMEOUT", "60")),
                         float(os.environ.get("CSSR_SHUTDOWN_TIMEOUT", "300")))
+    logging.getLogger(ELASTIC_LOGGER).addFilter(_quiet_failure_log)
     args = launch_command_parser().parse_args(with_env_options(argv))
     try:
         launch_command(args)
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
+        if failure.exitcode == USER_ERROR_EXIT:  # that rank's `error:` line is the whole report
+            return USER_ERROR_EXIT
         if failure.exitcode == REQUEUE_EXIT_CODE:
             print(f"launch.py: workers stopped for requeue (rank {rank} exit {REQUEUE_EXIT_CODE})", file=sys.stderr)
             return REQUEUE_EXIT_CODE

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from cssr_dist.errors import ConfigError
-from cssr_dist.apps.sweep import (RunSpec, SlurmResources, expand, main, multinode_submissions, run_local, run_state,
-                                  slurm_submission, submit_slurm, train_command)
+from cssr_dist.apps.sweep import (RunSpec, SlurmResources, expand, main, main_launcher_default, multinode_submissions,
+                                  run_local, run_state, slurm_submission, submit_slurm, train_command)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,6 +90,12 @@ def test_run_local_skips_finished_and_resumes_interrupted(tmp_path, monkeypatch)
     assert [(c["args"]["run.name"], c["resumed"]) for c in again] == [("mnist_rcssr_1_s0", True)]
     assert "resuming" in lines[3]
     assert all(run_state(out, s) == "finished" for s in specs)
+
+
+def test_the_default_launcher_is_the_projects_launch_py():
+    """launchers/launch.py: a run stopped by bad input ends in its one line, not the launcher's traceback."""
+    python, script = main_launcher_default()
+    assert python == sys.executable and Path(script) == ROOT / "launchers" / "launch.py" and Path(script).is_file()
 
 
 def test_dry_run_launches_nothing(tmp_path):

@@ -289,15 +289,16 @@ def submit_slurm(specs: Sequence[RunSpec], args: argparse.Namespace, resources: 
 
 
 def main_launcher_default() -> list[str]:
-    """`python -m accelerate.commands.launch` of this interpreter (the venv's accelerate)."""
-    return [sys.executable, "-m", "accelerate.commands.launch"]
+    """`launchers/launch.py` under this interpreter: `accelerate launch` (the venv's) whose
+    failed run ends in its one `error:` line, not in the launcher's traceback."""
+    return [sys.executable, str(REPO_ROOT / "launchers" / "launch.py")]
 
 
 USAGE = """Run a sweep (data sets x splits x methods x seeds), locally one run after another or as a
 Slurm array; finished runs are skipped and interrupted ones resume.
 
     cssr-sweep --datasets fashion_mnist mnist --methods linear pcssr rcssr \\
-        --launcher "accelerate launch --num_processes 2" -- schedule.epochs=3
+        --launcher "python launchers/launch.py --num_processes 2" -- schedule.epochs=3
     cssr-sweep --datasets cifar10 svhn --slurm -- data.root=/data   # sbatch osr_sweep.sh (one array)
     cssr-sweep --datasets imagenet --methods openood_rcssr openood_rcssr_r50 --splits none --slurm \
         --partition gpu --account myproj --nodes 2 --gpus-per-node 8 --time 12:00:00 -- data.root=/shards
@@ -314,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--tag", default="", help="run-name prefix")
     p.add_argument("--output-dir", default="runs")
-    p.add_argument("--launcher", help="command before train.py (default: this Python's `accelerate launch`)")
+    p.add_argument("--launcher", help="command before train.py (default: this Python's launchers/launch.py, "
+                   "which takes accelerate launch's options)")
     p.add_argument("--slurm", action="store_true", help="submit the unfinished runs: slurm/osr_sweep.sh as one array, "
                                                         "or one slurm/imagenet_rcssr.sh job per run for ImageNet configs")
     p.add_argument("--parallel", type=int, default=8, help="Slurm: array tasks running at once")

@@ -41,7 +41,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ..errors import ConfigError, DataError, StorageError, storage_error
+from ..errors import ConfigError, DataError, FailedOnAnotherRank, StorageError, storage_error
 
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -360,8 +360,8 @@ class Checkpointer:
             except OSError:
                 pass
         if error is None:
-            raise StorageError(f"cannot write {what} in {self.root}: a write failed on another rank (see its "
-                               "error); the previous checkpoint is intact")
+            raise FailedOnAnotherRank(f"cannot write {what} in {self.root}: a write failed on another rank (see its "
+                                      "error); the previous checkpoint is intact")
         raise storage_error(error, what, self.root, self._checkpoint_bytes()) from None
 
     def _checkpoint_bytes(self) -> int:
