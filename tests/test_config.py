@@ -59,7 +59,22 @@ def test_overrides_are_typed():
     assert cfg.data.batch_size == 32 and isinstance(cfg.optim.lr, float) and cfg.schedule.milestones == [2.0, 3.0]
 
 
+@pytest.mark.parametrize("text,value", [("5e-4", 5e-4), ("1E-3", 1e-3), ("-2.5e+2", -250.0), (".5", 0.5)])
+def test_floats_as_users_write_them(tmp_path, text, value):
+    """PyYAML (YAML 1.1) reads `5e-4` as a string; every float field takes it, from an override,
+    --configupdate, a list item or a YAML file, and the value is the number written."""
+    cfg = load_config(None, [f"optim.weight_decay={text}", f"data.mean=[{text}]", f"optim.grad_clip={text}"])
+    assert (cfg.optim.weight_decay, cfg.data.mean, cfg.optim.grad_clip) == (value, [value], value)
+    args = build_parser().parse_args(["--configupdate", f"optim.lr:{text}", "--print-config"])
+    assert config_from_args(args).optim.lr == value
+    (tmp_path / "c.yaml").write_text(f"optim:\n  weight_decay: {text}\n")
+    assert load_config(tmp_path / "c.yaml").optim.weight_decay == value
+
+
 @pytest.mark.parametrize("override,message", [
+    ("optim.weight_decay=5e-4x", "'optim.weight_decay' must be float, got '5e-4x'"),
+    ("optim.lr=e-4", "'optim.lr' must be float"),
+    ("data.batch_size=5e-4", "'data.batch_size' must be int"),
     ("data.batchsize=3", "unknown config key 'data.batchsize'.*did you mean 'data.batch_size'"),
     ("modle.head=rcssr", "unknown config key 'modle'.*did you mean 'model'"),
     ("model.head=rcsr", "'model.head' = 'rcsr' is not valid; did you mean 'rcssr'"),
