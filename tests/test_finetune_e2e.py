@@ -50,7 +50,7 @@ def test_imagenet_tree_to_frozen_finetune_with_near_and_far_ood_and_predict(tmp_
     out = launch_train(tmp_path, [
         "--config", "configs/imagenet/rcssr.yaml", f"run.output_dir={tmp_path / 'runs'}", "run.name=ft",
         f"data.root={shards}",  # the config's prefixes (imagenet-train, ood-ssb_hard, ...) resolve here
-        "data.dataset=imagefolder",  # 4 synsets, counted from the index (data.dataset=imagenet means all 1000)
+        # data.dataset stays the config's imagenet: its 4 synsets are counted from the shard index
         f"model.backbone={BACKBONE}", "model.pretrained=false", f"model.pretrained_file={tmp_path / 'init.safetensors'}",
         "data.image_size=32", "data.batch_size=8", "data.eval_batch_size=16", "data.num_workers=1",
         "data.ood=[{name: ssb_hard, shards: ood-ssb_hard, group: near}, {name: textures, shards: ood-textures, group: far}]",
