@@ -70,3 +70,15 @@ def test_every_checkpoint_carries_the_training_time_so_far(monkeypatch):
     trainer.on_checkpoint()
     trainer.on_checkpoint()
     assert saved == [40.0, 85.0]
+
+
+def test_positions_count_epochs_from_1_as_the_epoch_lines_do():
+    """`state.epoch` counts finished epochs; the preemption and resume lines say the epoch the
+    user sees in the epoch lines and history (1-based), mid-epoch or at its end."""
+    from cssr_dist.engine.trainer import position
+
+    assert position(TrainerState(epoch=0, step_in_epoch=5, global_step=5), 2, 33) == "in epoch 1/2 at step 5/33"
+    assert position(TrainerState(epoch=1, step_in_epoch=0, global_step=33), 2, 33) == "end of epoch 1/2"
+    assert position(TrainerState(epoch=1, step_in_epoch=7, global_step=40), 2, 33) == "in epoch 2/2 at step 7/33"
+    assert position(TrainerState(epoch=0, step_in_epoch=33, global_step=33), 2, 33) == "end of epoch 1/2"
+    assert position(TrainerState(), 2, 33) == "before epoch 1/2"

@@ -38,7 +38,7 @@ from .optim import build_optimizer
 from .preemption import Preempted, PreemptionFlag, mark_preempted
 from .run_folder import RunFolder, config_fingerprint, environment_record
 from .schedule import build_scheduler
-from .trainer import Trainer
+from .trainer import Trainer, position
 
 
 def build_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
@@ -161,8 +161,8 @@ def train(cfg: Config) -> dict:
 
     state = run.restore(checkpoints)
     if checkpoints.restored_from is not None:
-        acc.print(f"resuming {cfg.run.name} from {checkpoints.restored_from.name} (epoch {state.epoch}, "
-                  f"step {state.global_step})")
+        acc.print(f"resuming {cfg.run.name} from {checkpoints.restored_from.name} (step {state.global_step}: "
+                  f"{position(state, cfg.schedule.epochs, len(run.data.train))})")
         if acc.is_main_process:  # rows written after this checkpoint (before a kill) would appear twice
             run.folder.rewrite_history(state.history)
     if state.finished:

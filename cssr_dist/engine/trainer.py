@@ -273,7 +273,8 @@ class Trainer:
             bar.close()
             if result.stop == "preempted":
                 self.on_checkpoint()
-                acc.print(f"preempted at step {state.global_step}; checkpoint written, exiting for requeue")
+                acc.print(f"preempted at step {state.global_step} ({position(state, cfg.schedule.epochs, len(train))}); "
+                          "checkpoint written, exiting for requeue")
                 raise Preempted()
             epoch_done = state.step_in_epoch >= len(train)
             if epoch_done:
@@ -293,8 +294,8 @@ class Trainer:
             state.finished = last
             self.on_checkpoint()
             if not last and self.preemption.should_stop(acc):  # signalled during evaluation or the write
-                acc.print(f"preempted at step {state.global_step} (end of epoch {state.epoch}); checkpoint written, "
-                          "exiting for requeue")
+                acc.print(f"preempted at step {state.global_step} ({position(state, cfg.schedule.epochs, len(train))}); "
+                          "checkpoint written, exiting for requeue")
                 raise Preempted()
         self._count_time()
 
@@ -313,6 +314,15 @@ def improved(metric: str, value: float | None, best: float | None) -> bool:
     if best is None:
         return True
     return value < best if metric == "val_loss" else value > best
+
+
+def position(state: TrainerState, epochs: int, steps_per_epoch: int) -> str:
+    """Where training stands, epochs counted from 1 as in the epoch lines and history rows
+    (`state.epoch` counts FINISHED epochs): the preemption and the resume lines say the same."""
+    if state.step_in_epoch and state.step_in_epoch < steps_per_epoch:
+        return f"in epoch {state.epoch + 1}/{epochs} at step {state.step_in_epoch}/{steps_per_epoch}"
+    done = state.epoch + (1 if state.step_in_epoch else 0)
+    return f"end of epoch {done}/{epochs}" if done else f"before epoch 1/{epochs}"
 
 
 def epoch_line(row: dict) -> str:
