@@ -123,6 +123,26 @@ def test_print_config_shows_the_backbones_own_normalisation(capsys):
     assert "image_size: 224" in out and "test_resize: 256" in out and "- 0.485" in out
 
 
+def test_print_config_shows_only_the_ood_fields_the_format_reads(capsys, tmp_path):
+    """A shard OOD set shows no source/root, a folder OOD set no shards: fields the format never
+    reads are left out while at their defaults, so the text loads back as the same config."""
+    import yaml
+
+    resolved = ["data.image_size=224", "data.test_resize=256", "data.mean=[0.485,0.456,0.406]",
+                "data.std=[0.229,0.224,0.225]"]  # --print-config shows the backbone's own, resolved
+    folders = "data.ood=[{name: textures, source: oodfolder, root: /data/dtd}]"
+    for fmt, extra, shown, hidden in (("shards", [], {"shards"}, {"source", "root"}),
+                                      ("native", [folders], {"source", "root"}, {"shards"})):
+        args = [f"data.format={fmt}", *extra]
+        assert main(["--config", str(ROOT / "configs/imagenet/rcssr.yaml"), "--print-config", *args]) == 0
+        out = capsys.readouterr().out
+        entries = yaml.safe_load(out)["data"]["ood"]
+        assert entries and all(shown <= set(e) and not hidden & set(e) for e in entries), entries
+        (tmp_path / "shown.yaml").write_text(out)
+        assert load_config(tmp_path / "shown.yaml") == load_config(ROOT / "configs/imagenet/rcssr.yaml",
+                                                                   args + resolved)
+
+
 def test_gpu_flag_is_explained(capsys):
     assert main(["--gpu", "0", "--print-config"]) == 0
     assert "Accelerate chooses devices" in capsys.readouterr().err
