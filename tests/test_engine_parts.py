@@ -75,10 +75,14 @@ def test_every_checkpoint_carries_the_training_time_so_far(monkeypatch):
 def test_positions_count_epochs_from_1_as_the_epoch_lines_do():
     """`state.epoch` counts finished epochs; the preemption and resume lines say the epoch the
     user sees in the epoch lines and history (1-based), mid-epoch or at its end."""
-    from cssr_dist.engine.trainer import position
+    from cssr_dist.engine.trainer import epoch_line, position
 
     assert position(TrainerState(epoch=0, step_in_epoch=5, global_step=5), 2, 33) == "in epoch 1/2 at step 5/33"
     assert position(TrainerState(epoch=1, step_in_epoch=0, global_step=33), 2, 33) == "end of epoch 1/2"
     assert position(TrainerState(epoch=1, step_in_epoch=7, global_step=40), 2, 33) == "in epoch 2/2 at step 7/33"
     assert position(TrainerState(epoch=0, step_in_epoch=33, global_step=33), 2, 33) == "end of epoch 1/2"
     assert position(TrainerState(), 2, 33) == "before epoch 1/2"
+    row = {"epoch": 0, "train_loss": 1.5, "val_acc": 0.25}  # run.max_steps=5 ended the first epoch early
+    assert epoch_line(row, position(TrainerState(step_in_epoch=5, global_step=5), 2, 33)) == \
+        "stopped by run.max_steps in epoch 1/2 at step 5/33 | loss 1.5000 | val_acc 0.2500"
+    assert epoch_line({**row, "epoch": 1}) == "epoch 1 | loss 1.5000 | val_acc 0.2500"

@@ -290,7 +290,7 @@ class Trainer:
             state.history.append(row)
             record(row)
             acc.log({f"epoch/{k}": v for k, v in row.items() if isinstance(v, (int, float))}, step=state.global_step)
-            acc.print(epoch_line(row))
+            acc.print(epoch_line(row, None if epoch_done else position(state, cfg.schedule.epochs, len(train))))
             state.finished = last
             self.on_checkpoint()
             if not last and self.preemption.should_stop(acc):  # signalled during evaluation or the write
@@ -325,9 +325,11 @@ def position(state: TrainerState, epochs: int, steps_per_epoch: int) -> str:
     return f"end of epoch {done}/{epochs}" if done else f"before epoch 1/{epochs}"
 
 
-def epoch_line(row: dict) -> str:
-    """The one line printed per epoch (rank 0)."""
-    parts = [f"epoch {row['epoch']}", f"loss {row['train_loss']:.4f}"]
+def epoch_line(row: dict, partial: str | None = None) -> str:
+    """The one line printed per epoch (rank 0); `partial`: where run.max_steps stopped an
+    unfinished epoch (`row['epoch']` counts finished ones, so it would read one epoch early)."""
+    head = f"epoch {row['epoch']}" if partial is None else f"stopped by run.max_steps {partial}"
+    parts = [head, f"loss {row['train_loss']:.4f}"]
     if "val_acc" in row:
         parts.append(f"val_acc {row['val_acc']:.4f}")
     for key in ("closed_acc", "auroc", "oscr", "oscr_to_1"):  # oscr_to_1: reference protocol
