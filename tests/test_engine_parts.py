@@ -86,3 +86,23 @@ def test_positions_count_epochs_from_1_as_the_epoch_lines_do():
     assert epoch_line(row, position(TrainerState(step_in_epoch=5, global_step=5), 2, 33)) == \
         "stopped by run.max_steps in epoch 1/2 at step 5/33 | loss 1.5000 | val_acc 0.2500"
     assert epoch_line({**row, "epoch": 1}) == "epoch 1 | loss 1.5000 | val_acc 0.2500"
+
+
+def test_training_rows_log_the_epoch_their_steps_belong_to_from_1():
+    """W&B's `epoch` of the train/* rows is the epoch in progress, as the epoch lines count it:
+    1 during the first epoch (state.epoch = 0 finished epochs), 2 during the second."""
+    from types import SimpleNamespace
+
+    from cssr_dist.config import Config
+    from cssr_dist.engine.preemption import PreemptionFlag
+    from cssr_dist.engine.trainer import DivergenceWatch, Trainer
+
+    logged = []
+    acc = SimpleNamespace(num_processes=1, reduce=lambda t, reduction: t, log=lambda row, step: logged.append(row))
+    scheduler = SimpleNamespace(get_last_lr=lambda: [0.1])
+    for finished, expected in ((0, 1), (1, 2)):
+        state = TrainerState(epoch=finished, step_in_epoch=3, global_step=3)
+        trainer = Trainer(Config(), acc, None, None, scheduler, None, state, PreemptionFlag(signals=()), lambda: None)
+        trainer.divergence = DivergenceWatch(torch.device("cpu"), 4)
+        trainer._log(torch.tensor([3.0, 6.0]), 3, 12, 1.0)
+        assert logged[-1]["epoch"] == expected and logged[-1]["train/loss"] == 1.0

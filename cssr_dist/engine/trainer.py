@@ -186,7 +186,8 @@ class Trainer:
         self.accelerator.log({"train/loss": value, "train/lr": self.scheduler.get_last_lr()[0],
                               "train/accuracy": correct / max(1, images),
                               "train/images_per_s": images * world / max(seconds, 1e-9),
-                              "epoch": self.state.epoch}, step=self.state.global_step)
+                              "epoch": self.state.epoch + 1},  # the epoch these steps belong to, from 1
+                             step=self.state.global_step)
         return value
 
     def _max_steps_reached(self) -> bool:
