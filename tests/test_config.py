@@ -128,6 +128,9 @@ def test_print_config_shows_only_the_ood_fields_the_format_reads(capsys, tmp_pat
     reads are left out while at their defaults, so the text loads back as the same config."""
     import yaml
 
+    from cssr_dist.config import to_dict
+    from cssr_dist.engine.run_folder import experiment_fingerprint
+
     resolved = ["data.image_size=224", "data.test_resize=256", "data.mean=[0.485,0.456,0.406]",
                 "data.std=[0.229,0.224,0.225]"]  # --print-config shows the backbone's own, resolved
     folders = "data.ood=[{name: textures, source: oodfolder, root: /data/dtd}]"
@@ -141,6 +144,9 @@ def test_print_config_shows_only_the_ood_fields_the_format_reads(capsys, tmp_pat
         (tmp_path / "shown.yaml").write_text(out)
         assert load_config(tmp_path / "shown.yaml") == load_config(ROOT / "configs/imagenet/rcssr.yaml",
                                                                    args + resolved)
+        # cssr-collect groups runs by the fingerprint of their config.yaml: the same as of the full config
+        full = to_dict(load_config(tmp_path / "shown.yaml"))
+        assert experiment_fingerprint(yaml.safe_load(out)) == experiment_fingerprint(full)
 
 
 def test_gpu_flag_is_explained(capsys):
