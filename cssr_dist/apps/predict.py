@@ -7,7 +7,9 @@ nothing executed):
 * `config.yaml` through the project's config loader (YAML + schema), so the model, the
   head, the score and the TEST transform are exactly the run's;
 * `checkpoints/best/weights.safetensors`: the selected weights WITH the score statistics
-  fitted for them (S1/S2/integrated need those; safetensors only);
+  fitted for them (S1/S2/integrated need those; safetensors only); a frozen backbone is not
+  in it but its hash is: it is built from the pretrained weights the config names and
+  checked against that hash (engine/checkpoint.py) before anything is loaded;
 * `summary.json`: the threshold of the primary score chosen on the validation slice of
   known classes (TPR `eval.tpr`), the one the run's macro-F1 used. An image is `unknown`
   when its score is below it, exactly as in evaluation (known = score >= threshold).
