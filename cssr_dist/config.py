@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -205,6 +206,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 
 # ---------------------------------------------------------------- type checking
+# A decimal number as users write it: `5e-4`, `1E-3`, `.5`, `-2.`. YAML 1.1 (PyYAML) reads an
+# exponent without a dot (`5e-4`) as a string, on the command line and in files alike.
+FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -238,6 +244,8 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         return _build(tp, value, key, where)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and FLOAT_TEXT.fullmatch(value.strip()):
+        return float(value)  # the one place: overrides, --configupdate and YAML files all pass here
     if tp is str and isinstance(value, bool) and key == "run.mixed_precision" and not value:
         return "no"  # YAML 1.1 reads a bare `no` as false
     if tp is str and isinstance(value, int) and not isinstance(value, bool):
@@ -393,5 +401,16 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+#: data.ood[] fields that the other data.format never reads
+OOD_FIELDS_UNUSED = {"shards": ("source", "root"), "native": ("shards",)}
+
+
 def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The config as YAML (--print-config, the run's config.yaml). A data.ood entry leaves out the
+    fields its data.format does not read (a shard set has no source or root) while they hold their
+    defaults, so what is shown is what the run uses; loading the text back gives the same config."""
+    tree = to_dict(cfg)
+    unused, defaults = OOD_FIELDS_UNUSED.get(cfg.data.format, ()), dataclasses.asdict(OodSetConfig())
+    tree["data"]["ood"] = [{k: v for k, v in entry.items() if not (k in unused and v == defaults[k])}
+                           for entry in tree["data"]["ood"]]
+    return yaml.safe_dump(tree, sort_keys=False)

@@ -132,11 +132,20 @@ class BatchPlan(NamedTuple):
     def describe(self, world: int, cfg: Config) -> str:
         scaled = (f"lr {cfg.optim.lr:g} x {self.global_batch}/{RECIPE_BATCH} = {self.lr:g} (optim.scale_lr_by_batch)"
                   if cfg.optim.scale_lr_by_batch else f"lr {self.lr:g} for global batch {self.global_batch} (not scaled)")
-        bn = ("BatchNorm over the global batch (model.sync_bn)" if cfg.model.sync_bn or world == 1
-              else f"BatchNorm over {self.per_process} images per process (model.sync_bn=true: the global batch)")
+        bn = ("" if not trains_batchnorm(cfg) else
+              "; BatchNorm over the global batch (model.sync_bn)" if cfg.model.sync_bn or world == 1
+              else f"; BatchNorm over {self.per_process} images per process (model.sync_bn=true: the global batch)")
         source = (" (data.reference_global_batch_size: the reference's batch)"
                   if cfg.eval.protocol == "reference" and cfg.data.reference_global_batch_size is not None else "")
-        return f"batch: global {self.global_batch}{source} = {world} process(es) x {self.per_process}; {scaled}; {bn}"
+        return f"batch: global {self.global_batch}{source} = {world} process(es) x {self.per_process}; {scaled}{bn}"
+
+
+def trains_batchnorm(cfg: Config) -> bool:
+    """Whether any BatchNorm layer trains: not with a frozen backbone (cssr_ft: its BatchNorm stays in
+    eval mode) unless model.projection_dim adds the head's projection (conv + BN). The batch line
+    says how BatchNorm sees the batch only when this holds, so a fine-tuning run is not told about a
+    layer that never updates."""
+    return not cfg.model.freeze_backbone or bool(cfg.model.projection_dim)
 
 
 def batch_plan(cfg: Config, world: int) -> BatchPlan:

@@ -76,7 +76,22 @@ def test_overrides_are_typed():
     assert cfg.data.batch_size == 32 and isinstance(cfg.optim.lr, float) and cfg.schedule.milestones == [2.0, 3.0]
 
 
+@pytest.mark.parametrize("text,value", [("5e-4", 5e-4), ("1E-3", 1e-3), ("-2.5e+2", -250.0), (".5", 0.5)])
+def test_floats_as_users_write_them(tmp_path, text, value):
+    """PyYAML (YAML 1.1) reads `5e-4` as a string; every float field takes it, from an override,
+    --configupdate, a list item or a YAML file, and the value is the number written."""
+    cfg = load_config(None, [f"optim.weight_decay={text}", f"data.mean=[{text}]", f"optim.grad_clip={text}"])
+    assert (cfg.optim.weight_decay, cfg.data.mean, cfg.optim.grad_clip) == (value, [value], value)
+    args = build_parser().parse_args(["--configupdate", f"optim.lr:{text}", "--print-config"])
+    assert config_from_args(args).optim.lr == value
+    (tmp_path / "c.yaml").write_text(f"optim:\n  weight_decay: {text}\n")
+    assert load_config(tmp_path / "c.yaml").optim.weight_decay == value
+
+
 @pytest.mark.parametrize("override,message", [
+    ("optim.weight_decay=5e-4x", "'optim.weight_decay' must be float, got '5e-4x'"),
+    ("optim.lr=e-4", "'optim.lr' must be float"),
+    ("data.batch_size=5e-4", "'data.batch_size' must be int"),
     ("data.batchsize=3", "unknown config key 'data.batchsize'.*did you mean 'data.batch_size'"),
     ("modle.head=rcssr", "unknown config key 'modle'.*did you mean 'model'"),
     ("model.head=rcsr", "'model.head' = 'rcsr' is not valid; did you mean 'rcssr'"),
@@ -123,6 +138,32 @@ def test_print_config_shows_the_backbones_own_normalisation(capsys):
     assert main(["--config", str(ROOT / "configs/imagenet/rcssr.yaml"), "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "image_size: 224" in out and "test_resize: 256" in out and "- 0.485" in out
+
+
+def test_print_config_shows_only_the_ood_fields_the_format_reads(capsys, tmp_path):
+    """A shard OOD set shows no source/root, a folder OOD set no shards: fields the format never
+    reads are left out while at their defaults, so the text loads back as the same config."""
+    import yaml
+
+    from cssr_dist.config import to_dict
+    from cssr_dist.engine.run_folder import experiment_fingerprint
+
+    resolved = ["data.image_size=224", "data.test_resize=256", "data.mean=[0.485,0.456,0.406]",
+                "data.std=[0.229,0.224,0.225]"]  # --print-config shows the backbone's own, resolved
+    folders = "data.ood=[{name: textures, source: oodfolder, root: /data/dtd}]"
+    for fmt, extra, shown, hidden in (("shards", [], {"shards"}, {"source", "root"}),
+                                      ("native", [folders], {"source", "root"}, {"shards"})):
+        args = [f"data.format={fmt}", *extra]
+        assert main(["--config", str(ROOT / "configs/imagenet/rcssr.yaml"), "--print-config", *args]) == 0
+        out = capsys.readouterr().out
+        entries = yaml.safe_load(out)["data"]["ood"]
+        assert entries and all(shown <= set(e) and not hidden & set(e) for e in entries), entries
+        (tmp_path / "shown.yaml").write_text(out)
+        assert load_config(tmp_path / "shown.yaml") == load_config(ROOT / "configs/imagenet/rcssr.yaml",
+                                                                   args + resolved)
+        # cssr-collect groups runs by the fingerprint of their config.yaml: the same as of the full config
+        full = to_dict(load_config(tmp_path / "shown.yaml"))
+        assert experiment_fingerprint(yaml.safe_load(out)) == experiment_fingerprint(full)
 
 
 def test_gpu_flag_is_explained(capsys):

@@ -70,3 +70,39 @@ def test_every_checkpoint_carries_the_training_time_so_far(monkeypatch):
     trainer.on_checkpoint()
     trainer.on_checkpoint()
     assert saved == [40.0, 85.0]
+
+
+def test_positions_count_epochs_from_1_as_the_epoch_lines_do():
+    """`state.epoch` counts finished epochs; the preemption and resume lines say the epoch the
+    user sees in the epoch lines and history (1-based), mid-epoch or at its end."""
+    from cssr_dist.engine.trainer import epoch_line, position
+
+    assert position(TrainerState(epoch=0, step_in_epoch=5, global_step=5), 2, 33) == "in epoch 1/2 at step 5/33"
+    assert position(TrainerState(epoch=1, step_in_epoch=0, global_step=33), 2, 33) == "end of epoch 1/2"
+    assert position(TrainerState(epoch=1, step_in_epoch=7, global_step=40), 2, 33) == "in epoch 2/2 at step 7/33"
+    assert position(TrainerState(epoch=0, step_in_epoch=33, global_step=33), 2, 33) == "end of epoch 1/2"
+    assert position(TrainerState(), 2, 33) == "before epoch 1/2"
+    row = {"epoch": 0, "train_loss": 1.5, "val_acc": 0.25}  # run.max_steps=5 ended the first epoch early
+    assert epoch_line(row, position(TrainerState(step_in_epoch=5, global_step=5), 2, 33)) == \
+        "stopped by run.max_steps in epoch 1/2 at step 5/33 | loss 1.5000 | val_acc 0.2500"
+    assert epoch_line({**row, "epoch": 1}) == "epoch 1 | loss 1.5000 | val_acc 0.2500"
+
+
+def test_training_rows_log_the_epoch_their_steps_belong_to_from_1():
+    """W&B's `epoch` of the train/* rows is the epoch in progress, as the epoch lines count it:
+    1 during the first epoch (state.epoch = 0 finished epochs), 2 during the second."""
+    from types import SimpleNamespace
+
+    from cssr_dist.config import Config
+    from cssr_dist.engine.preemption import PreemptionFlag
+    from cssr_dist.engine.trainer import DivergenceWatch, Trainer
+
+    logged = []
+    acc = SimpleNamespace(num_processes=1, reduce=lambda t, reduction: t, log=lambda row, step: logged.append(row))
+    scheduler = SimpleNamespace(get_last_lr=lambda: [0.1])
+    for finished, expected in ((0, 1), (1, 2)):
+        state = TrainerState(epoch=finished, step_in_epoch=3, global_step=3)
+        trainer = Trainer(Config(), acc, None, None, scheduler, None, state, PreemptionFlag(signals=()), lambda: None)
+        trainer.divergence = DivergenceWatch(torch.device("cpu"), 4)
+        trainer._log(torch.tensor([3.0, 6.0]), 3, 12, 1.0)
+        assert logged[-1]["epoch"] == expected and logged[-1]["train/loss"] == 1.0

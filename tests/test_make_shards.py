@@ -324,7 +324,7 @@ def test_bytes_per_shard_and_resize(tmp_path):
             assert min(image.size) == min(16, min(original.size))  # shrink only, never enlarge
 
 
-def test_parallel_workers_write_the_same_bytes_and_resume_skips_finished_shards(tmp_path, monkeypatch):
+def test_parallel_workers_write_the_same_bytes_and_resume_skips_finished_shards(tmp_path, monkeypatch, capsys):
     train = imagenet_train(tmp_path / "train")
     base = ["--source", "imagefolder", "--root", str(train), "--samples-per-shard", "2", "--no-progress"]
     assert main([*base, "--out", str(tmp_path / "one"), "--workers", "1"]) == 0
@@ -348,7 +348,10 @@ def test_parallel_workers_write_the_same_bytes_and_resume_skips_finished_shards(
     assert len(done) == 2 and not (tmp_path / "res.json").exists()
     stamps = {p: p.stat().st_mtime_ns for p in done}
     monkeypatch.setattr(make_shards_cli, "_write_task", real)
+    capsys.readouterr()
     assert main([*base, "--out", str(tmp_path / "res"), "--workers", "1"]) == 0
+    assert f"resuming {tmp_path / 'res'}: 2 of 6 shards were written by an earlier run of the same plan and are " \
+           "kept; writing the other 4" in capsys.readouterr().out  # the user is told it resumed
     assert {p: p.stat().st_mtime_ns for p in done} == stamps  # finished shards were not rewritten
     index, _ = read_index(str(tmp_path / "res"))
     assert index.made_with["resumed_shards"] == 2 and verify_shard_set(tmp_path / "res") == []
@@ -357,6 +360,31 @@ def test_parallel_workers_write_the_same_bytes_and_resume_skips_finished_shards(
     assert main([*base[:-1], "--out", str(tmp_path / "res"), "--samples-per-shard", "3", "--no-progress"]) == 2
     assert main([*base, "--out", str(tmp_path / "res"), "--samples-per-shard", "3", "--overwrite"]) == 0
     assert len(read_index(str(tmp_path / "res"))[0].shards) == 4 and not list(tmp_path.glob("res-00000[45].tar"))
+
+
+def test_skipped_files_are_counted_with_their_reason(tmp_path, capsys):
+    """Non-images, hidden entries and stray files beside the class folders are left out, and the
+    user is told how many and why (before: dropped uncounted); the index records the counts."""
+    train = imagenet_train(tmp_path / "train")
+    (train / WNIDS[0] / "readme.txt").write_text("x")
+    (train / WNIDS[1] / "boxes.xml").write_text("x")
+    (train / WNIDS[1] / ".DS_Store").write_text("x")
+    (train / "LICENSE").write_text("x")
+    assert run("--source", "imagefolder", "--root", train, "--out", tmp_path / "s", "--no-progress") == 0
+    out = capsys.readouterr().out
+    assert f"listed 12 images under {train}; skipped 4 entries: 2 not images by suffix (.jpg" in out, out
+    assert f"(e.g. {train / WNIDS[0] / 'readme.txt'}), 1 files outside the class folders (e.g. {train / 'LICENSE'})" \
+           in out and f"1 hidden (e.g. {train / WNIDS[1] / '.DS_Store'})" in out, out
+    skipped = read_index(str(tmp_path / "s"))[0].made_with["skipped_files"]
+    assert sorted(skipped.values()) == [1, 1, 2] and read_index(str(tmp_path / "s"))[0].total == 12
+    ood = tmp_path / "ood"
+    jpeg(ood / "a.jpg", 1)
+    (ood / "notes.pdf").write_text("x")
+    assert run("--source", "ood", "--root", ood, "--out", tmp_path / "o", "--no-progress") == 0
+    assert "listed 1 images" in capsys.readouterr().out
+    clean = imagenet_train(tmp_path / "clean")
+    assert run("--source", "imagefolder", "--root", clean, "--out", tmp_path / "c", "--no-progress") == 0
+    assert "listed" not in capsys.readouterr().out  # nothing left out: no line
 
 
 # ---------------------------------------------------------------- --verify

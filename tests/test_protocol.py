@@ -72,6 +72,19 @@ def test_batch_plan(overrides, world, expected):
     assert f"global {expected[1]}" in line and f"x {expected[0]}" in line
 
 
+@pytest.mark.parametrize("overrides, world, bn", [
+    ([], 2, "BatchNorm over 16 images per process"),
+    (["model.sync_bn=true"], 2, "BatchNorm over the global batch"),
+    (["model.freeze_backbone=true"], 2, None),  # cssr_ft: the frozen backbone's BatchNorm never trains
+    (["model.freeze_backbone=true", "model.projection_dim=8"], 2, "BatchNorm over 16 images per process"),
+])
+def test_batch_line_names_batchnorm_only_where_batchnorm_trains(overrides, world, bn):
+    cfg = load_config(None, ["data.global_batch_size=32"] + overrides)
+    line = batch_plan(cfg, world).describe(world, cfg)
+    assert line.startswith("batch: global 32 = 2 process(es) x 16; lr ")
+    assert (bn in line) if bn else ("BatchNorm" not in line and not line.endswith(";")), line
+
+
 def test_batch_plan_rejects_a_global_batch_that_does_not_split():
     cfg = load_config(None, ["data.global_batch_size=130"])
     with pytest.raises(ConfigError, match="does not split over 4 processes"):

@@ -82,7 +82,8 @@ def test_killed_mid_epoch_after_a_checkpoint(runs):
     state = runs["state_at_kill"]
     assert state["epoch"] == 0 and 0 < state["step_in_epoch"] < STEPS_PER_EPOCH, state  # mid-epoch
     assert state["global_step"] % 5 == 0 and not state["finished"]
-    assert f"resuming killed from step_{state['global_step']:09d} (epoch 0, step {state['global_step']})" \
+    where = f"in epoch 1/2 at step {state['step_in_epoch']}/{STEPS_PER_EPOCH}"  # epochs from 1, as the epoch lines
+    assert f"resuming killed from step_{state['global_step']:09d} (step {state['global_step']}: {where})" \
         in runs["resumed"].stdout
 
 

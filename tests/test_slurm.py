@@ -160,7 +160,7 @@ def _assert_requeued_once_and_resumed(result: dict) -> None:
     logs = run / "slurm"
     assert sorted(p.name for p in logs.iterdir()) == [f"{job}.0", f"{job}.1"]
     first, second = (logs / f"{job}.0" / "node0.log").read_text(), (logs / f"{job}.1" / "node0.log").read_text()
-    stopped = re.search(r"preempted at step (\d+)(?: \(end of epoch \d+\))?; checkpoint written", first)
+    stopped = re.search(r"preempted at step (\d+) \(((?:in|end of) epoch \d+/2[^)]*)\); checkpoint written", first)
     assert stopped, first[-3000:]
     step = int(stopped.group(1))
     assert 0 < step < 24  # stopped mid-run (2 epochs x 12 steps)
@@ -196,11 +196,13 @@ def test_requeued_job_resumed_from_the_preemption_checkpoint(preempted):
     for attempt in (0, 1):
         assert sorted(p.name for p in (logs / f"{job}.{attempt}").glob("node*.log")) == ["node0.log", "node1.log"]
     first, second = (logs / f"{job}.0" / "node0.log").read_text(), (logs / f"{job}.1" / "node0.log").read_text()
-    stopped = re.search(r"preempted at step (\d+)(?: \(end of epoch (\d+)\))?; checkpoint written", first)
+    stopped = re.search(r"preempted at step (\d+) \(((?:in|end of) epoch \d+/2[^)]*)\); checkpoint written", first)
     assert stopped, first[-3000:]
     assert "launch.py: workers stopped for requeue" in first
-    step, epoch = int(stopped[1]), int(stopped[2] or 0)  # stopped mid-epoch 1, or after its evaluation
-    assert f"resuming pre from step_{step:09d} (epoch {epoch}, step {step})" in second, second[-3000:]
+    # stopped mid-epoch 1 ("in epoch 1/2 at step k/12") or after its evaluation ("end of epoch 1/2"):
+    # the resume line says where, in the same words and the same 1-based epochs as the epoch lines
+    step, where = int(stopped[1]), stopped[2]
+    assert f"resuming pre from step_{step:09d} (step {step}: {where})" in second, second[-3000:]
 
 
 @pytest.mark.slow

@@ -37,7 +37,7 @@ def test_label_of_and_label_map():
     assert table.dtype == np.int64
     assert table.tolist() == [-1, -1, 0, 1, 2, 3, 4, 5, -1, -1]
     assert split.primary_test_classes(10).tolist() == list(range(10))
-    with pytest.raises(DataError, match="does not exist"):
+    with pytest.raises(DataError, match=r"needs class 7, but the 'cifar10' data has 7 classes \(0..6\)"):
         split.label_map(7)
 
 
@@ -93,12 +93,13 @@ def test_builtin_fashion_mnist_splits_are_the_documented_seeded_draws():
 
 
 def test_none_family_all_known():
-    split = split_by_name("none", "imagenet", "default")
+    split = split_by_name("none", "imagenet", "default", num_classes=1000)
     assert split.known == tuple(range(1000)) and split.unknown == ()
     assert split.primary_test_classes(1000).size == 1000
     assert split_by_name("none", "imagefolder", "x", num_classes=3).known == (0, 1, 2)
-    with pytest.raises(DataError, match="class count"):
-        split_by_name("none", "imagefolder", "x")
+    for dataset in ("imagefolder", "imagenet"):  # an ImageNet-layout tree of any size counts its classes
+        with pytest.raises(DataError, match="class count"):
+            split_by_name("none", dataset, "x")
 
 
 @pytest.mark.parametrize(
@@ -194,3 +195,68 @@ def test_resolve_split_precedence(data_cfg, tmp_path):
     assert resolve_split(data_cfg()).name == "builtin/fashion_mnist/default"
     with pytest.raises(DataError, match="data.known is empty"):
         resolve_split(data_cfg(unknown=[1]))
+
+
+# ---------------------------------------------------------------- any ImageNet-layout tree
+WNIDS = ["n01440764", "n01443537", "n01484850"]
+
+
+def _imagenet_tree(root: Path, tiny) -> Path:
+    """3 synsets in ImageNet's folder layout: train/<wnid>/ and val/<wnid>/ (4 and 2 images each)."""
+    for c, wnid in enumerate(WNIDS):
+        tiny.images(root / "train" / wnid, [f"{wnid}_{i}.JPEG" for i in range(4)], seed=10 * c)
+        tiny.images(root / "val" / wnid, [f"val_{c}_{i}.JPEG" for i in range(2)], seed=100 + 10 * c)
+    return root
+
+
+def _imagenet_cfg(*overrides: str):
+    from cssr_dist.config import load_config
+
+    return load_config(None, ["data.dataset=imagenet", "data.split_family=none", "data.in_chans=3",
+                              "data.image_size=16", "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]",
+                              "data.num_workers=0", "data.batch_size=4", "data.ood=[]", *overrides]).data
+
+
+def test_an_imagenet_layout_tree_of_any_size_counts_its_classes_in_folders_and_shards(tmp_path, tiny):
+    """data.dataset=imagenet on a 3-class tree: 3 known classes (not 1000), counted from the class
+    folders (native) or the shard index (shards); the data set keeps the name the user chose."""
+    from cssr_dist.apps.make_shards.cli import main as make_shards
+    from cssr_dist.data.readers import build_run_data, known_class_names, run_split
+
+    root = _imagenet_tree(tmp_path / "imagenet", tiny)
+    native = _imagenet_cfg(f"data.root={root}")
+    split = run_split(native)
+    assert (split.dataset, split.known, split.name) == ("imagenet", (0, 1, 2), "none/imagenet")
+    assert known_class_names(native) == WNIDS
+    data = build_run_data(native, seed=0)
+    assert (data.meta.num_classes, data.meta.split.dataset, data.meta.class_names) == (3, "imagenet", WNIDS)
+    assert data.meta.counts["test_known"] == 6
+
+    shards = tmp_path / "shards"
+    for subset in ("train", "val"):
+        assert make_shards(["--source", "imagefolder", "--root", str(root / subset), "--dataset", "imagenet",
+                            "--out", str(shards / f"imagenet-{subset}"), "--workers", "1", "--no-progress"]) == 0
+    sharded = _imagenet_cfg(f"data.root={shards}", "data.format=shards", "data.shards.train=imagenet-train",
+                            "data.shards.test=imagenet-val")
+    assert run_split(sharded) == split and known_class_names(sharded) == WNIDS
+
+
+@pytest.mark.parametrize("overrides, setting", [
+    (["data.known=[0,5]"], "list classes in 0..2 in data.known"),
+    (["data.split_file={file}"], "drop it (data.split_file=null) or pass one of this data"),
+])
+def test_an_impossible_split_on_an_imagenet_tree_names_the_setting_to_change(tmp_path, tiny, overrides, setting):
+    from cssr_dist.data.readers import build_run_data
+
+    root = _imagenet_tree(tmp_path / "imagenet", tiny)
+    file = tmp_path / "spl_a.json"  # a reference split of ImageNet-1k: classes 0..9 known
+    convert = [i if i < 10 else -1 for i in range(1000)]
+    entry = {"dataset": "imagenet", "convert_class": convert}
+    file.write_text(json.dumps({"train": [{**entry, "keep_class": list(range(10))}],
+                                "test": [{**entry, "keep_class": [*range(10), -1]}]}))
+    cfg = _imagenet_cfg(f"data.root={root}", *[o.format(file=file) for o in overrides])
+    with pytest.raises(DataError) as err:
+        build_run_data(cfg, seed=0)
+    message = str(err.value)
+    assert "\n" not in message and "the 'imagenet' data has 3 classes (0..2)" in message, message
+    assert message.endswith(setting), message

@@ -7,7 +7,9 @@ nothing executed):
 * `config.yaml` through the project's config loader (YAML + schema), so the model, the
   head, the score and the TEST transform are exactly the run's;
 * `checkpoints/best/weights.safetensors`: the selected weights WITH the score statistics
-  fitted for them (S1/S2/integrated need those; safetensors only);
+  fitted for them (S1/S2/integrated need those; safetensors only); a frozen backbone is not
+  in it but its hash is: it is built from the pretrained weights the config names and
+  checked against that hash (engine/checkpoint.py) before anything is loaded;
 * `summary.json`: the threshold of the primary score chosen on the validation slice of
   known classes (TPR `eval.tpr`), the one the run's macro-F1 used. An image is `unknown`
   when its score is below it, exactly as in evaluation (known = score >= threshold).
@@ -47,8 +49,8 @@ from ..data.layouts import IMAGE_READ_ERRORS, IMAGE_SUFFIXES, image_files, is_im
 from ..data.shards.index import read_index, shard_urls
 from ..data.shards.samples import CorruptSample, check_members, decode_image, iter_shard
 from ..data.transforms import build_transform
-from ..engine.build import build_model_and_scorer
-from ..engine.checkpoint import WEIGHTS_FILE, apply_best, load_weights
+from ..engine.build import build_model_and_scorer, weights_source
+from ..engine.checkpoint import FROZEN_HASH, WEIGHTS_FILE, apply_best, load_weights
 from ..models.backbones import resolve_backbone_data_config
 from ..errors import ConfigError, DataError, report
 
@@ -137,13 +139,13 @@ def known_class_names(cfg: Config, num_classes: int, run_dir: Path) -> list[str]
     return names if len(names) == num_classes else [f"class_{i}" for i in range(num_classes)]
 
 
-def read_best(run_dir: Path) -> dict[str, torch.Tensor]:
-    """The tensors of best/ (safetensors: nothing unpickled); one line when missing or damaged."""
+def read_best(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and metadata of best/ (safetensors: nothing unpickled); one line when missing or damaged."""
     best = run_dir / BEST_DIR
     if not (best / WEIGHTS_FILE).is_file():
         raise DataError(f"{run_dir} has no best checkpoint ({best}/{WEIGHTS_FILE}); "
                         "train the run to the end of an epoch first")
-    return load_weights(best)[0]
+    return load_weights(best)
 
 
 def restore_run(run_dir: str | os.PathLike, device: str = "auto", threshold: float | None = None) -> RestoredRun:
@@ -154,16 +156,19 @@ def restore_run(run_dir: str | os.PathLike, device: str = "auto", threshold: flo
     cfg = read_run_config(path)
     cfg.data = resolve_backbone_data_config(cfg.model, cfg.data)  # config.yaml holds them; older runs may not
     torch_device = resolve_device(device)
-    # every weight comes from best/: no pretrained file or cache is needed (or read) here
-    model_cfg = dataclasses.replace(cfg.model, pretrained=False, pretrained_file=None, compile=False, sync_bn=False,
-                                    channels_last=False)
-    tensors = read_best(path)
+    tensors, meta = read_best(path)
+    # every trained weight comes from best/; a frozen backbone is not in it (its hash is), so only
+    # then are the run's pretrained weights built (and checked against the hash by apply_best)
+    frozen = FROZEN_HASH in meta
+    model_cfg = dataclasses.replace(cfg.model, pretrained=cfg.model.pretrained and frozen,
+                                    pretrained_file=cfg.model.pretrained_file if frozen else None, compile=False,
+                                    sync_bn=False, channels_last=False)
     # K known classes from the statistics saved beside the weights: no training data needed here
     num_classes = int(tensors["stats.proto_count"].shape[0]) if "stats.proto_count" in tensors \
         else readers.run_split(cfg.data).num_known
     model, scorer = build_model_and_scorer(cfg, num_classes, "cpu", model_cfg, posthoc=False)
     apply_best(tensors, model, scorer.stats, path / BEST_DIR / WEIGHTS_FILE,
-               "the folder was mixed from two runs (best/ and config.yaml differ)")
+               "the folder was mixed from two runs (best/ and config.yaml differ)", meta, weights_source(model_cfg))
     model.to(torch_device).eval()
     scorer.to(torch_device)
     source = "--threshold"

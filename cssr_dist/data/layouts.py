@@ -28,6 +28,7 @@ import csv
 import json
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -66,6 +67,7 @@ class Listing:
     # for in-memory sources: how a worker rebuilds the data set (name, root, train)
     memory_source: tuple[str, str, bool] | None = None
     notes: dict = field(default_factory=dict)
+    skipped: "Skipped" = field(default_factory=lambda: Skipped())  # files the policy left out, by reason
 
 
 def is_image_name(name: str) -> bool:
@@ -82,13 +84,55 @@ def _loops_back(dirpath: str, name: str) -> bool:
     return here == target or here.startswith(target.rstrip(os.sep) + os.sep)
 
 
-def image_files(folder: str | Path) -> list[Path]:
-    """All images below `folder` at any depth, in the policy's order (relative POSIX path)."""
+class Skipped:
+    """What a listing left out, by reason, with the first example of each: make_shards reports it,
+    so a folder of `.txt` files or PDFs next to the images is never dropped unnoticed."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, str] = {}
+
+    def add(self, reason: str, path: str | Path) -> None:
+        self.counts[reason] += 1
+        self.examples.setdefault(reason, str(path))
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def describe(self) -> str:
+        """e.g. `3 not images by suffix (e.g. /d/n01/readme.txt), 1 hidden (e.g. /d/n01/.DS_Store)`."""
+        return ", ".join(f"{n} {reason} (e.g. {self.examples[reason]})" for reason, n in self.counts.most_common())
+
+
+def _file_skip_reason(dirpath: str, name: str) -> str | None:
+    if name.startswith("."):
+        return "hidden"
+    if os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
+        return f"not images by suffix ({', '.join(IMAGE_SUFFIXES)})"
+    if not os.path.isfile(os.path.join(dirpath, name)):
+        return "broken links or not files"
+    return None
+
+
+def image_files(folder: str | Path, skipped: Skipped | None = None) -> list[Path]:
+    """All images below `folder` at any depth, in the policy's order (relative POSIX path);
+    what the policy leaves out is counted into `skipped` (hidden folders count once each)."""
     folder = Path(folder)
+    skipped = skipped if skipped is not None else Skipped()
     found = []
     for dirpath, dirnames, files in os.walk(folder, followlinks=True):
+        for d in dirnames:
+            if d.startswith("."):
+                skipped.add("hidden", os.path.join(dirpath, d))
+            elif _loops_back(dirpath, d):
+                skipped.add("folder links that loop back", os.path.join(dirpath, d))
         dirnames[:] = [d for d in dirnames if not d.startswith(".") and not _loops_back(dirpath, d)]
-        found.extend(Path(dirpath) / f for f in files if is_image_name(f) and os.path.isfile(os.path.join(dirpath, f)))
+        for f in files:
+            reason = _file_skip_reason(dirpath, f)
+            if reason is None:
+                found.append(Path(dirpath) / f)
+            else:
+                skipped.add(reason, os.path.join(dirpath, f))
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 
@@ -129,14 +173,20 @@ def list_imagefolder(root: str | Path, dataset: str, subset: str, class_names: s
     if not keys:
         raise DataError(f"{dataset}: no class folders in {base}; expected {base}/<class>/<image> (a flat folder of "
                         "unknowns is an OOD folder: data source 'oodfolder', make_shards --source ood)")
-    records = []
+    records, skipped = [], Skipped()
+    for entry in sorted(base.iterdir()):
+        if entry.name.startswith("."):
+            skipped.add("hidden", entry)
+        elif not entry.is_dir():
+            skipped.add("files outside the class folders", entry)
     for label, key in enumerate(keys):
-        for path in image_files(base / key):
+        for path in image_files(base / key, skipped):
             records.append(Record(str(path), label, path.relative_to(base).as_posix()))
     if not records:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) below {base}")
     wnids = keys if all(WNID.match(k) for k in keys) else None
-    return Listing(dataset, subset, "imagefolder", str(base), read_class_names(class_names, keys), records, wnids)
+    return Listing(dataset, subset, "imagefolder", str(base), read_class_names(class_names, keys), records, wnids,
+                   skipped=skipped)
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -224,7 +274,8 @@ def list_flat(root: str | Path, label_file: str | Path, dataset: str, subset: st
               class_names: str | None = None) -> Listing:
     """Flat folder of images + label file (ImageNet val, Tiny-ImageNet val/images)."""
     base = _require_dir(root, "flat image")
-    files = image_files(base)
+    skipped = Skipped()
+    files = image_files(base, skipped)
     if not files:
         raise DataError(f"no images below {base}")
     by_stem = read_flat_labels(label_file, files, fmt, id_map)
@@ -243,7 +294,8 @@ def list_flat(root: str | Path, label_file: str | Path, dataset: str, subset: st
     if missing:
         raise DataError(f"{len(missing)} images in {base} have no label in {label_file} (e.g. {missing[0]})")
     wnids = order if all(WNID.match(w) for w in order) else None
-    return Listing(dataset, subset, "flat", str(base), read_class_names(class_names, order), records, wnids)
+    return Listing(dataset, subset, "flat", str(base), read_class_names(class_names, order), records, wnids,
+                   skipped=skipped)
 
 
 def list_tinyimagenet(root: str | Path, subset: str) -> Listing:
@@ -265,11 +317,12 @@ def list_tinyimagenet(root: str | Path, subset: str) -> Listing:
 def list_ood(root: str | Path, dataset: str) -> Listing:
     """Unknown-only image folder (iNaturalist, SUN, Places, Textures, OpenImage-O, SSB-hard, NINCO)."""
     base = _require_dir(root, "OOD image")
-    files = image_files(base)
+    skipped = Skipped()
+    files = image_files(base, skipped)
     if not files:
         raise DataError(f"OOD set '{dataset}': no images ({', '.join(IMAGE_SUFFIXES)}) below {base}")
     records = [Record(str(p), -1, p.relative_to(base).as_posix()) for p in files]
-    return Listing(dataset, "ood", "ood", str(base), [], records)
+    return Listing(dataset, "ood", "ood", str(base), [], records, skipped=skipped)
 
 
 def _filelist_lines(path: Path) -> list[tuple[int, str, int]]:

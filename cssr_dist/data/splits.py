@@ -21,7 +21,9 @@ import numpy as np
 
 from ..errors import DataError
 
-#: Number of original classes of the data sets whose class count is fixed.
+#: Number of original classes of the data sets whose class count is fixed. Not `imagenet`: any
+#: ImageNet-layout tree (a subset, ImageNet-100, a 3-class test tree) counts its class folders or
+#: its shard index, as `imagefolder` does; the name stays what the user chose (W&B group, sweeps).
 NUM_CLASSES: dict[str, int] = {
     "mnist": 10,
     "fashion_mnist": 10,
@@ -29,7 +31,6 @@ NUM_CLASSES: dict[str, int] = {
     "cifar100": 100,
     "svhn": 10,
     "tinyimagenet": 200,
-    "imagenet": 1000,
 }
 
 #: Data set names that the CSSR reference split files use.
@@ -97,12 +98,25 @@ class OpenSetSplit:
         """int64 lookup table original -> open-set label (-1 for every non-known class)."""
         if max(self.known) >= num_original_classes:
             raise DataError(
-                f"split '{self.name}': known class {max(self.known)} does not exist in '{self.dataset}' "
-                f"({num_original_classes} classes); check data.known / the split file"
+                f"split '{self.name}' needs class {max(self.known)}, but the '{self.dataset}' data has "
+                f"{num_original_classes} classes (0..{num_original_classes - 1}); {self.fix_hint(num_original_classes)}"
             )
         table = np.full(num_original_classes, -1, dtype=np.int64)
         table[list(self.known)] = np.arange(len(self.known), dtype=np.int64)
         return table
+
+    def fix_hint(self, num_original_classes: int) -> str:
+        """What to change when this split does not fit the data: the setting that made it (its
+        name records the origin: custom/ = data.known, file/ = data.split_file, else the family)."""
+        family = self.name.split("/", 1)[0]
+        if family == "custom":
+            return f"list classes in 0..{num_original_classes - 1} in data.known"
+        if family == "file":
+            return "data.split_file is a split of a larger data set: drop it (data.split_file=null) or pass one of this data"
+        if family in FAMILIES:
+            return (f"split family '{family}' is for the full data set: set data.split_family=none (every class "
+                    "known) or list the known classes in data.known")
+        return "check data.known, data.split_file and data.split_family"
 
     def primary_test_classes(self, num_original_classes: int) -> np.ndarray:
         """Original classes of the primary data set kept in the test set (known + its unknowns)."""

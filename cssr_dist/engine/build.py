@@ -34,3 +34,13 @@ def build_model_and_scorer(cfg: Config, num_classes: int, device: torch.device |
     scorer = Scorer(cfg.model.head, num_classes, channels, primary, baselines,
                     cfg.eval.posthoc_fit_samples, cfg.eval.posthoc_fit_maps)
     return model, scorer.to(device)
+
+
+def weights_source(model_cfg: ModelConfig) -> str:
+    """Where the backbone's starting weights come from, in words: a frozen-backbone checkpoint
+    records it beside the hash of those weights, and a mismatch names both."""
+    if model_cfg.pretrained_file:
+        return f"model.pretrained_file {model_cfg.pretrained_file}"
+    if model_cfg.pretrained:
+        return f"timm's cached weights of {model_cfg.backbone}"
+    return f"the seeded random init of {model_cfg.backbone} (model.pretrained=false)"

@@ -21,11 +21,19 @@ start), so there is never a moment without a complete checkpoint. `restore` take
 newest checkpoint that loads completely and says which newer ones it skipped and why.
 `best/` holds only weights and statistics (what `--test` needs), chosen on the validation
 slice of known classes, never on the test set.
+
+A frozen backbone (`model.freeze_backbone`, cssr_ft) never changes, so neither the step
+checkpoints nor `best/` store it: they hold the trained parameters and, in the safetensors
+metadata, `frozen_sha256`, the hash of the frozen tensors they need (`frozen_sha256`: the
+tensors' names, dtypes, shapes and bytes, in sorted name order). Resume, `--test` and
+cssr-predict build the model with its pretrained weights and compare that hash before
+touching anything: other weights stop with one line naming both hashes and both sources.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -50,6 +58,10 @@ OPTIM_TENSORS, OPTIM_JSON, SCHEDULER_JSON = "optimizer.safetensors", "optimizer.
 TMP_PREFIX, ASIDE_PREFIX = ".tmp_", ".old_"
 FORCE_HINT = "run.force_resume=true"
 RESTART_HINT = "run.force_restart=true"
+FROZEN_PREFIX = "backbone."  # OSRModel's backbone: the part model.freeze_backbone freezes
+FROZEN_HASH, FROZEN_COUNT, FROZEN_SOURCE = "frozen_sha256", "frozen_tensors", "frozen_source"
+WEIGHTS_HINT = ("load the pretrained weights the run was trained with (model.pretrained_file / model.backbone "
+                "in its config.yaml)")
 
 
 @dataclass
@@ -132,6 +144,61 @@ class NoUsableCheckpoint(ConfigError):
 
 class CheckpointMismatch(CheckpointUnusable):
     """The files are fine but do not fit the model built from this config (e.g. another latent_dim)."""
+
+
+class FrozenWeightsMismatch(CheckpointMismatch):
+    """The checkpoint was trained on other frozen (pretrained) backbone weights than the model holds."""
+
+
+# ---------------------------------------------------------------- frozen backbone: stored as a hash
+def frozen_state_keys(model: torch.nn.Module, buffers_change: bool = False) -> list[str]:
+    """State-dict keys of a bare model that training never changes: with `freeze_backbone`, every
+    backbone entry (parameters without gradients, BatchNorm statistics of a backbone held in eval
+    mode); `buffers_change` (eval.recalibrate_bn recomputes BatchNorm statistics) keeps the
+    buffers stored. Empty for a trained backbone."""
+    if not getattr(model, "freeze_backbone", False):
+        return []
+    params = {FROZEN_PREFIX + name for name, _ in model.backbone.named_parameters()}
+    return sorted(k for k in model.state_dict() if k.startswith(FROZEN_PREFIX) and (k in params or not buffers_change))
+
+
+def frozen_sha256(state: dict[str, torch.Tensor], keys: list[str]) -> str:
+    """sha256 of the tensors `keys` of `state`: for each name in sorted order, the name, dtype and
+    shape, then the raw bytes (C order, CPU byte order: little-endian on x86 and ARM).
+
+    Of the tensors, not of a weight file: the weights reach the model from timm's cache or
+    model.pretrained_file in either format, converted by cssr-convert-weights or not (a frozen
+    random init has no file at all); what a checkpoint needs is exactly these values, and the
+    hash at save time also proves that the backbone did not move during training."""
+    digest = hashlib.sha256()
+    for key in sorted(keys):
+        tensor = state[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}\0{tensor.dtype}\0{list(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _frozen_meta(state: dict[str, torch.Tensor], keys: list[str], source: str) -> dict[str, str]:
+    return {FROZEN_HASH: frozen_sha256(state, keys), FROZEN_COUNT: str(len(keys)), FROZEN_SOURCE: source}
+
+
+def stored_part(loaded: dict[str, torch.Tensor], meta: dict, live: dict[str, torch.Tensor], what: str,
+                source: str = "") -> dict[str, torch.Tensor]:
+    """The live entries a saved file must hold. A file without some backbone entries and with
+    `frozen_sha256` is a frozen-backbone checkpoint: the model's own tensors of exactly those
+    entries must hash alike (FrozenWeightsMismatch, one line naming both, if not); nothing is
+    loaded before this check. Any other file must hold every entry (`_same_keys` says which differ)."""
+    missing = sorted(live.keys() - loaded.keys())
+    saved = meta.get(FROZEN_HASH)
+    if not missing or not isinstance(saved, str) or not all(k.startswith(FROZEN_PREFIX) for k in missing):
+        return live
+    ours = frozen_sha256(live, missing)
+    if ours != saved or str(len(missing)) != str(meta.get(FROZEN_COUNT)):
+        raise FrozenWeightsMismatch(
+            f"{what} was trained on frozen backbone weights with sha256 {saved[:16]} ({meta.get(FROZEN_COUNT)} tensors, "
+            f"{meta.get(FROZEN_SOURCE) or 'source not recorded'}), but the backbone built now has sha256 {ours[:16]} "
+            f"({len(missing)} tensors, {source or 'this config'}); nothing was loaded - {WEIGHTS_HINT}")
+    return {k: v for k, v in live.items() if k not in missing}
 
 
 def _ckpt_name(global_step: int) -> str:
@@ -221,6 +288,15 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointUnusable(f"{path.name} unreadable ({type(err).__name__}: {str(err)[:120]})") from None
 
 
+def _read_metadata(path: Path) -> dict[str, str]:
+    """The safetensors header's string metadata (parsed as JSON by safetensors, never unpickled)."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except (OSError, SafetensorError, ValueError, RuntimeError) as err:
+        raise CheckpointUnusable(f"{path.name} unreadable ({type(err).__name__}: {str(err)[:120]})") from None
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
@@ -284,11 +360,14 @@ class Checkpointer:
 
     def __init__(self, accelerator, root: Path, *, model: torch.nn.Module, optimizer=None, scheduler=None,
                  stats: torch.nn.Module | None = None, keep_last: int = 2, fingerprint: str | None = None,
-                 force_resume: bool = False, log=print, schedule: tuple[int, int] | None = None):
+                 force_resume: bool = False, log=print, schedule: tuple[int, int] | None = None,
+                 frozen_keys: list[str] | tuple[str, ...] = (), weights_source: str = ""):
         """`schedule` = (epochs, optimizer steps per epoch): a checkpoint whose position lies
-        outside it is unusable."""
+        outside it is unusable. `frozen_keys` (`frozen_state_keys`): entries stored as a hash
+        only; `weights_source` names where they came from (lines and metadata)."""
         self.acc, self.root = accelerator, Path(root)
         self.schedule = schedule
+        self.frozen_keys, self.weights_source = list(frozen_keys), weights_source
         self.model, self.optimizer, self.scheduler, self.stats = model, optimizer, scheduler, stats
         self.keep_last, self.fingerprint, self.force_resume = max(1, keep_last), fingerprint, force_resume
         self.log = log
@@ -300,7 +379,8 @@ class Checkpointer:
         (`schedule` = (epochs, steps per epoch))."""
         return Checkpointer(self.acc, self.root, model=model, optimizer=optimizer, scheduler=scheduler,
                             stats=self.stats, keep_last=self.keep_last, fingerprint=self.fingerprint,
-                            force_resume=self.force_resume, log=self.log, schedule=schedule)
+                            force_resume=self.force_resume, log=self.log, schedule=schedule,
+                            frozen_keys=self.frozen_keys, weights_source=self.weights_source)
 
     # -- saving
     def save(self, state: TrainerState) -> Path:
@@ -324,7 +404,7 @@ class Checkpointer:
             _write_tensors(tmp / f"rng.{acc.process_index}.safetensors", rng_tensors)
             _write_json(tmp / f"rng.{acc.process_index}.json", rng_plain)
             if acc.is_main_process:
-                _write_tensors(tmp / MODEL_FILE, self._model_state())
+                _write_tensors(tmp / MODEL_FILE, *self._stored_model_state())
                 if self.optimizer is not None:
                     tensors, plain = optimizer_to_files(self.optimizer.state_dict())
                     _write_tensors(tmp / OPTIM_TENSORS, tensors)
@@ -367,7 +447,7 @@ class Checkpointer:
     def _checkpoint_bytes(self) -> int:
         """About what one checkpoint needs on disk (tensors; the JSON files are small), twice
         while a checkpoint of the same step is being replaced."""
-        parts = [self._model_state()]
+        parts = [self._stored_model_state()[0]]
         if self.optimizer is not None:
             parts.append(optimizer_to_files(self.optimizer.state_dict())[0])
         if self.stats is not None:
@@ -380,6 +460,15 @@ class Checkpointer:
 
     def _model_state(self) -> dict[str, torch.Tensor]:
         return self._bare_model().state_dict()
+
+    def _stored_model_state(self) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
+        """What a checkpoint stores of the model: every entry but the frozen ones, plus their hash."""
+        state = self._model_state()
+        if not self.frozen_keys:
+            return state, None
+        frozen = set(self.frozen_keys)
+        return ({k: v for k, v in state.items() if k not in frozen},
+                _frozen_meta(state, self.frozen_keys, self.weights_source))
 
     # -- restoring
     def restore(self) -> TrainerState | None:
@@ -401,6 +490,8 @@ class Checkpointer:
                                   self.force_resume)
                 loaded = self._read(path, state)
                 error = None
+            except FrozenWeightsMismatch as err:  # every older checkpoint needs the same weights
+                raise ConfigError(f"{err}; or choose another run.name") from None
             except CheckpointMismatch as err:  # a config problem, not damage: never fall back past it
                 raise ConfigError(f"checkpoint {path} does not fit the model of this config ({err}); resume with "
                                   "the run's config.yaml or choose another run.name") from None
@@ -440,7 +531,9 @@ class Checkpointer:
             hint = f" (holds {', '.join(foreign)}: an older pickled format, never loaded)" if foreign else ""
             raise CheckpointUnusable(f"no {MODEL_FILE}{hint}")
         loaded: dict[str, Any] = {"model": _read_tensors(path / MODEL_FILE)}
-        _same_keys(loaded["model"], self._model_state(), MODEL_FILE)
+        live = stored_part(loaded["model"], _read_metadata(path / MODEL_FILE), self._model_state(),
+                           f"checkpoint {path}", self.weights_source)
+        _same_keys(loaded["model"], live, MODEL_FILE)
         if self.optimizer is not None:
             loaded["optimizer"] = (_read_tensors(path / OPTIM_TENSORS), _read_json(path / OPTIM_JSON))
             check_optimizer_fits(loaded["optimizer"], self.optimizer)
@@ -460,7 +553,7 @@ class Checkpointer:
         return loaded
 
     def _apply(self, loaded: dict[str, Any]) -> None:
-        self._bare_model().load_state_dict(loaded["model"])
+        _load_part(self._bare_model(), loaded["model"])
         if self.optimizer is not None:
             self.optimizer.load_state_dict(optimizer_from_files(*loaded["optimizer"]))
         if self.scheduler is not None:
@@ -475,11 +568,12 @@ class Checkpointer:
         """Weights + statistics of the model AS IT IS NOW, labelled with the epoch they are best for."""
         def main_writes() -> None:
             if self.acc.is_main_process:
-                tensors = {f"model.{k}": v for k, v in self._model_state().items()}
+                model_state, frozen = self._stored_model_state()
+                tensors = {f"model.{k}": v for k, v in model_state.items()}
                 if self.stats is not None:
                     tensors.update({f"stats.{k}": v for k, v in self.stats.state_dict().items()})
                 save_weights(self.root / name, tensors, {"epoch": epoch, "best_value": best_value, "score": score,
-                                                         "fingerprint": self.fingerprint})
+                                                         "fingerprint": self.fingerprint, **(frozen or {})})
 
         self._written_everywhere(main_writes, self.root / name / (WEIGHTS_FILE + ".tmp"), f"{name}/")
 
@@ -488,24 +582,40 @@ class Checkpointer:
         path = self.root / name
         tensors, meta = load_weights(path)
         apply_best(tensors, self._bare_model(), self.stats, path / WEIGHTS_FILE,
-                   "evaluate with the run's own config.yaml (model settings)")
+                   "evaluate with the run's own config.yaml (model settings)", meta, self.weights_source)
         return meta
 
 
 def apply_best(tensors: dict[str, torch.Tensor], model: torch.nn.Module, stats: torch.nn.Module | None,
-               file: Path, hint: str) -> None:
+               file: Path, hint: str, meta: dict | None = None, source: str = "") -> None:
     """`best/` tensors (`model.*`, `stats.*`) into a bare model and its score statistics, every
-    name and shape checked first: one line (DataError, ending in `hint`) when they are another model's.
+    name and shape checked first, and the hash of a frozen backbone that best/ does not hold
+    (`meta`: its metadata; the model must already hold its pretrained weights): one line
+    (DataError) when they are another model's, and nothing is loaded unless everything fits.
     The one loader of best/ for training, `--test` and tools/predict.py."""
+    parts = []
     for prefix, module, what in (("model.", model, f"{file}"), ("stats.", stats, f"{file} (statistics)")):
         if module is None:
             continue
         part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:
-            _same_keys(part, module.state_dict(), what)
+            live = stored_part(part, meta or {}, module.state_dict(), what, source) if prefix == "model." \
+                else module.state_dict()
+            _same_keys(part, live, what)
+        except FrozenWeightsMismatch as err:
+            raise DataError(str(err)) from None
         except CheckpointUnusable as err:  # another model's, or damaged (dtype, NaN)
             raise DataError(f"{err}: the weights do not fit this model; {hint}") from None
-        module.load_state_dict(part)
+        parts.append((module, part))
+    for module, part in parts:  # everything checked: now load
+        _load_part(module, part)
+
+
+def _load_part(module: torch.nn.Module, part: dict[str, torch.Tensor]) -> None:
+    """Load checked tensors; entries left out are the frozen ones (checked by hash in `stored_part`)."""
+    result = module.load_state_dict(part, strict=False)
+    if result.unexpected_keys or not all(k.startswith(FROZEN_PREFIX) for k in result.missing_keys):
+        raise RuntimeError(f"checked state does not fit: {result}")  # unreachable after _same_keys
 
 
 def _same_keys(loaded: dict[str, torch.Tensor], live: dict[str, torch.Tensor], what: str) -> None:
@@ -625,6 +735,8 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         with safe_open(str(file), framework="pt") as fh:
             meta = json.loads((fh.metadata() or {}).get("meta", "{}"))
+        if not isinstance(meta, dict):
+            raise ValueError("metadata is not an object")
         return load_file(str(file)), meta
     except (OSError, SafetensorError, ValueError) as err:
         raise DataError(f"{file} is unreadable ({type(err).__name__}); it is damaged - retrain or restore it") from None

@@ -10,6 +10,7 @@ and whether it may, is decided here (`RunFolder.check_training_start`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..config import Config, dump_yaml, to_dict
+from ..config import Config, OodSetConfig, dump_yaml, to_dict
 from ..errors import ConfigError, DataError
 from ..tracking import git_revision
 from .checkpoint import CheckpointUnusable, check_fingerprint, list_checkpoints, read_trainer_state
@@ -87,8 +88,14 @@ def _tree_hash(tree: dict, drop: tuple[str, ...]) -> str:
             node = node.get(name, {}) if isinstance(node, dict) else {}
         if isinstance(node, dict):
             node.pop(leaf, None)
-    for entry in (tree.get("data") or {}).get("ood") or []:
-        entry.pop("root", None), entry.pop("shards", None)
+    data = tree.get("data") if isinstance(tree.get("data"), dict) else {}
+    if isinstance(data.get("ood"), list):  # each entry with all its fields: config.yaml leaves out those
+        # its format never reads (config.dump_yaml); a saved config and the same one in memory hash alike
+        data["ood"] = [{**dataclasses.asdict(OodSetConfig()), **entry} if isinstance(entry, dict) else entry
+                       for entry in data["ood"]]
+        for entry in data["ood"]:
+            if isinstance(entry, dict):
+                entry.pop("root", None), entry.pop("shards", None)
     return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

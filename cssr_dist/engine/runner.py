@@ -31,14 +31,14 @@ from ..models.losses import build_loss
 from ..models.osr_model import compile_or_eager, resolve_compile_mode
 from ..protocol import batch_plan, describe_protocol
 from ..tracking import log_evaluation, new_run_id, record_run_end, start_tracking, stop_tracking, wandb_tracker
-from .build import build_model_and_scorer
-from .checkpoint import Checkpointer, NoUsableCheckpoint, TrainerState
+from .build import build_model_and_scorer, weights_source
+from .checkpoint import Checkpointer, NoUsableCheckpoint, TrainerState, frozen_state_keys
 from .distributed import process_group_kwargs
 from .optim import build_optimizer
 from .preemption import Preempted, PreemptionFlag, mark_preempted
 from .run_folder import RunFolder, config_fingerprint, environment_record
 from .schedule import build_scheduler
-from .trainer import Trainer, best_epoch_line, images_per_s
+from .trainer import Trainer, best_epoch_line, images_per_s, position
 
 
 def build_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
@@ -73,6 +73,7 @@ class Run:
         if cfg.model.sync_bn and acc.device.type == "cpu" and acc.num_processes > 1:
             raise ConfigError("model.sync_bn=true needs GPUs (torch has no CPU SyncBatchNorm); drop it for CPU runs")
         self.model, self.scorer = build_model_and_scorer(cfg, self.data.meta.num_classes, acc.device)
+        frozen = frozen_state_keys(self.model, buffers_change=cfg.eval.recalibrate_bn)  # stored as a hash only
         if cfg.model.compile:
             self.model = compile_or_eager(self.model, resolve_compile_mode(cfg.model.compile_mode, cfg.data.image_size))
         self.loss_fn = build_loss(cfg.model.head)
@@ -82,7 +83,8 @@ class Run:
         self.current_step = lambda: None  # the training step, once training has a state
         self.checkpoints = Checkpointer(acc, self.folder.checkpoints, model=self.model, stats=self.scorer.stats,
                                         keep_last=cfg.run.keep_last, fingerprint=self.fingerprint,
-                                        force_resume=cfg.run.force_resume, log=acc.print)
+                                        force_resume=cfg.run.force_resume, log=acc.print, frozen_keys=frozen,
+                                        weights_source=weights_source(cfg.model))
 
     def record_evaluation(self, summary: dict, per_set: dict) -> None:
         """Each evaluation, per set: W&B metrics, ROC, histograms, per-class table; PNGs in plots/."""
@@ -161,8 +163,8 @@ def train(cfg: Config) -> dict:
 
     state = run.restore(checkpoints)
     if checkpoints.restored_from is not None:
-        acc.print(f"resuming {cfg.run.name} from {checkpoints.restored_from.name} (epoch {state.epoch}, "
-                  f"step {state.global_step})")
+        acc.print(f"resuming {cfg.run.name} from {checkpoints.restored_from.name} (step {state.global_step}: "
+                  f"{position(state, cfg.schedule.epochs, len(run.data.train))})")
         if acc.is_main_process:  # rows written after this checkpoint (before a kill) would appear twice
             run.folder.rewrite_history(state.history)
     if state.finished:

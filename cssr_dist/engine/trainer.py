@@ -188,7 +188,8 @@ class Trainer:
         self.accelerator.log({"train/loss": value, "train/lr": self.scheduler.get_last_lr()[0],
                               "train/accuracy": correct / max(1, images),
                               "train/images_per_s": images * world / max(seconds, 1e-9),
-                              "epoch": self.state.epoch}, step=self.state.global_step)
+                              "epoch": self.state.epoch + 1},  # the epoch these steps belong to, from 1
+                             step=self.state.global_step)
         return value
 
     def _max_steps_reached(self) -> bool:
@@ -289,7 +290,8 @@ class Trainer:
             bar.close()
             if result.stop == "preempted":
                 self.on_checkpoint()
-                acc.print(f"preempted at step {state.global_step}; checkpoint written, exiting for requeue")
+                acc.print(f"preempted at step {state.global_step} ({position(state, cfg.schedule.epochs, len(train))}); "
+                          "checkpoint written, exiting for requeue")
                 raise Preempted()
             epoch_done = state.step_in_epoch >= len(train)
             if epoch_done:
@@ -307,12 +309,12 @@ class Trainer:
             state.history.append(row)
             record(row)
             acc.log({f"epoch/{k}": v for k, v in row.items() if isinstance(v, (int, float))}, step=state.global_step)
-            acc.print(epoch_line(row))
+            acc.print(epoch_line(row, None if epoch_done else position(state, cfg.schedule.epochs, len(train))))
             state.finished = last
             self.on_checkpoint()
             if not last and self.preemption.should_stop(acc):  # signalled during evaluation or the write
-                acc.print(f"preempted at step {state.global_step} (end of epoch {state.epoch}); checkpoint written, "
-                          "exiting for requeue")
+                acc.print(f"preempted at step {state.global_step} ({position(state, cfg.schedule.epochs, len(train))}); "
+                          "checkpoint written, exiting for requeue")
                 raise Preempted()
         self._count_time()
 
@@ -393,9 +395,20 @@ def images_per_s(history: list[dict]) -> float | None:
     return round(sum(r["images_per_s"] * r["train_s"] for r in rows) / seconds, 1) if seconds > 0 else None
 
 
-def epoch_line(row: dict) -> str:
-    """The one line printed per epoch (rank 0)."""
-    parts = [f"epoch {row['epoch']}", f"loss {row['train_loss']:.4f}"]
+def position(state: TrainerState, epochs: int, steps_per_epoch: int) -> str:
+    """Where training stands, epochs counted from 1 as in the epoch lines and history rows
+    (`state.epoch` counts FINISHED epochs): the preemption and the resume lines say the same."""
+    if state.step_in_epoch and state.step_in_epoch < steps_per_epoch:
+        return f"in epoch {state.epoch + 1}/{epochs} at step {state.step_in_epoch}/{steps_per_epoch}"
+    done = state.epoch + (1 if state.step_in_epoch else 0)
+    return f"end of epoch {done}/{epochs}" if done else f"before epoch 1/{epochs}"
+
+
+def epoch_line(row: dict, partial: str | None = None) -> str:
+    """The one line printed per epoch (rank 0); `partial`: where run.max_steps stopped an
+    unfinished epoch (`row['epoch']` counts finished ones, so it would read one epoch early)."""
+    head = f"epoch {row['epoch']}" if partial is None else f"stopped by run.max_steps {partial}"
+    parts = [head, f"loss {row['train_loss']:.4f}"]
     if "val_acc" in row:
         parts.append(f"val_acc {row['val_acc']:.4f}")
     for key in ("closed_acc", "auroc", "oscr", "oscr_to_1"):  # oscr_to_1: reference protocol

@@ -231,6 +231,9 @@ def make_shard_set(listing: src.Listing, out: str | os.PathLike, opts: ShardOpti
     todo = [(prefix.with_name(names[i]), [(sid, listing.records[order[sid]]) for sid in ids], encode,
              listing.memory_source) for i, ids in enumerate(shards) if not prefix.with_name(names[i]).exists()]
     skipped = len(shards) - len(todo)
+    if skipped:  # the plan is the same (checked above): finished shards are kept, not rewritten
+        print(f"resuming {prefix}: {skipped} of {len(shards)} shards were written by an earlier run of the same "
+              f"plan and are kept; writing the other {len(todo)}", flush=True)
     bar = tqdm(total=n, unit="img", desc=f"shards {prefix.name}", disable=not opts.progress, smoothing=0.1)
     bar.update(sum(len(s) for s, name in zip(shards, names) if prefix.with_name(name).exists()))
     if opts.workers > 1 and len(todo) > 1:
@@ -254,6 +257,7 @@ def make_shard_set(listing: src.Listing, out: str | os.PathLike, opts: ShardOpti
         made_with={"command": command, "source": {"kind": listing.kind, "root": listing.root, **(source_args or {})},
                    "seed": opts.seed if opts.shuffle else None, "samples_per_shard": opts.samples_per_shard,
                    "max_bytes": opts.max_bytes, "plan_fingerprint": fingerprint, "resumed_shards": skipped,
+                   "skipped_files": dict(listing.skipped.counts),
                    "cssr_dist_version": __version__,
                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
     )
@@ -378,6 +382,9 @@ def run(args: argparse.Namespace, command: str) -> int:
     if not args.source or not args.out:
         raise DataError("pass --source and --out (or --verify-only PREFIX); see --help")
     listing = listing_from_args(args)
+    if listing.skipped.total():
+        print(f"listed {len(listing.records)} images under {listing.root}; skipped {listing.skipped.total()} "
+              f"entries: {listing.skipped.describe()}", flush=True)
     opts = ShardOptions(samples_per_shard=args.samples_per_shard, max_bytes=args.max_bytes,
                         shuffle=not args.no_shuffle, seed=args.seed,
                         encode=EncodeOptions(args.encoding, args.resize, args.quality), workers=args.workers,
