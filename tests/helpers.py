@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -109,3 +111,15 @@ def write_imagenet_tree(root: Path, wnids: list[str], per_class: int = 12, val_p
         for i in range(count):
             jpeg(paths[name] / f"{name}_{i}.jpg", cls, 90000 + 1000 * k + i)
     return paths
+
+
+def png_folder_tree(root: Path, classes: int = 3, per_class: int = 10) -> Path:
+    """root/{train,val}/class_<c>/<i>.png: real 16 px PNGs of seeded noise (an ImageFolder layout)."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            folder = root / split / f"class_{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from cssr_dist.data.sources import build_source
 from cssr_dist.errors import DataError, user_message
 import sys
 
-from tests.helpers import ROOT, run_session
+from tests.helpers import ROOT, png_folder_tree, run_session
 from tests.helpers import test_env as run_env
 
 pytestmark = pytest.mark.faults
@@ -22,13 +20,7 @@ pytestmark = pytest.mark.faults
 
 def _folder_tree(root: Path, classes: int = 3, per_class: int = 10) -> Path:
     """root/{train,val}/<class>/*.png of real PNGs, with ONE truncated file among the training images."""
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in range(classes):
-            folder = root / split / f"class_{c}"
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    png_folder_tree(root, classes, per_class)
     bad = root / "train" / "class_1" / "3.png"
     bad.write_bytes(bad.read_bytes()[:40])  # a PNG header and a cut-off chunk
     return bad

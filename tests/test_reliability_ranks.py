@@ -15,14 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 from safetensors.torch import load_file
 
 from cssr_dist.data.sources import build_source
 from cssr_dist.engine.checkpoint import list_checkpoints
-from tests.helpers import ROOT, free_port, run_session
+from tests.helpers import ROOT, free_port, png_folder_tree, run_session
 from tests.helpers import test_env as run_env
 from tests.test_reliability_disk import _mount, fill
 
@@ -32,18 +30,6 @@ FOLDER_RUN = ["data.dataset=imagefolder", "data.split_family=none", "data.known=
               "data.batch_size=8", "data.eval_batch_size=8", "data.num_workers=0", "data.val_fraction=0",
               "data.ood=[]", "model.latent_dim=4", "schedule.epochs=1", "schedule.warmup_epochs=0",
               "tracking.wandb=false", "run.progress=false"]
-
-
-def folder_tree(root: Path, classes: int = 3, per_class: int = 10) -> Path:
-    """root/{train,val}/class_<c>/<i>.png, real PNGs."""
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in range(classes):
-            folder = root / split / f"class_{c}"
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return root
 
 
 def launch_2(tmp_path: Path, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -68,7 +54,7 @@ def assert_one_line_alone(out: subprocess.CompletedProcess, *expected: str) -> s
 
 @pytest.mark.slow
 def test_an_unreadable_image_on_rank_1_only_is_one_line_and_no_traceback(tmp_path):
-    root = folder_tree(tmp_path / "data")
+    root = png_folder_tree(tmp_path / "data")
     bad = root / "val" / "class_0" / "1.png"
     # evaluation gives rank r the samples r, r+2, ... (data.readers.native.eval_loader): rank 1 alone reads it
     assert build_source("imagefolder", root, train=False).paths.index(str(bad)) % 2 == 1
@@ -88,7 +74,7 @@ def test_a_full_disk_on_rank_0_stops_every_rank_in_one_line_and_keeps_the_previo
     _mount(disk, "16m")
     try:
         fill(disk, 4_000_000)
-        root = folder_tree(tmp_path / "data")
+        root = png_folder_tree(tmp_path / "data")
         out = launch_2(tmp_path, f"data.root={root}", f"run.output_dir={disk / 'runs'}", "run.name=full",
                        "data.batch_size=4", "run.checkpoint_every_steps=1", "run.keep_last=1")  # 3 steps
         checkpoints = disk / "runs" / "full" / "checkpoints"
