@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from cssr_dist.apps import reevaluate
+from cssr_dist.config import dump_yaml, load_config
 
 
 def test_validation_combinations_by_hand():
@@ -28,3 +29,26 @@ def test_rank_combination_ignores_a_heavy_tailed_scale():
     b = reevaluate.validation_combinations(scaled(val), scaled(test), ("s0", "s2"))
     assert np.argsort(a["val_rank"]).tolist() == np.argsort(b["val_rank"]).tolist()
     assert a["val_z"] == pytest.approx(b["val_z"], rel=1e-6)
+
+
+def _run_folder(tmp_path, protocol: str):
+    cfg = load_config("configs/fashion_mnist/rcssr.yaml", [f"eval.protocol={protocol}"])
+    run_dir = tmp_path / f"run_{protocol}"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    return run_dir
+
+
+def test_a_variant_the_protocol_overrides_is_refused_not_relabelled(tmp_path, capsys):
+    """The reference protocol keeps BatchNorm statistics as trained (eval.recalibrate_bn forced false):
+    `--variants recal` on such a run would evaluate `base` again under the name `recal`."""
+    reference = load_config("configs/fashion_mnist/rcssr.yaml", ["eval.protocol=reference"])
+    clean = load_config("configs/fashion_mnist/rcssr.yaml", ["eval.recalibrate_bn=true"])
+    assert reevaluate.protocol_overridden(reference, reevaluate.VARIANTS["recal"]) == [
+        "eval.recalibrate_bn=true (eval.protocol=reference sets False)"]
+    assert reevaluate.protocol_overridden(reference, reevaluate.VARIANTS["stats_train"]) == []  # it holds
+    assert reevaluate.protocol_overridden(clean, reevaluate.VARIANTS["recal"]) == []
+    run_dir = _run_folder(tmp_path, "reference")
+    assert reevaluate.main([str(run_dir), "--variants", "base", "recal"]) == 2  # before any evaluation
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "eval.recalibrate_bn=true" in err[0]

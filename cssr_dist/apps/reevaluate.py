@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import load_config
+from ..config import Config, load_config, parse_override
 from ..distributed import eval_module
 from ..engine.runner import Run
+from ..errors import ConfigError, CssrError, report
 from ..eval import metrics
 
 VARIANTS = {
@@ -51,10 +52,34 @@ def validation_combinations(val: dict, test: dict, terms) -> dict:
     return {"val_z": val_z, "val_rank": val_rank}
 
 
-def evaluate_variant(run_dir: Path, overrides: list[str]) -> dict:
-    """One variant: the run's best weights, statistics refitted under `overrides`; nothing written."""
+def protocol_overridden(cfg: Config, overrides: list[str]) -> list[str]:
+    """The `overrides` that `cfg` does not hold: the run's protocol replaced them (`eval.protocol=reference`
+    forces e.g. `eval.recalibrate_bn=false` whatever the config says), so a variant built on them
+    would silently evaluate the same thing as `base` under its own name."""
+    lost = []
+    for text in overrides:
+        key, wanted = parse_override(text)
+        section, name = key.split(".")
+        actual = getattr(getattr(cfg, section), name)
+        if actual != wanted:
+            lost.append(f"{key}={text.split('=', 1)[1]} (eval.protocol={cfg.eval.protocol} sets {actual})")
+    return lost
+
+
+def variant_config(run_dir: Path, overrides: list[str]) -> Config:
+    """The run's config under a variant's `overrides`; ConfigError when its protocol overrides them."""
     cfg = load_config(str(run_dir / "config.yaml"), [*overrides, "tracking.wandb=false", "run.progress=false",
                                                       f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}"])
+    lost = protocol_overridden(cfg, overrides)
+    if lost:
+        raise ConfigError(f"{run_dir}: this variant cannot apply, the run's protocol overrides {', '.join(lost)}; "
+                          "choose another variant for this run")
+    return cfg
+
+
+def evaluate_variant(run_dir: Path, overrides: list[str]) -> dict:
+    """One variant: the run's best weights, statistics refitted under `overrides`; nothing written."""
+    cfg = variant_config(run_dir, overrides)
     run = Run(cfg, test_only=True)
     captured: dict = {}
     run.evaluator.on_evaluation = lambda summary, per_set: captured.update(per_set)  # no files, no W&B
@@ -88,7 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=["base"], choices=list(VARIANTS))
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
-    results = {name: evaluate_variant(args.run_dir, VARIANTS[name]) for name in args.variants}
+    try:
+        for name in args.variants:  # every variant checked before the first (slow) evaluation
+            variant_config(args.run_dir, VARIANTS[name])
+        results = {name: evaluate_variant(args.run_dir, VARIANTS[name]) for name in args.variants}
+    except CssrError as err:
+        return report(err)
     for name, r in results.items():
         aurocs = " ".join(f"{k} {v:.4f}" for k, v in r["auroc"].items())
         stds = " ".join(f"{k} {s:.4g}" for k, (_, s) in r["term_mean_std"].items())
