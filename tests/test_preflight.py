@@ -127,7 +127,7 @@ def test_the_program_prints_the_run_folder_or_one_line_per_problem(shard_root, t
 
 def test_every_shard_set_needs_a_shard_per_process(shard_root, tmp_path, capsys):
     """Each process streams whole shards: a set with fewer shards than the job's processes would stop
-    the run at its first evaluation, after training (NINCO's 5,879 images at make_shards' default
+    the run once every node has started (NINCO's 5,879 images at make_shards' default
     1000 a shard are 6 shards: too few for 8 GPUs; docs/openood_imagenet.md, steps 2-3)."""
     cfg = _cfg(shard_root, tmp_path)
     assert preflight(cfg, world_size=1) == []

@@ -8,8 +8,8 @@ the run will need, reading only small files, and returns one line per problem:
   read and validated (`read_index`: format, version, fields, counts), its labels file is read,
   and each shard file it lists must exist (local shards);
 * **shard counts**: with `world_size` (the job's processes), every shard set must have at
-  least one shard per process (each process streams whole shards: with fewer the run stops at
-  its first evaluation, after training; `data/readers/shards.effective_workers`);
+  least one shard per process (each process streams whole shards: with fewer the run stops
+  once every node has started; `data/readers/shards.effective_workers`);
 * **weights**: `model.pretrained_file` must exist and start with a readable safetensors
   header (or, for .pth/.bin, exist and be readable); `model.pretrained` without a file needs
   timm's local cache to hold the backbone's weights (runs never download);
