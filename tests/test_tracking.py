@@ -6,7 +6,8 @@ import pytest
 
 from cssr_dist.config import Config
 from cssr_dist.engine.run_folder import RunFolder
-from cssr_dist.eval.report import near_far_table
+from cssr_dist.eval.evaluator import group_means
+from cssr_dist.eval.report import metrics_table, near_far_table
 from cssr_dist.tracking import flatten, near_far_payload, wandb_init_kwargs, wandb_mode
 
 
@@ -116,3 +117,12 @@ def test_near_far_table_has_every_set_then_group_means_for_every_score():
     assert payload["final/tables/near_far"].columns == columns and payload["final/tables/near_far"].data == rows
     # no OOD groups (a split run without OOD sets): no table, nothing logged
     assert near_far_table({"score": "s0", "auroc": 0.9}) == ([], []) and near_far_payload({"auroc": 0.9}, "f") == {}
+
+
+def test_group_means_come_near_then_far_as_in_openood():
+    per_set = {"tex": {"auroc": 0.9}, "ssb": {"auroc": 0.6}, "x": {"auroc": 0.5}, "ninco": {"auroc": 0.8}}
+    groups = group_means(per_set, {"tex": "far", "ssb": "near", "x": "mid", "ninco": "near"})
+    assert list(groups) == ["near", "far", "mid"]
+    assert groups["near"] == {"auroc": pytest.approx(0.7), "sets": ["ssb", "ninco"]}
+    md = metrics_table({"score": "s0", "auroc": 0.5, "ood_groups": groups}, "r")
+    assert md.index("| near mean (2 sets) |") < md.index("| far mean (1 sets) |") < md.index("| mid mean")
