@@ -405,12 +405,17 @@ def to_dict(cfg: Config) -> dict:
 OOD_FIELDS_UNUSED = {"shards": ("source", "root"), "native": ("shards",)}
 
 
-def dump_yaml(cfg: Config) -> str:
-    """The config as YAML (--print-config, the run's config.yaml). A data.ood entry leaves out the
-    fields its data.format does not read (a shard set has no source or root) while they hold their
-    defaults, so what is shown is what the run uses; loading the text back gives the same config."""
+def shown_dict(cfg: Config) -> dict:
+    """The config as users see it (--print-config, the run's config.yaml, the W&B config): a
+    data.ood entry leaves out the fields its data.format does not read (a shard set has no source
+    or root) while they hold their defaults, so what is shown is what the run uses."""
     tree = to_dict(cfg)
     unused, defaults = OOD_FIELDS_UNUSED.get(cfg.data.format, ()), dataclasses.asdict(OodSetConfig())
     tree["data"]["ood"] = [{k: v for k, v in entry.items() if not (k in unused and v == defaults[k])}
                            for entry in tree["data"]["ood"]]
-    return yaml.safe_dump(tree, sort_keys=False)
+    return tree
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The config as YAML (`shown_dict`); loading the text back gives the same config."""
+    return yaml.safe_dump(shown_dict(cfg), sort_keys=False)

@@ -24,10 +24,11 @@ import numpy as np
 from accelerate.tracking import WandBTracker
 from PIL import Image
 
-from .config import Config, to_dict
+from .config import Config, shown_dict
 from .errors import storage_error
 from .eval import metrics
 from .eval.plots import can_draw_histogram, histogram_figure, per_class_rows, thin_curve
+from .eval.report import near_far_table
 
 def wandb_has_api_key() -> bool:
     """True when wandb could authenticate: WANDB_API_KEY or a netrc entry for the API host."""
@@ -110,7 +111,7 @@ def wandb_config(cfg: Config, world_size: int | None = None) -> dict[str, Any]:
     Only the config schema's values go in: no environment variable is read, so no API key
     or other secret can reach the W&B config.
     """
-    config = config_values("", to_dict(cfg))
+    config = config_values("", shown_dict(cfg))  # as config.yaml: no data.ood field the format never reads
     config.update({"git_revision": git_revision(), "split": split_name(cfg), "world_size": world_size,
                    "experiment_group": experiment_group(cfg)})
     return config
@@ -350,6 +351,29 @@ def log_evaluation(accelerator, summary: dict, scores: dict, labels, step: int |
         # logged with an auto-incremented step (one per set) would push the counter past
         # the trainer's global step, and W&B drops the trainer's next `epoch/*` row.
         tracker.log(payload, step=None, commit=False)
+    else:
+        tracker.log(payload, step=step)
+    return True
+
+
+def near_far_payload(summary: dict, prefix: str) -> dict[str, Any]:
+    """`<prefix>/tables/near_far`: OpenOOD's near/far table of the run (eval.report.near_far_table)
+    as a W&B table, the one a user opens in the W&B UI; empty without OOD groups."""
+    import wandb  # start-up time: wandb loads only when a W&B run exists
+
+    columns, rows = near_far_table(summary)
+    return {f"{prefix}/tables/near_far": wandb.Table(columns=columns, data=rows)} if rows else {}
+
+
+def log_near_far_table(accelerator, summary: dict, step: int | None, prefix: str = "test") -> bool:
+    """Log the near/far table of one evaluation (after its sets, like `log_evaluation`); no-op
+    unless the W&B tracker is active and the evaluation has OOD groups."""
+    tracker = _wandb_tracker(accelerator)
+    payload = near_far_payload(summary, prefix) if tracker is not None else {}
+    if not payload:
+        return False
+    if step is None:
+        tracker.log(payload, step=None, commit=False)  # see log_evaluation: the step counter stays
     else:
         tracker.log(payload, step=step)
     return True

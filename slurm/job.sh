@@ -40,10 +40,13 @@ cssr_run_job() {
   export CSSR_DIST_TIMEOUT_S=${CSSR_DIST_TIMEOUT_S:-600}
 
   # Pre-flight, once, here, before N nodes start: the config, every shard index (train, test,
-  # each OOD set), the weight file, the output folder (cssr_dist/engine/preflight.py); one line
-  # per problem and exit 2. Prints the run folder.
+  # each OOD set, one shard per process at least), the weight file, the output folder
+  # (cssr_dist/engine/preflight.py); one line per problem and exit 2. Prints the run folder.
+  local nnodes=${SLURM_NNODES:-1} per_node total
+  per_node=$(cssr_procs_per_node)
+  total=$(( nnodes * per_node ))
   local run_dir
-  run_dir=$("$py" -m cssr_dist.apps.preflight --config "$config" "run.name=$name" "$@") || return 2
+  run_dir=$("$py" -m cssr_dist.apps.preflight --processes "$total" --config "$config" "run.name=$name" "$@") || return 2
 
   local restart=${SLURM_RESTART_COUNT:-0}
   local log_dir=$run_dir/slurm/${SLURM_JOB_ID}.${restart}
@@ -52,9 +55,6 @@ cssr_run_job() {
     export TMPDIR=$CSSR_TMPDIR
   fi
 
-  local nnodes=${SLURM_NNODES:-1} per_node total
-  per_node=$(cssr_procs_per_node)
-  total=$(( nnodes * per_node ))
   export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
   # A port free right now on this, the batch host = the first node (a fixed formula such as
   # 20000 + job id collides with whatever else listens there, and then node 0 fails at once

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from cssr_dist.apps.results import build_table, metric_value, read_run_folder, render, scan
+from cssr_dist.apps.results import build_table, metric_value, read_run_folder, render, scan, with_config_ood_order
 from cssr_dist.apps.sweep import expand
 from cssr_dist.errors import ConfigError
 
@@ -220,3 +220,27 @@ def test_near_far_means_from_a_wandb_summary_without_the_groups_set_lists():
     assert metric_value(folder, "auroc", "primary", "near") == pytest.approx(0.7)
     assert metric_value(logged, "auroc", "primary", "near") == pytest.approx(0.7)
     assert metric_value(logged, "auroc", "msp", "near") is None and metric_value(logged, "auroc", "primary", "far") is None
+
+
+def test_a_wandb_summary_gets_the_configs_set_order_and_group_lists():
+    """Read back from W&B (no key order, no lists), a summary is made like summary.json from the
+    run's config: OOD sets in data.ood's order (the OpenOOD layout's columns), and each group's
+    sets, so the baselines' near/far means exist (docs/openood_imagenet.md, step 7)."""
+    logged = {"num_test_unknown": 0, "ood_groups": {"near": {"auroc": 0.7}, "far": {"auroc": 0.5}},
+              "ood": {"c": {"auroc": 0.5, "baselines": {"msp": {"auroc": 0.2}}},
+                      "a": {"auroc": 0.6, "baselines": {"msp": {"auroc": 0.4}}},
+                      "b": {"auroc": 0.8, "baselines": {"msp": {"auroc": 0.9}}}}}
+    config = {"data": {"ood": [{"name": "a", "group": "near"}, {"name": "b", "group": "near"},
+                               {"name": "c", "group": "far"}]}}
+    summary = with_config_ood_order(logged, config)
+    assert list(summary["ood"]) == ["a", "b", "c"]
+    assert summary["ood_groups"]["near"]["sets"] == ["a", "b"] and summary["ood_groups"]["far"]["sets"] == ["c"]
+    assert metric_value(summary, "auroc", "msp", "near") == pytest.approx(0.65)
+    assert metric_value(summary, "auroc", "msp", "far") == pytest.approx(0.2)
+    assert "sets" not in logged["ood_groups"]["near"]  # the input is left as it was
+    # a split's own unknowns lead the near group, as in the evaluator
+    split = with_config_ood_order({**logged, "num_test_unknown": 5}, config)
+    assert split["ood_groups"]["near"]["sets"] == ["test unknowns", "a", "b"]
+    # a set the config does not name: order kept after the named ones, groups left without lists
+    odd = with_config_ood_order(logged, {"data": {"ood": [{"name": "b", "group": "near"}]}})
+    assert list(odd["ood"]) == ["b", "c", "a"] and "sets" not in odd["ood_groups"]["near"]

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from cssr_dist.apps.make_shards.cli import main as make_shards
 from cssr_dist.apps.preflight import main as preflight_main
+from cssr_dist.apps.sweep import SlurmResources, job_processes
 from cssr_dist.config import load_config
 from cssr_dist.engine.preflight import preflight, safetensors_header_problem
 from tests.conftest import write_images
@@ -122,3 +123,32 @@ def test_the_program_prints_the_run_folder_or_one_line_per_problem(shard_root, t
         f"preflight: data.root: {tmp_path}/x is not a folder; the shard prefixes (imagenet-train, "
         "openood-imagenet-test, openood-ssb_hard, ...) are looked up there",
         "preflight: model.pretrained_file: /nonexistent.safetensors does not exist"]
+
+
+def test_every_shard_set_needs_a_shard_per_process(shard_root, tmp_path, capsys):
+    """Each process streams whole shards: a set with fewer shards than the job's processes would stop
+    the run once every node has started (NINCO's 5,879 images at make_shards' default
+    1000 a shard are 6 shards: too few for 8 GPUs; docs/openood_imagenet.md, steps 2-3)."""
+    cfg = _cfg(shard_root, tmp_path)
+    assert preflight(cfg, world_size=1) == []
+    problems = preflight(cfg, world_size=2)
+    assert [p.split(":")[0] for p in problems] == ["data.shards.train", "data.shards.test"] + [
+        f"data.ood[{i}] ({name})" for i, name in enumerate(("ssb_hard", "ninco", "inaturalist", "textures",
+                                                             "openimage_o"))]
+    assert problems[3] == (f"data.ood[1] (ninco): 1 shards in {shard_root / 'openood-ninco.json'} for 2 processes "
+                           "(each reads whole shards: one at least); re-run tools/make_shards.py with "
+                           "--samples-per-shard 1 or fewer")
+    args = ["--config", str(OPENOOD), f"data.root={shard_root}", f"run.output_dir={tmp_path / 'runs'}",
+            "model.pretrained=false"]
+    assert preflight_main(["--processes", "2", *args]) == 2
+    assert len(capsys.readouterr().err.splitlines()) == 7
+    assert preflight_main([*args, "--processes", "0"]) == 2
+    assert capsys.readouterr().err == "error: --processes '0': give the job's number of processes (1 or more)\n"
+
+
+def test_a_sweep_preflights_each_run_for_its_jobs_processes():
+    cfg = load_config(OPENOOD, [])
+    assert job_processes(cfg) == 16  # slurm/imagenet_rcssr.sh's 2 nodes x 8 GPUs
+    assert job_processes(cfg, SlurmResources(nodes=4, gpus_per_node=4)) == 16
+    assert job_processes(cfg, SlurmResources(nodes=1)) == 8
+    assert job_processes(load_config(ROOT / "configs" / "mnist" / "rcssr.yaml", []), SlurmResources(nodes=2)) == 1

@@ -6,7 +6,9 @@ import pytest
 
 from cssr_dist.config import Config
 from cssr_dist.engine.run_folder import RunFolder
-from cssr_dist.tracking import flatten, wandb_init_kwargs, wandb_mode
+from cssr_dist.eval.evaluator import group_means
+from cssr_dist.eval.report import metrics_table, near_far_table
+from cssr_dist.tracking import flatten, near_far_payload, wandb_init_kwargs, wandb_mode
 
 
 @pytest.fixture
@@ -91,3 +93,36 @@ def test_run_end_record_is_fail_soft_and_a_no_op_without_wandb(tmp_path, capsys)
     assert len(lines) == 1 and "ConnectionResetError: service gone" in lines[0] and tracker.failure
     assert not record_run_end(acc, summary, best)  # W&B is off for the rest of the attempt
     assert not record_run_end(types.SimpleNamespace(is_main_process=True, trackers=[]), summary, best)
+
+
+def _ood(auroc: float, fpr: float, msp: float) -> dict:
+    return {"score": "s0", "auroc": auroc, "fpr95_ood_pos": fpr, "baselines": {"msp": {"auroc": msp, "fpr95_ood_pos": 1.0}}}
+
+
+def test_near_far_table_has_every_set_then_group_means_for_every_score():
+    summary = {**_ood(0.9, 0.1, 0.8), "ood": {"ssb": _ood(0.6, 0.5, 0.5), "ninco": _ood(0.7, 0.3, 0.4),
+                                              "tex": _ood(0.95, 0.05, 0.2)},
+               "ood_groups": {"far": {"auroc": 0.95, "sets": ["tex"]},
+                              "near": {"auroc": 0.73, "sets": ["test unknowns", "ssb", "ninco"]}}}
+    columns, rows = near_far_table(summary)
+    assert columns[:3] == ["score", "test unknowns auroc", "test unknowns fpr95_ood_pos"]
+    assert columns[3::2] == ["ssb auroc", "ninco auroc", "tex auroc", "near auroc", "far auroc"]
+    table = {row[0]: dict(zip(columns, row)) for row in rows}
+    assert list(table) == ["s0", "msp"]
+    assert table["s0"]["near auroc"] == pytest.approx((0.9 + 0.6 + 0.7) / 3)
+    assert table["s0"]["near fpr95_ood_pos"] == pytest.approx(0.3)
+    assert table["msp"]["near auroc"] == pytest.approx((0.8 + 0.5 + 0.4) / 3)  # baselines' means, formed here
+    assert table["msp"]["far auroc"] == pytest.approx(0.2) and table["msp"]["tex fpr95_ood_pos"] == 1.0
+    payload = near_far_payload(summary, "final")
+    assert payload["final/tables/near_far"].columns == columns and payload["final/tables/near_far"].data == rows
+    # no OOD groups (a split run without OOD sets): no table, nothing logged
+    assert near_far_table({"score": "s0", "auroc": 0.9}) == ([], []) and near_far_payload({"auroc": 0.9}, "f") == {}
+
+
+def test_group_means_come_near_then_far_as_in_openood():
+    per_set = {"tex": {"auroc": 0.9}, "ssb": {"auroc": 0.6}, "x": {"auroc": 0.5}, "ninco": {"auroc": 0.8}}
+    groups = group_means(per_set, {"tex": "far", "ssb": "near", "x": "mid", "ninco": "near"})
+    assert list(groups) == ["near", "far", "mid"]
+    assert groups["near"] == {"auroc": pytest.approx(0.7), "sets": ["ssb", "ninco"]}
+    md = metrics_table({"score": "s0", "auroc": 0.5, "ood_groups": groups}, "r")
+    assert md.index("| near mean (2 sets) |") < md.index("| far mean (1 sets) |") < md.index("| mid mean")

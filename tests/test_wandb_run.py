@@ -139,8 +139,7 @@ def test_naming_full_config_and_no_secret_anywhere(wandb_run):
     flat = {f"{section}/{key}": value for section, values in saved.items() for key, value in values.items()
             if not isinstance(value, dict)}
     assert {k: run.config[k] for k in flat} == flat
-    assert run.config["data/ood"][0] == {"name": "mnist", "source": "mnist", "root": "", "shards": None,
-                                         "group": "near"}
+    assert run.config["data/ood"][0] == {"name": "mnist", "source": "mnist", "root": "", "group": "near"}
     assert run.config["data/known"] is None and run.config["data/train_per_class"] == 30
     assert run.config["data/mean"] == [0.286] and run.config["eval/baselines"] == ["msp", "mls", "energy"]
     assert isinstance(run.config["schedule/milestones"], list)
@@ -148,3 +147,20 @@ def test_naming_full_config_and_no_secret_anywhere(wandb_run):
     assert read_wandb_run(run_dir).fingerprint == read_run_folder(run_dir).fingerprint
     leaked = [p for p in tmp.rglob("*") if p.is_file() and FAKE_KEY.encode() in p.read_bytes()]
     assert leaked == [] and FAKE_KEY not in out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_the_near_far_table_is_a_wandb_table_with_the_summarys_numbers(wandb_run):
+    """docs/openood_imagenet.md, step 7: the table a user opens in W&B is OpenOOD's near/far table."""
+    _, run_dir, offline, run, _ = wandb_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    table = json.loads((offline / "files" / run.summary["final/tables/near_far"]["path"]).read_text())
+    assert table["columns"][0] == "score" and table["columns"][-4:] == [
+        "near auroc", "near fpr95_ood_pos", "far auroc", "far fpr95_ood_pos"]
+    rows = {row[0]: dict(zip(table["columns"], row)) for row in table["data"]}
+    assert list(rows) == [summary["score"], "msp", "mls", "energy"]
+    primary = rows[summary["score"]]
+    assert primary["near auroc"] == pytest.approx(summary["ood_groups"]["near"]["auroc"])
+    assert primary["far fpr95_ood_pos"] == pytest.approx(summary["ood_groups"]["far"]["fpr95_ood_pos"])
+    assert rows["msp"]["mnist auroc"] == pytest.approx(summary["ood"]["mnist"]["baselines"]["msp"]["auroc"])
+    assert rows["msp"]["far auroc"] == pytest.approx(summary["ood"]["animal_mnist"]["baselines"]["msp"]["auroc"])

@@ -36,8 +36,8 @@ from ..eval.evaluator import TEST_UNKNOWNS
 from ..wandb_offline import find_offline_runs, read_offline_run
 from .sweep import RunSpec
 
-__all__ = ["RunResult", "read_run_folder", "read_wandb_run", "scan", "metric_value", "Table", "build_table",
-           "render", "LAYOUTS"]
+__all__ = ["RunResult", "read_run_folder", "read_wandb_run", "with_config_ood_order", "scan", "metric_value",
+           "Table", "build_table", "render", "LAYOUTS"]
 
 LAYOUTS = ("single", "openood")
 #: The OpenOOD v1.5 layout's metrics: AUROC and FPR at 95% TPR with OOD as the positive class.
@@ -152,7 +152,29 @@ def read_wandb_run(path: str | Path, prefix: str = "final") -> RunResult | None:
     walk(record.summary, "")
     summary = _unflatten({k[len(prefix) + 1:]: v for k, v in flat.items() if k.startswith(prefix + "/")})
     folder = path.parent.parent if path.name.startswith("offline-run-") else path
-    return _result(folder, config, summary or None)
+    return _result(folder, config, with_config_ood_order(summary, config) if summary else None)
+
+
+def with_config_ood_order(summary: dict, config: dict) -> dict:
+    """A summary read back from W&B, made like summary.json: its OOD sets in the config's `data.ood`
+    order (W&B's summary file keeps no key order: the OpenOOD layout's columns would come in any
+    order) and each near/far group's `sets` list (W&B keeps numbers only, so the near/far means of
+    the baseline scores could not be formed) from the sets' `group` there."""
+    ood = summary.get("ood")
+    if not isinstance(ood, dict):
+        return summary
+    entries = [e for e in (config.get("data", {}).get("ood") or []) if isinstance(e, dict) and e.get("name") in ood]
+    order = [e["name"] for e in entries] + [name for name in ood if name not in {e["name"] for e in entries}]
+    group_of = {e["name"]: e.get("group") or "far" for e in entries}
+    out = {**summary, "ood": {name: ood[name] for name in order}}
+    groups = {g: dict(v) for g, v in (summary.get("ood_groups") or {}).items() if isinstance(v, dict)}
+    for group, means in groups.items():
+        if "sets" not in means and len(group_of) == len(order):  # every set's group is known
+            unknowns = [TEST_UNKNOWNS] if group == "near" and (summary.get("num_test_unknown") or 0) > 0 else []
+            means["sets"] = unknowns + [name for name in order if group_of[name] == group]
+    if groups:
+        out["ood_groups"] = groups
+    return out
 
 
 def scan(paths: Iterable[str | Path], source: str = "folders", wandb_prefix: str = "final") -> list[RunResult]:

@@ -206,9 +206,23 @@ def is_multinode(cfg: Config) -> bool:
     return cfg.data.dataset in MULTINODE_DATASETS
 
 
-def preflight_specs(configs: dict[str, Config]) -> list[str]:
-    """Pre-flight each run's config: `<run name>: <problem>` lines (empty: submit)."""
-    return [f"{name}: {problem}" for name, cfg in configs.items() for problem in preflight(cfg)]
+#: slurm/imagenet_rcssr.sh's own #SBATCH --nodes / --gpus-per-node (used when a sweep gives none)
+MULTINODE_DEFAULT_NODES, MULTINODE_DEFAULT_GPUS = 2, 8
+
+
+def job_processes(cfg: Config, resources: SlurmResources | None = None) -> int:
+    """The processes one run's job starts: nodes x GPUs per node (multi-node script), else the GPUs of one task."""
+    res = resources or SlurmResources()
+    if is_multinode(cfg):
+        gpus = MULTINODE_DEFAULT_GPUS if res.gpus_per_node is None else res.gpus_per_node
+        return (res.nodes or MULTINODE_DEFAULT_NODES) * max(1, gpus)
+    return max(1, res.gpus_per_node or 1)
+
+
+def preflight_specs(configs: dict[str, Config], resources: SlurmResources | None = None) -> list[str]:
+    """Pre-flight each run's config for its job's processes: `<run name>: <problem>` lines (empty: submit)."""
+    return [f"{name}: {problem}" for name, cfg in configs.items()
+            for problem in preflight(cfg, job_processes(cfg, resources))]
 
 
 def slurm_submission(specs: Sequence[RunSpec], output_dir: str | Path, overrides: Sequence[str] = (),
@@ -261,7 +275,7 @@ def submit_slurm(specs: Sequence[RunSpec], args: argparse.Namespace, resources: 
         return 0
     configs = {s.name: spec_config(s, args.output_dir, args.overrides) for s in todo}
     if not args.no_preflight:
-        problems = preflight_specs(configs)
+        problems = preflight_specs(configs, resources)
         for line in problems:
             print(f"preflight: {line}", file=sys.stderr)
         if problems:

@@ -7,6 +7,9 @@ the run will need, reading only small files, and returns one line per problem:
 * **shard indexes** (`data.format=shards`): the training, test and every OOD set's index is
   read and validated (`read_index`: format, version, fields, counts), its labels file is read,
   and each shard file it lists must exist (local shards);
+* **shard counts**: with `world_size` (the job's processes), every shard set must have at
+  least one shard per process (each process streams whole shards: with fewer the run stops
+  once every node has started; `data/readers/shards.effective_workers`);
 * **weights**: `model.pretrained_file` must exist and start with a readable safetensors
   header (or, for .pth/.bin, exist and be readable); `model.pretrained` without a file needs
   timm's local cache to hold the backbone's weights (runs never download);
@@ -46,8 +49,9 @@ def _shard_sets(cfg: Config) -> list[tuple[str, str]]:
     return sets
 
 
-def shard_problems(cfg: Config) -> list[str]:
-    """Each shard set's index, labels and listed shard files; nothing for `data.format=native`."""
+def shard_problems(cfg: Config, world_size: int = 1) -> list[str]:
+    """Each shard set's index, labels and listed shard files, and at least `world_size` shards
+    (one per process); nothing for `data.format=native`."""
     if cfg.data.format != "shards":
         return []
     relative = [prefix for _, prefix in _shard_sets(cfg) if prefix and not Path(prefix).is_absolute()]
@@ -67,6 +71,11 @@ def shard_problems(cfg: Config) -> list[str]:
         if missing:
             problems.append(f"{setting}: {len(missing)} of {len(urls)} shard files listed in {path} are missing "
                             f"(e.g. {missing[0]}); copy them next to the index or re-run make_shards")
+        elif len(urls) < world_size:
+            per_shard = max(1, index.total // world_size)
+            problems.append(f"{setting}: {len(urls)} shards in {path} for {world_size} processes (each reads whole "
+                            f"shards: one at least); re-run tools/make_shards.py with --samples-per-shard {per_shard} "
+                            "or fewer")
     return problems
 
 
@@ -154,6 +163,6 @@ def output_problems(cfg: Config) -> list[str]:
     return []
 
 
-def preflight(cfg: Config) -> list[str]:
-    """Every problem found, one line each (empty: the run may start)."""
-    return [*shard_problems(cfg), *weight_problems(cfg), *output_problems(cfg)]
+def preflight(cfg: Config, world_size: int = 1) -> list[str]:
+    """Every problem found, one line each (empty: the run may start); `world_size`: the job's processes."""
+    return [*shard_problems(cfg, world_size), *weight_problems(cfg), *output_problems(cfg)]

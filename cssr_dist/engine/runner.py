@@ -30,7 +30,8 @@ from ..models.backbones import resolve_backbone_data_config
 from ..models.losses import build_loss
 from ..models.osr_model import compile_or_eager, resolve_compile_mode
 from ..protocol import batch_plan, describe_protocol
-from ..tracking import log_evaluation, new_run_id, record_run_end, start_tracking, stop_tracking, wandb_tracker
+from ..tracking import (log_evaluation, log_near_far_table, new_run_id, record_run_end, start_tracking, stop_tracking,
+                        wandb_tracker)
 from .build import build_model_and_scorer, weights_source
 from .checkpoint import Checkpointer, NoUsableCheckpoint, TrainerState, frozen_state_keys
 from .distributed import process_group_kwargs
@@ -97,6 +98,7 @@ class Run:
             log_evaluation(self.accelerator, report, scores, arrays["labels"], self.current_step(), prefix)
             write_evaluation_plots(self.folder.path, scores, arrays["labels"], prefix,
                                    report.get("per_unknown_class_auroc"))
+        log_near_far_table(self.accelerator, summary, self.current_step(), self.eval_prefix)
 
     def progress(self, iterable, desc: str, total: int | None = None):
         """A tqdm bar on the local main process only (when run.progress)."""

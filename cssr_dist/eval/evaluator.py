@@ -198,9 +198,10 @@ def headline_auroc(summary: dict) -> tuple[float, str]:
 
 
 def group_means(per_set: dict[str, dict], groups: dict[str, str]) -> dict[str, dict]:
-    """Mean of every numeric metric of the primary score over the OOD sets of each group (near/far)."""
+    """Mean of every numeric metric of the primary score over the OOD sets of each group, near
+    first, then far (OpenOOD's order; metrics.md lists them so), then any other group by name."""
     out: dict[str, dict] = {}
-    for group in sorted(set(groups.get(name, "far") for name in per_set)):
+    for group in sorted(set(groups.get(name, "far") for name in per_set), key=lambda g: (g != "near", g != "far", g)):
         members = [per_set[name] for name in per_set if groups.get(name, "far") == group]
         keys = [k for k, v in members[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                 and not k.startswith("num_")]

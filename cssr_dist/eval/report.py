@@ -14,6 +14,10 @@ NOTES = {
 }
 
 
+#: The near/far table's metrics: OpenOOD v1.5's (AUROC, and FPR95 with OOD as the positive class).
+NEAR_FAR_METRICS = ("auroc", "fpr95_ood_pos")
+
+
 def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) and value == value else "n/a"
 
@@ -50,3 +54,36 @@ def metrics_table(summary: dict, run_name: str) -> str:
         notes += [f"{k}: not reported ({why})." for k, why in summary["not_reported"].items()]
     lines += [""] + notes if notes else []
     return "\n".join(lines) + "\n"
+
+
+def _score_metrics(report: dict, score: str) -> dict:
+    """One set's metrics of `score`: the report itself for its primary score, else its baseline entry."""
+    return report if score == report.get("score") else (report.get("baselines") or {}).get(score) or {}
+
+
+def near_far_table(summary: dict) -> tuple[list[str], list[list]]:
+    """OpenOOD's near/far table of one run: a row per score (primary, then the baselines), AUROC
+    and FPR95 of every OOD set (the split's own unknowns first when it has them), then their
+    near and far means, which are formed here for every score (`ood_groups` holds the primary
+    score's only). `([], [])` without OOD groups. W&B shows it as the table
+    `final/tables/near_far` (docs/openood_imagenet.md, step 7)."""
+    groups = {g: v.get("sets") or [] for g, v in (summary.get("ood_groups") or {}).items() if isinstance(v, dict)}
+    if not any(groups.values()):
+        return [], []
+    ood, members = summary.get("ood") or {}, {name for names in groups.values() for name in names}
+    sets = {name: summary for name in sorted(members - set(ood))}  # the split's unknowns: the test set itself
+    sets.update({name: report for name, report in ood.items() if name in members})
+    ordered = [g for g in ("near", "far") if groups.get(g)] + sorted(g for g in groups if g not in ("near", "far"))
+    columns = ["score"] + [f"{name} {m}" for name in [*sets, *ordered] for m in NEAR_FAR_METRICS]
+    rows = []
+    for score in [summary.get("score"), *(summary.get("baselines") or {})]:
+        row: list = [score]
+        for name, report in sets.items():
+            row += [_score_metrics(report, score).get(m) for m in NEAR_FAR_METRICS]
+        for group in ordered:
+            for m in NEAR_FAR_METRICS:
+                values = [_score_metrics(sets[n], score).get(m) for n in groups[group]]
+                numbers = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+                row.append(sum(numbers) / len(numbers) if numbers and len(numbers) == len(values) else None)
+        rows.append(row)
+    return columns, rows
