@@ -20,7 +20,8 @@ only after the new one is in (a crash between the two renames is repaired on the
 start), so there is never a moment without a complete checkpoint. `restore` takes the
 newest checkpoint that loads completely and says which newer ones it skipped and why.
 `best/` holds only weights and statistics (what `--test` needs), chosen on the validation
-slice of known classes, never on the test set.
+slice of known classes, never on the test set; after the final evaluation also the post-hoc
+detectors' training sample (`posthoc.*` tensors) when detectors were fitted.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -45,6 +46,8 @@ from ..errors import ConfigError, DataError, StorageError, storage_error
 
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "weights.safetensors"
+#: best/ tensors of the post-hoc detectors' training sample (docs/posthoc.md); not model state
+POSTHOC_PREFIX = "posthoc."
 MODEL_FILE, STATS_FILE = "model.safetensors", "stats.safetensors"
 OPTIM_TENSORS, OPTIM_JSON, SCHEDULER_JSON = "optimizer.safetensors", "optimizer.json", "scheduler.json"
 TMP_PREFIX, ASIDE_PREFIX = ".tmp_", ".old_"
@@ -471,24 +474,32 @@ class Checkpointer:
             rng_from_files(*loaded["rng"])
 
     # -- best weights (what --test evaluates)
-    def save_best(self, *, epoch: int, best_value: float | None, score: str, name: str = "best") -> None:
-        """Weights + statistics of the model AS IT IS NOW, labelled with the epoch they are best for."""
+    def save_best(self, *, epoch: int, best_value: float | None, score: str, name: str = "best",
+                  posthoc: dict[str, torch.Tensor] | None = None) -> None:
+        """Weights + statistics of the model AS IT IS NOW, labelled with the epoch they are best for;
+        `posthoc`: the post-hoc detectors' training sample fitted on these very weights (in the
+        same file, so weights and sample are replaced together), which `--test` refits from."""
         def main_writes() -> None:
             if self.acc.is_main_process:
                 tensors = {f"model.{k}": v for k, v in self._model_state().items()}
                 if self.stats is not None:
                     tensors.update({f"stats.{k}": v for k, v in self.stats.state_dict().items()})
+                tensors.update({f"{POSTHOC_PREFIX}{k}": v for k, v in (posthoc or {}).items()})
                 save_weights(self.root / name, tensors, {"epoch": epoch, "best_value": best_value, "score": score,
                                                          "fingerprint": self.fingerprint})
 
         self._written_everywhere(main_writes, self.root / name / (WEIGHTS_FILE + ".tmp"), f"{name}/")
 
-    def load_best(self, name: str = "best") -> dict:
-        """Load `best/` into the model and statistics; returns its metadata (epoch, fingerprint, ...)."""
+    def load_best(self, name: str = "best", posthoc: Callable[[dict, str], Any] | None = None) -> dict:
+        """Load `best/` into the model and statistics; returns its metadata (epoch, fingerprint, ...).
+        `posthoc(tensors, file)` receives the stored post-hoc sample (names without the prefix)."""
         path = self.root / name
         tensors, meta = load_weights(path)
         apply_best(tensors, self._bare_model(), self.stats, path / WEIGHTS_FILE,
                    "evaluate with the run's own config.yaml (model settings)")
+        if posthoc is not None:
+            posthoc({k[len(POSTHOC_PREFIX):]: v for k, v in tensors.items() if k.startswith(POSTHOC_PREFIX)},
+                    str(path / WEIGHTS_FILE))
         return meta
 
 

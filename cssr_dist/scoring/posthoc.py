@@ -42,8 +42,10 @@ from pytorch_ood import detector as pood
 from pytorch_ood.api import Detector
 from torch import Tensor, nn
 
+from ..errors import DataError
+
 __all__ = ["DETECTORS", "NOT_WRAPPED", "Spec", "Parts", "TrainingSample", "PosthocDetectors", "applicable",
-           "linear_view", "head_logits_fn", "outlier_to_known"]
+           "linear_view", "head_logits_fn", "outlier_to_known", "sample_from_tensors"]
 
 INPUTS = ("logits", "posterior", "features", "maps")
 _FIT = {"logits": "fit_logits", "posterior": "fit_logits", "features": "fit_features", "maps": "fit_feature_maps"}
@@ -267,6 +269,8 @@ class PosthocDetectors:
         self.cap, self.cap_maps = cap, cap_maps
         self.detectors: dict[str, Detector] = {}
         self.not_fitted: dict[str, str] = {}  # name -> why its fit failed in the last evaluation
+        self.sample: Optional[tuple[dict, dict]] = None  # (rows, maps) of the last fit, if it had data
+        self.restored: Optional[tuple[dict, dict]] = None  # a stored sample (best/) for the next fit
 
     @property
     def needs_data(self) -> bool:
@@ -292,6 +296,7 @@ class PosthocDetectors:
         parts = self.parts(head)
         device = next(head.parameters()).device if head is not None else torch.device("cpu")
         self.detectors, self.not_fitted = {}, {}
+        self.sample = (rows, maps) if rows else None
         for name in self.names:
             spec = DETECTORS[name]
             det = spec.build(parts)
@@ -311,6 +316,40 @@ class PosthocDetectors:
                     continue
             self.detectors[name] = det.to(device)
 
+    # -------------------------------------------------------- the sample kept in best/
+    def sample_tensors(self) -> dict[str, Tensor]:
+        """The sample of the last fit as flat CPU tensors (`rows.<field>`, `maps.<field>`, `cap`,
+        `cap_maps`) for best/, so that `--test` refits without a pass over the training images;
+        empty when the last fit had no data."""
+        if self.sample is None:
+            return {}
+        rows, maps = self.sample
+        out = {f"rows.{k}": v.detach().cpu() for k, v in rows.items()}
+        out.update({f"maps.{k}": v.detach().cpu() for k, v in maps.items()})
+        out["cap"] = torch.tensor(self.cap, dtype=torch.int64)
+        out["cap_maps"] = torch.tensor(self.cap_maps if maps else 0, dtype=torch.int64)
+        return out
+
+    def restore_sample(self, tensors: dict[str, Tensor], where: str) -> bool:
+        """Keep a stored sample (checked: `sample_from_tensors`) for the next `refit_restored`
+        when it is the sample a pass would collect now (same caps, maps when needed)."""
+        if not tensors or not self.needs_data:
+            return False
+        rows, maps, cap, cap_maps = sample_from_tensors(tensors, self.num_classes, self.channels, where)
+        if cap != self.cap or (self.needs_maps and cap_maps != self.cap_maps):
+            return False
+        self.restored = rows, (maps if self.needs_maps else {})
+        return True
+
+    def refit_restored(self, head: Optional[nn.Module]) -> bool:
+        """Fit on the restored sample (on the head's device) instead of a training pass."""
+        if self.restored is None:
+            return False
+        device = next(head.parameters()).device if head is not None else torch.device("cpu")
+        rows, maps = ({k: v.to(device) for k, v in part.items()} for part in self.restored)
+        self.fit(head, rows, maps)
+        return True
+
     @torch.no_grad()
     def score(self, name: str, pooled: Pooled) -> Optional[Tensor]:
         """Score [B] of detector `name` (float64, higher = known), None if not requested/fitted."""
@@ -322,6 +361,55 @@ class PosthocDetectors:
         if isinstance(det, pood.OpenMax):
             _tabulate_openmax(det, inputs)
         return outlier_to_known(getattr(det, _PREDICT[spec.input])(inputs))
+
+
+# ---------------------------------------------------------------- a stored sample, checked
+_ROW_FLOATS, _MAP_FLOATS = ("features", "logits", "posterior"), ("maps",)
+_INDEX_FIELDS = ("key", "ids", "labels")
+
+
+def sample_from_tensors(tensors: dict[str, Tensor], num_classes: int, channels: int,
+                        where: str) -> tuple[dict, dict, int, int]:
+    """(rows, maps, cap, cap_maps) of a stored sample (`PosthocDetectors.sample_tensors`), every
+    name, shape, dtype and value checked first: one line (DataError) naming `where` when it is
+    damaged or another model's. The keys must be frac(id x golden ratio) of the stored ids and
+    every label a known class, so a sample edited by hand is refused rather than fitted."""
+    expected = {f"rows.{k}" for k in (*_INDEX_FIELDS, *_ROW_FLOATS)} | {"cap", "cap_maps"}
+    has_maps = any(k.startswith("maps.") for k in tensors)
+    if has_maps:
+        expected |= {f"maps.{k}" for k in (*_INDEX_FIELDS, *_MAP_FLOATS)}
+    if set(tensors) != expected:
+        extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
+        raise DataError(f"{where}: the post-hoc sample has unexpected {extra[:3]} / missing {missing[:3]} tensors; "
+                        "retrain the run or delete best/ to evaluate with a fresh fit")
+    for cap in ("cap", "cap_maps"):
+        if tensors[cap].dim() != 0 or tensors[cap].is_floating_point():
+            raise DataError(f"{where}: post-hoc sample {cap} is not an integer; retrain the run")
+    rows = {k[5:]: v for k, v in tensors.items() if k.startswith("rows.")}
+    maps = {k[5:]: v for k, v in tensors.items() if k.startswith("maps.")}
+    shapes = {"features": (channels,), "logits": (num_classes,), "posterior": (num_classes,), "maps": (channels,)}
+    for part_name, part in (("rows", rows), ("maps", maps)):
+        if not part:
+            continue
+        n = part["ids"].shape[0] if part["ids"].dim() == 1 else -1
+        for field, value in part.items():
+            what = f"{where}: post-hoc sample {part_name}.{field}"
+            if field in _INDEX_FIELDS:
+                good = value.dim() == 1 and value.shape[0] == n and (value.dtype == torch.float64) == (field == "key") \
+                    and (field == "key" or not value.is_floating_point())
+            else:
+                size = shapes[field]
+                good = value.dtype == torch.float32 and value.dim() >= 2 and value.shape[0] == n \
+                    and tuple(value.shape[1:1 + len(size)]) == size and value.dim() == (4 if field == "maps" else 2)
+            if not good or (value.is_floating_point() and not bool(torch.isfinite(value).all())):
+                raise DataError(f"{what} has shape {tuple(value.shape)} / {value.dtype} or non-finite values, not "
+                                f"this model's ({num_classes} classes, {channels} channels); retrain the run")
+        labels = part["labels"]
+        if n < 1 or not torch.equal(part["key"], sample_keys(part["ids"])) or \
+                bool(((labels < 0) | (labels >= num_classes)).any()):
+            raise DataError(f"{where}: post-hoc sample {part_name} is inconsistent (keys do not match the ids, or a "
+                            "label is not a known class); retrain the run")
+    return rows, maps, int(tensors["cap"]), int(tensors["cap_maps"])
 
 
 # ---------------------------------------------------------------- OpenMax: one scipy call per class
