@@ -170,7 +170,8 @@ def _fitted_on_a_sample(names: list[str], cap: int = 100) -> tuple[OSRModel, pos
     with torch.no_grad():
         for i, (x, y) in enumerate(batches):
             out = model(x)
-            pooled = posthoc.Pooled(out.features, out.logits, lambda: class_log_probs(out.logits, loss_kind_for_head("rcssr")))
+            log_probs = class_log_probs(out.logits, loss_kind_for_head("rcssr"))
+            pooled = posthoc.Pooled(out.features, out.logits, lambda: log_probs)
             sample.add(pooled, y, torch.arange(i * BATCH, i * BATCH + len(y)))
     rows, maps = sample.gathered(lambda local: gather_by_id(local, 1), torch.device("cpu"))
     dets.fit(model.head, rows, maps)

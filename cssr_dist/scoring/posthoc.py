@@ -163,11 +163,20 @@ def linear_view(head: nn.Module) -> nn.Linear:
     return layer.requires_grad_(False)
 
 
-def head_logits_fn(head: nn.Module) -> Callable[[Tensor], Tensor]:
-    """feature map (already projected) -> the head's pixel-mean logits [B, K]."""
+#: Rows of a feature map the head scores at a time for the feature-map detectors: every row is
+#: independent, and on the CPU a CSSR head on 512 maps of 128 x 7 x 7 spends a third more time
+#: than on 16 slices of 32 (its per-class intermediates [K, C, rows x H x W] leave the cache).
+#: Accelerators take the whole batch (slices would only add launches).
+HEAD_ROWS_CPU = 32
+
+
+def head_logits_fn(head: nn.Module, rows: int = HEAD_ROWS_CPU) -> Callable[[Tensor], Tensor]:
+    """feature map (already projected) -> the head's pixel-mean logits [B, K] (on the CPU `rows`
+    maps at a time)."""
 
     def logits(maps: Tensor) -> Tensor:
-        return head.logits_from_features(maps).float().mean(dim=(2, 3))
+        size = rows if maps.device.type == "cpu" else max(1, len(maps))
+        return torch.cat([head.logits_from_features(part).float().mean(dim=(2, 3)) for part in maps.split(size)])
 
     return logits
 
