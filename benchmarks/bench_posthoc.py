@@ -18,6 +18,7 @@ average beside each, and the medians and their ratio.
 
     python -m benchmarks.bench_posthoc --run runs/fashion_mnist_rcssr --batches 8
     python -m benchmarks.bench_posthoc --run runs/fashion_mnist_rcssr --end-to-end 3
+    python -m benchmarks.bench_posthoc --run runs/fashion_mnist_rcssr --end-to-end 1 --without rankfeat,ash,scale
 """
 
 from __future__ import annotations
@@ -59,12 +60,14 @@ def _timed(fn, device: torch.device, repeats: int) -> float:
     return best
 
 
-def end_to_end(run_dir: Path, repeats: int) -> int:
-    """Evaluations of the restored run with eval.baselines=all and with the default three,
-    alternating; medians and their ratio (the issue-18 target: <= 1.5)."""
+def end_to_end(run_dir: Path, repeats: int, without: list[str]) -> int:
+    """Evaluations of the restored run with eval.baselines=all (less `without`) and with the
+    default three, alternating; medians and their ratio (the issue-18 target: <= 1.5)."""
     cfg = load_config(str(run_dir / "config.yaml"), ["eval.baselines=all", "tracking.wandb=false",
                                                       "run.progress=false", f"run.output_dir={run_dir.parent}",
                                                       f"run.name={run_dir.name}"])
+    if without:
+        cfg.eval.baselines = [n for n in resolve_baselines("all", cfg.model.head) if n not in without]
     run = Run(cfg, test_only=True)
     run.evaluator.on_evaluation = None  # no plots, no W&B: only the evaluation is timed
     run.load_best(posthoc_sample=True)
@@ -97,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--end-to-end", type=int, default=0, metavar="N",
                    help="instead: N evaluations with eval.baselines=all and N with the default three, alternating")
+    p.add_argument("--without", default="", help="--end-to-end: detectors left out of all (comma-separated)")
     args = p.parse_args(argv)
     if args.end_to_end:
         try:
-            return end_to_end(Path(args.run), args.end_to_end)
+            return end_to_end(Path(args.run), args.end_to_end, [n for n in args.without.split(",") if n])
         except CssrError as err:
             return report(err)
     try:
