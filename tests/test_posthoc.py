@@ -218,6 +218,6 @@ def test_a_damaged_stored_sample_is_one_line_never_fitted(attack: str):
     else:
         tensors["cap"] = torch.tensor([100.0])
     fresh = posthoc.PosthocDetectors(["knn", "react"], "rcssr", K, C, cap=100, cap_maps=100)
-    with pytest.raises(DataError, match=r"^best/weights.safetensors: .*retrain") as err:
+    with pytest.raises(DataError, match=r"^best/weights.safetensors: .*rewrites best/ with a fresh sample$") as err:
         fresh.restore_sample(tensors, "best/weights.safetensors")
     assert "\n" not in str(err.value) and fresh.restored is None

@@ -375,6 +375,8 @@ class PosthocDetectors:
 # ---------------------------------------------------------------- a stored sample, checked
 _ROW_FLOATS, _MAP_FLOATS = ("features", "logits", "posterior"), ("maps",)
 _INDEX_FIELDS = ("key", "ids", "labels")
+#: what to do about a damaged stored sample (train.py on a finished run redoes its final evaluation)
+_REDO = "run train.py on the run again: its final evaluation rewrites best/ with a fresh sample"
 
 
 def sample_from_tensors(tensors: dict[str, Tensor], num_classes: int, channels: int,
@@ -390,10 +392,10 @@ def sample_from_tensors(tensors: dict[str, Tensor], num_classes: int, channels: 
     if set(tensors) != expected:
         extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
         raise DataError(f"{where}: the post-hoc sample has unexpected {extra[:3]} / missing {missing[:3]} tensors; "
-                        "retrain the run or delete best/ to evaluate with a fresh fit")
+                        f"{_REDO}")
     for cap in ("cap", "cap_maps"):
         if tensors[cap].dim() != 0 or tensors[cap].is_floating_point():
-            raise DataError(f"{where}: post-hoc sample {cap} is not an integer; retrain the run")
+            raise DataError(f"{where}: post-hoc sample {cap} is not an integer; {_REDO}")
     rows = {k[5:]: v for k, v in tensors.items() if k.startswith("rows.")}
     maps = {k[5:]: v for k, v in tensors.items() if k.startswith("maps.")}
     shapes = {"features": (channels,), "logits": (num_classes,), "posterior": (num_classes,), "maps": (channels,)}
@@ -412,12 +414,12 @@ def sample_from_tensors(tensors: dict[str, Tensor], num_classes: int, channels: 
                     and tuple(value.shape[1:1 + len(size)]) == size and value.dim() == (4 if field == "maps" else 2)
             if not good or (value.is_floating_point() and not bool(torch.isfinite(value).all())):
                 raise DataError(f"{what} has shape {tuple(value.shape)} / {value.dtype} or non-finite values, not "
-                                f"this model's ({num_classes} classes, {channels} channels); retrain the run")
+                                f"this model's ({num_classes} classes, {channels} channels); {_REDO}")
         labels = part["labels"]
         if n < 1 or not torch.equal(part["key"], sample_keys(part["ids"])) or \
                 bool(((labels < 0) | (labels >= num_classes)).any()):
             raise DataError(f"{where}: post-hoc sample {part_name} is inconsistent (keys do not match the ids, or a "
-                            "label is not a known class); retrain the run")
+                            f"label is not a known class); {_REDO}")
     return rows, maps, int(tensors["cap"]), int(tensors["cap_maps"])
 
 
