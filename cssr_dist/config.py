@@ -137,6 +137,7 @@ class EvalConfig:
     baselines: list[str] | str = option("scores reported beside the primary one: score names (s0 s1 s2 integrated msp mls energy, or pytorch-ood's post-hoc detectors: docs/posthoc.md) or all (every one that applies to the head)", factory=lambda: ["msp", "mls", "energy"])
     posthoc_fit_samples: int = option("cap of training images whose pooled features and logits fit the post-hoc detectors (a fixed id-hashed subsample, gathered on every rank)", 20000)
     posthoc_fit_maps: int = option("cap of training feature maps kept for the post-hoc detectors fitted on feature maps (ReAct, VRA)", 1000)
+    posthoc_keep_sample: bool = option("keep the post-hoc detectors' training sample in best/ so --test refits them without a pass over the training images (its size: features and logits of posthoc_fit_samples images plus posthoc_fit_maps feature maps; ~32 MB for the default experiment, ~0.65 GB for ResNet-50 on ImageNet-1k)", True)
     tpr: float = option('TPR (on validation knowns) that sets the macro-F1 threshold', 0.95)
     select_best_by: str = option("val_acc | val_loss | last: which checkpoint is 'best' (never test metrics); a tie goes to the lower val_loss (val_acc) or higher val_acc (val_loss), then the earlier epoch", "val_acc")
     protocol: str = option("clean (validation slice, best-by-validation, clean metric definitions) | reference (the paper's: all training images every epoch, last epoch, its lr formula, reference AUPR/FPR95/OSCR, z-norm moments from augmented images); see cssr_dist/protocol.py", "clean")

@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from cssr_dist.distributed import gather_by_id
-from cssr_dist.errors import ConfigError
+from cssr_dist.errors import ConfigError, DataError
 from cssr_dist.models.cssr_head import CSSRHead
 from cssr_dist.models.linear_head import LinearHead
 from cssr_dist.models.losses import build_loss, class_log_probs, loss_kind_for_head
 from cssr_dist.models.osr_model import OSRModel
 from cssr_dist.scoring import posthoc
 from cssr_dist.scoring.scores import SCORE_REGISTRY, Scorer, resolve_baselines
+from tests.helpers import launch_train
 
 K, C, SIDE, N_TRAIN, N_TEST, BATCH = 3, 8, 5, 150, 40, 32
 HEADS = ("linear", "rcssr")
@@ -159,3 +161,81 @@ def test_config_takes_a_list_or_all():
     assert load_config("configs/smoke.yaml").eval.baselines == ["msp", "mls", "energy"]
     with pytest.raises(ConfigError, match="give a list of score names or 'all'"):
         load_config("configs/smoke.yaml", ["eval.baselines=knn"])
+
+
+def _fitted_on_a_sample(names: list[str], cap: int = 100) -> tuple[OSRModel, posthoc.PosthocDetectors, torch.Tensor]:
+    """The RCSSR tiny model's detectors `names` fitted as an evaluation fits them, and test features."""
+    model = _model("rcssr")
+    batches, test_images = _data(model)
+    dets = posthoc.PosthocDetectors(names, "rcssr", K, C, cap=cap, cap_maps=cap)
+    sample = dets.new_sample()
+    with torch.no_grad():
+        for i, (x, y) in enumerate(batches):
+            out = model(x)
+            log_probs = class_log_probs(out.logits, loss_kind_for_head("rcssr"))
+            pooled = posthoc.Pooled(out.features, out.logits, lambda: log_probs)
+            sample.add(pooled, y, torch.arange(i * BATCH, i * BATCH + len(y)))
+    rows, maps = sample.gathered(lambda local: gather_by_id(local, 1), torch.device("cpu"))
+    dets.fit(model.head, rows, maps)
+    return model, dets, test_images
+
+
+def test_stored_sample_refits_the_same_detectors_without_a_training_pass():
+    names = ["knn", "mahalanobis", "openmax", "react", "vra"]
+    model, dets, test_images = _fitted_on_a_sample(names)
+    tensors = dets.sample_tensors()
+    assert tensors["maps.maps"].shape == (100, C, SIDE, SIDE) and int(tensors["cap"]) == 100
+    again = posthoc.PosthocDetectors(names, "rcssr", K, C, cap=100, cap_maps=100)
+    assert again.restore_sample(tensors, "best/weights.safetensors") and again.refit_restored(model.head)
+    with torch.no_grad():
+        out = model(test_images)
+        pooled, fresh = posthoc.Pooled(out.features, out.logits, lambda: torch.zeros(1)), posthoc.Pooled(
+            out.features, out.logits, lambda: torch.zeros(1))
+        for name in names:
+            torch.testing.assert_close(again.score(name, pooled), dets.score(name, fresh), rtol=0, atol=0)
+    # another cap in the config: the stored sample is not the one a pass would collect now
+    other_cap = posthoc.PosthocDetectors(names, "rcssr", K, C, cap=50, cap_maps=100)
+    assert not other_cap.restore_sample(tensors, "x") and not other_cap.refit_restored(model.head)
+    assert not posthoc.PosthocDetectors(["entropy"], "rcssr", K, C).restore_sample(tensors, "x")  # needs no data
+
+
+@pytest.mark.parametrize("attack", ["extra", "missing", "shape", "nan", "key", "label", "cap"])
+def test_a_damaged_stored_sample_is_one_line_never_fitted(attack: str):
+    _, dets, _ = _fitted_on_a_sample(["knn", "react"])
+    tensors = dict(dets.sample_tensors())
+    if attack == "extra":
+        tensors["rows.payload"] = torch.zeros(3)
+    elif attack == "missing":
+        del tensors["rows.posterior"]
+    elif attack == "shape":
+        tensors["rows.features"] = tensors["rows.features"][:, :C - 1]
+    elif attack == "nan":
+        tensors["maps.maps"] = tensors["maps.maps"].clone()
+        tensors["maps.maps"][0, 0, 0, 0] = float("nan")
+    elif attack == "key":
+        tensors["rows.ids"] = tensors["rows.ids"] + 1  # keys no longer those of the ids
+    elif attack == "label":
+        tensors["rows.labels"] = tensors["rows.labels"].clone()
+        tensors["rows.labels"][0] = K
+    else:
+        tensors["cap"] = torch.tensor([100.0])
+    fresh = posthoc.PosthocDetectors(["knn", "react"], "rcssr", K, C, cap=100, cap_maps=100)
+    with pytest.raises(DataError, match=r"^best/weights.safetensors: .*rewrites best/ with a fresh sample$") as err:
+        fresh.restore_sample(tensors, "best/weights.safetensors")
+    assert "\n" not in str(err.value) and fresh.restored is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keep", [True, False])
+def test_best_keeps_the_detectors_sample_only_when_asked(tmp_path, keep: bool):
+    """`eval.posthoc_keep_sample` decides whether the final best/ carries the detectors' training
+    sample (ImageNet configs leave it out: ~0.65 GB); either way the weights are there."""
+    args = ["--config", "configs/smoke.yaml", "data.train_per_class=40", "data.test_per_class=10",
+            "data.stats_per_class=10", "data.batch_size=16", "schedule.epochs=1", "eval.test_interval=0",
+            "run.progress=false", "tracking.wandb=false", "eval.baselines=[knn]", f"eval.posthoc_keep_sample={keep}",
+            f"run.output_dir={tmp_path / 'runs'}", "run.name=keep"]
+    out = launch_train(tmp_path, args, processes=1)
+    assert out.returncode == 0, out.stderr[-3000:]
+    names = safe_open(str(tmp_path / "runs" / "keep" / "checkpoints" / "best" / "weights.safetensors"), "pt").keys()
+    assert any(n.startswith("model.") for n in names)
+    assert any(n.startswith("posthoc.rows.") for n in names) == keep

@@ -246,11 +246,16 @@ def test_kill_during_a_checkpoint_write_leaves_a_complete_one(tmp_path, where):
 def test_best_holds_weights_statistics_fingerprint_and_its_epoch(tmp_path):
     saver, _ = make(tmp_path)
     train_steps(saver.model, saver.optimizer, saver.scheduler, saver.stats, 3)
-    saver.save_best(epoch=2, best_value=0.75, score="s1")
+    sample = {"rows.features": torch.randn(5, 3), "cap": torch.tensor(5)}
+    saver.save_best(epoch=2, best_value=0.75, score="s1", posthoc=sample)
     expected = snapshot(saver)
     other, _ = make(tmp_path)
-    meta = other.load_best()
+    handed = {}
+    meta = other.load_best(posthoc=lambda tensors, where: handed.update(tensors, where=where))
     assert meta == {"epoch": 2, "best_value": 0.75, "score": "s1", "fingerprint": "fp1"}
+    assert handed.keys() == {"rows.features", "cap", "where"} and torch.equal(handed["rows.features"],
+                                                                            sample["rows.features"])
+    assert handed["where"].endswith("best/weights.safetensors")
     assert all(torch.equal(expected["model"][k], v) for k, v in other.model.state_dict().items())
     assert torch.equal(other.stats.proto_sum, expected["stats"])
     wider, _ = make(tmp_path, width=6)

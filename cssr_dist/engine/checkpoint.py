@@ -20,7 +20,8 @@ only after the new one is in (a crash between the two renames is repaired on the
 start), so there is never a moment without a complete checkpoint. `restore` takes the
 newest checkpoint that loads completely and says which newer ones it skipped and why.
 `best/` holds only weights and statistics (what `--test` needs), chosen on the validation
-slice of known classes, never on the test set.
+slice of known classes, never on the test set; after the final evaluation also the post-hoc
+detectors' training sample (`posthoc.*` tensors) when detectors were fitted.
 
 A frozen backbone (`model.freeze_backbone`, cssr_ft) never changes, so neither the step
 checkpoints nor `best/` store it: they hold the trained parameters and, in the safetensors
@@ -42,7 +43,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -53,6 +54,8 @@ from ..errors import ConfigError, DataError, FailedOnAnotherRank, StorageError, 
 
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "weights.safetensors"
+#: best/ tensors of the post-hoc detectors' training sample (docs/posthoc.md); not model state
+POSTHOC_PREFIX = "posthoc."
 MODEL_FILE, STATS_FILE = "model.safetensors", "stats.safetensors"
 OPTIM_TENSORS, OPTIM_JSON, SCHEDULER_JSON = "optimizer.safetensors", "optimizer.json", "scheduler.json"
 TMP_PREFIX, ASIDE_PREFIX = ".tmp_", ".old_"
@@ -564,25 +567,33 @@ class Checkpointer:
             rng_from_files(*loaded["rng"])
 
     # -- best weights (what --test evaluates)
-    def save_best(self, *, epoch: int, best_value: float | None, score: str, name: str = "best") -> None:
-        """Weights + statistics of the model AS IT IS NOW, labelled with the epoch they are best for."""
+    def save_best(self, *, epoch: int, best_value: float | None, score: str, name: str = "best",
+                  posthoc: dict[str, torch.Tensor] | None = None) -> None:
+        """Weights + statistics of the model AS IT IS NOW, labelled with the epoch they are best for;
+        `posthoc`: the post-hoc detectors' training sample fitted on these very weights (in the
+        same file, so weights and sample are replaced together), which `--test` refits from."""
         def main_writes() -> None:
             if self.acc.is_main_process:
                 model_state, frozen = self._stored_model_state()
                 tensors = {f"model.{k}": v for k, v in model_state.items()}
                 if self.stats is not None:
                     tensors.update({f"stats.{k}": v for k, v in self.stats.state_dict().items()})
+                tensors.update({f"{POSTHOC_PREFIX}{k}": v for k, v in (posthoc or {}).items()})
                 save_weights(self.root / name, tensors, {"epoch": epoch, "best_value": best_value, "score": score,
                                                          "fingerprint": self.fingerprint, **(frozen or {})})
 
         self._written_everywhere(main_writes, self.root / name / (WEIGHTS_FILE + ".tmp"), f"{name}/")
 
-    def load_best(self, name: str = "best") -> dict:
-        """Load `best/` into the model and statistics; returns its metadata (epoch, fingerprint, ...)."""
+    def load_best(self, name: str = "best", posthoc: Callable[[dict, str], Any] | None = None) -> dict:
+        """Load `best/` into the model and statistics; returns its metadata (epoch, fingerprint, ...).
+        `posthoc(tensors, file)` receives the stored post-hoc sample (names without the prefix)."""
         path = self.root / name
         tensors, meta = load_weights(path)
         apply_best(tensors, self._bare_model(), self.stats, path / WEIGHTS_FILE,
                    "evaluate with the run's own config.yaml (model settings)", meta, self.weights_source)
+        if posthoc is not None:
+            posthoc({k[len(POSTHOC_PREFIX):]: v for k, v in tensors.items() if k.startswith(POSTHOC_PREFIX)},
+                    str(path / WEIGHTS_FILE))
         return meta
 
 

@@ -125,13 +125,17 @@ class Run:
             self.accelerator.wait_for_everyone()
             return TrainerState()
 
-    def save_best(self, state: TrainerState) -> None:
+    def save_best(self, state: TrainerState, posthoc_sample: bool = False) -> None:
         """best/: the selected weights with their score statistics and fingerprint, in safetensors,
-        labelled with the epoch they were selected at."""
-        self.checkpoints.save_best(epoch=state.best_epoch, best_value=state.best_value, score=self.scorer.primary)
+        labelled with the epoch they were selected at; `posthoc_sample` (after the final
+        evaluation, whose fit used these weights): with the post-hoc detectors' training sample."""
+        self.checkpoints.save_best(epoch=state.best_epoch, best_value=state.best_value, score=self.scorer.primary,
+                                   posthoc=self.scorer.detectors.sample_tensors() if posthoc_sample else None)
 
-    def load_best(self) -> dict:
-        return self.checkpoints.load_best()
+    def load_best(self, posthoc_sample: bool = False) -> dict:
+        """`posthoc_sample`: a stored post-hoc sample that fits the config is kept for the
+        evaluation's detector fit (`--test`: no pass over the training images)."""
+        return self.checkpoints.load_best(posthoc=self.scorer.detectors.restore_sample if posthoc_sample else None)
 
     def report(self, summary: dict, file: str = "summary.json") -> None:
         """summary file + metrics table in the run folder, the table on rank 0 (W&B: record_evaluation)."""
@@ -199,7 +203,8 @@ def train(cfg: Config) -> dict:
                     "train_time_s": round(state.train_time_s, 1), "images_per_s": images_per_s(state.history),
                     "world_size": acc.num_processes, "counts": run.data.meta.counts,
                     "class_names": run.data.meta.class_names})
-    run.save_best(state)  # the selected weights now with the statistics fitted for them
+    # the selected weights now with the statistics (and, if kept, the detectors' sample) fitted for them
+    run.save_best(state, posthoc_sample=cfg.eval.posthoc_keep_sample)
     run.report(summary)
     record_run_end(acc, summary, run.folder.checkpoints / "best")  # W&B: run summary, best/ as model artifact
     run.close()
@@ -209,7 +214,7 @@ def train(cfg: Config) -> dict:
 def evaluate_only(cfg: Config) -> dict:
     """`--test`: restore the best checkpoint (weights + statistics) and evaluate it."""
     run = Run(cfg, test_only=True)
-    meta = run.load_best()
+    meta = run.load_best(posthoc_sample=True)
     run.model = run.accelerator.prepare(run.model)
     run.eval_prefix = "restored"
     summary = run.evaluator.evaluate(run.model, fit=False)

@@ -105,8 +105,9 @@ class Evaluator:
         if fit:
             self.recalibrate(model)
             self.fit(model)
-        elif self.scorer.fits_detectors:  # restored statistics; post-hoc detectors are not saved
-            self.fit(model, statistics=False)
+        elif self.scorer.fits_detectors:  # restored statistics: the detectors from best/'s sample, else one pass
+            if not self.scorer.detectors.refit_restored(eval_module(self.accelerator, model).head):
+                self.fit(model, statistics=False)
         module, cfg, meta = eval_module(self.accelerator, model), self.cfg, self.data.meta
         primary = self.scorer.primary
         baselines = self.scorer.baselines

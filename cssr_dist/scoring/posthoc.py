@@ -42,8 +42,10 @@ from pytorch_ood import detector as pood
 from pytorch_ood.api import Detector
 from torch import Tensor, nn
 
+from ..errors import DataError
+
 __all__ = ["DETECTORS", "NOT_WRAPPED", "Spec", "Parts", "TrainingSample", "PosthocDetectors", "applicable",
-           "linear_view", "head_logits_fn", "outlier_to_known"]
+           "linear_view", "head_logits_fn", "outlier_to_known", "sample_from_tensors"]
 
 INPUTS = ("logits", "posterior", "features", "maps")
 _FIT = {"logits": "fit_logits", "posterior": "fit_logits", "features": "fit_features", "maps": "fit_feature_maps"}
@@ -161,11 +163,20 @@ def linear_view(head: nn.Module) -> nn.Linear:
     return layer.requires_grad_(False)
 
 
-def head_logits_fn(head: nn.Module) -> Callable[[Tensor], Tensor]:
-    """feature map (already projected) -> the head's pixel-mean logits [B, K]."""
+#: Rows of a feature map the head scores at a time for the feature-map detectors: every row is
+#: independent, and on the CPU a CSSR head on 512 maps of 128 x 7 x 7 spends a third more time
+#: than on 16 slices of 32 (its per-class intermediates [K, C, rows x H x W] leave the cache).
+#: Accelerators take the whole batch (slices would only add launches).
+HEAD_ROWS_CPU = 32
+
+
+def head_logits_fn(head: nn.Module, rows: int = HEAD_ROWS_CPU) -> Callable[[Tensor], Tensor]:
+    """feature map (already projected) -> the head's pixel-mean logits [B, K] (on the CPU `rows`
+    maps at a time)."""
 
     def logits(maps: Tensor) -> Tensor:
-        return head.logits_from_features(maps).float().mean(dim=(2, 3))
+        size = rows if maps.device.type == "cpu" else max(1, len(maps))
+        return torch.cat([head.logits_from_features(part).float().mean(dim=(2, 3)) for part in maps.split(size)])
 
     return logits
 
@@ -267,6 +278,8 @@ class PosthocDetectors:
         self.cap, self.cap_maps = cap, cap_maps
         self.detectors: dict[str, Detector] = {}
         self.not_fitted: dict[str, str] = {}  # name -> why its fit failed in the last evaluation
+        self.sample: Optional[tuple[dict, dict]] = None  # (rows, maps) of the last fit, if it had data
+        self.restored: Optional[tuple[dict, dict]] = None  # a stored sample (best/) for the next fit
 
     @property
     def needs_data(self) -> bool:
@@ -292,6 +305,7 @@ class PosthocDetectors:
         parts = self.parts(head)
         device = next(head.parameters()).device if head is not None else torch.device("cpu")
         self.detectors, self.not_fitted = {}, {}
+        self.sample = (rows, maps) if rows else None
         for name in self.names:
             spec = DETECTORS[name]
             det = spec.build(parts)
@@ -311,6 +325,40 @@ class PosthocDetectors:
                     continue
             self.detectors[name] = det.to(device)
 
+    # -------------------------------------------------------- the sample kept in best/
+    def sample_tensors(self) -> dict[str, Tensor]:
+        """The sample of the last fit as flat CPU tensors (`rows.<field>`, `maps.<field>`, `cap`,
+        `cap_maps`) for best/, so that `--test` refits without a pass over the training images;
+        empty when the last fit had no data."""
+        if self.sample is None:
+            return {}
+        rows, maps = self.sample
+        out = {f"rows.{k}": v.detach().cpu() for k, v in rows.items()}
+        out.update({f"maps.{k}": v.detach().cpu() for k, v in maps.items()})
+        out["cap"] = torch.tensor(self.cap, dtype=torch.int64)
+        out["cap_maps"] = torch.tensor(self.cap_maps if maps else 0, dtype=torch.int64)
+        return out
+
+    def restore_sample(self, tensors: dict[str, Tensor], where: str) -> bool:
+        """Keep a stored sample (checked: `sample_from_tensors`) for the next `refit_restored`
+        when it is the sample a pass would collect now (same caps, maps when needed)."""
+        if not tensors or not self.needs_data:
+            return False
+        rows, maps, cap, cap_maps = sample_from_tensors(tensors, self.num_classes, self.channels, where)
+        if cap != self.cap or (self.needs_maps and cap_maps != self.cap_maps):
+            return False
+        self.restored = rows, (maps if self.needs_maps else {})
+        return True
+
+    def refit_restored(self, head: Optional[nn.Module]) -> bool:
+        """Fit on the restored sample (on the head's device) instead of a training pass."""
+        if self.restored is None:
+            return False
+        device = next(head.parameters()).device if head is not None else torch.device("cpu")
+        rows, maps = ({k: v.to(device) for k, v in part.items()} for part in self.restored)
+        self.fit(head, rows, maps)
+        return True
+
     @torch.no_grad()
     def score(self, name: str, pooled: Pooled) -> Optional[Tensor]:
         """Score [B] of detector `name` (float64, higher = known), None if not requested/fitted."""
@@ -318,7 +366,95 @@ class PosthocDetectors:
         if det is None:
             return None
         spec = DETECTORS[name]
-        return outlier_to_known(getattr(det, _PREDICT[spec.input])(pooled.of(spec.input)))
+        inputs = pooled.of(spec.input)
+        if isinstance(det, pood.OpenMax):
+            _tabulate_openmax(det, inputs)
+        return outlier_to_known(getattr(det, _PREDICT[spec.input])(inputs))
+
+
+# ---------------------------------------------------------------- a stored sample, checked
+_ROW_FLOATS, _MAP_FLOATS = ("features", "logits", "posterior"), ("maps",)
+_INDEX_FIELDS = ("key", "ids", "labels")
+#: what to do about a damaged stored sample (train.py on a finished run redoes its final evaluation)
+_REDO = "run train.py on the run again: its final evaluation rewrites best/ with a fresh sample"
+
+
+def sample_from_tensors(tensors: dict[str, Tensor], num_classes: int, channels: int,
+                        where: str) -> tuple[dict, dict, int, int]:
+    """(rows, maps, cap, cap_maps) of a stored sample (`PosthocDetectors.sample_tensors`), every
+    name, shape, dtype and value checked first: one line (DataError) naming `where` when it is
+    damaged or another model's. The keys must be frac(id x golden ratio) of the stored ids and
+    every label a known class, so a sample edited by hand is refused rather than fitted."""
+    expected = {f"rows.{k}" for k in (*_INDEX_FIELDS, *_ROW_FLOATS)} | {"cap", "cap_maps"}
+    has_maps = any(k.startswith("maps.") for k in tensors)
+    if has_maps:
+        expected |= {f"maps.{k}" for k in (*_INDEX_FIELDS, *_MAP_FLOATS)}
+    if set(tensors) != expected:
+        extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
+        raise DataError(f"{where}: the post-hoc sample has unexpected {extra[:3]} / missing {missing[:3]} tensors; "
+                        f"{_REDO}")
+    for cap in ("cap", "cap_maps"):
+        if tensors[cap].dim() != 0 or tensors[cap].is_floating_point():
+            raise DataError(f"{where}: post-hoc sample {cap} is not an integer; {_REDO}")
+    rows = {k[5:]: v for k, v in tensors.items() if k.startswith("rows.")}
+    maps = {k[5:]: v for k, v in tensors.items() if k.startswith("maps.")}
+    shapes = {"features": (channels,), "logits": (num_classes,), "posterior": (num_classes,), "maps": (channels,)}
+    for part_name, part in (("rows", rows), ("maps", maps)):
+        if not part:
+            continue
+        n = part["ids"].shape[0] if part["ids"].dim() == 1 else -1
+        for field, value in part.items():
+            what = f"{where}: post-hoc sample {part_name}.{field}"
+            if field in _INDEX_FIELDS:
+                good = value.dim() == 1 and value.shape[0] == n and (value.dtype == torch.float64) == (field == "key") \
+                    and (field == "key" or not value.is_floating_point())
+            else:
+                size = shapes[field]
+                good = value.dtype == torch.float32 and value.dim() >= 2 and value.shape[0] == n \
+                    and tuple(value.shape[1:1 + len(size)]) == size and value.dim() == (4 if field == "maps" else 2)
+            if not good or (value.is_floating_point() and not bool(torch.isfinite(value).all())):
+                raise DataError(f"{what} has shape {tuple(value.shape)} / {value.dtype} or non-finite values, not "
+                                f"this model's ({num_classes} classes, {channels} channels); {_REDO}")
+        labels = part["labels"]
+        if n < 1 or not torch.equal(part["key"], sample_keys(part["ids"])) or \
+                bool(((labels < 0) | (labels >= num_classes)).any()):
+            raise DataError(f"{where}: post-hoc sample {part_name} is inconsistent (keys do not match the ids, or a "
+                            f"label is not a known class); {_REDO}")
+    return rows, maps, int(tensors["cap"]), int(tensors["cap_maps"])
+
+
+# ---------------------------------------------------------------- OpenMax: one scipy call per class
+class _TabulatedWeibull:
+    """One class's fitted Weibull model (pytorch-ood's `LibNotMR`), whose `w_score` of every
+    distance of the batch is computed beforehand, vectorised, by that same `LibNotMR.w_score`.
+
+    Why: pytorch-ood's `OpenMax.predict` loops over samples and asks for one scalar `w_score`
+    per sample and top class; each is a scipy `exponweib.cdf` call (~80 us of argument
+    checking), 90 % of OpenMax's time. The loop then finds the batch's values in the table
+    (keyed by the exact float64 distance it computes), so its result is unchanged; a distance
+    not in the table (never expected) is computed as before.
+    """
+
+    def __init__(self, weibull):
+        self.weibull, self.table = weibull, {}
+
+    def tabulate(self, distances: np.ndarray) -> None:
+        self.table = dict(zip(distances.tolist(), np.asarray(self.weibull.w_score(distances)).tolist()))
+
+    def w_score(self, distance):
+        found = self.table.get(float(distance))
+        return self.weibull.w_score(distance) if found is None else found
+
+
+def _tabulate_openmax(det: "pood.OpenMax", logits: Tensor) -> None:
+    """Before `det.predict_logits(logits)`: every fitted class's w_scores of this batch, from the
+    distances pytorch-ood's own `_get_dists_to_center` gives (the ones its predict computes)."""
+    model = det._openmax
+    x = logits.detach().cpu().numpy()
+    for clazz, weibull in list(model.distributions.items()):
+        if not isinstance(weibull, _TabulatedWeibull):
+            weibull = model.distributions[clazz] = _TabulatedWeibull(weibull)
+        weibull.tabulate(np.asarray(model._get_dists_to_center(clazz, x), dtype=np.float64))
 
 
 def stateless_score(name: str, inputs: Tensor) -> Tensor:
