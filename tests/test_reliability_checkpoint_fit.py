@@ -129,8 +129,10 @@ def test_a_checkpoint_that_fits_still_restores_whole(tmp_path):
 
 def test_trainer_state_types_are_checked_field_by_field():
     TrainerState(epoch=1, global_step=5, best_value=0.5, best_epoch=1, train_time_s=3).check((4, 5))
+    # preempted on an epoch's last step, before its validation: 5 of 5 steps done (a Slurm test met it)
+    TrainerState(epoch=0, step_in_epoch=5, global_step=5).check((4, 5))
     for bad in ({"epoch": True}, {"global_step": 2.5}, {"epoch_loss_sum": "1"}, {"fingerprint": "a b"},
-                {"step_in_epoch": 5}):  # step_in_epoch 5 of 5: an epoch end is stored as (epoch + 1, 0)
+                {"step_in_epoch": 6}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             TrainerState(**bad).check((4, 5))
 

@@ -121,7 +121,9 @@ class TrainerState:
             raise ValueError("trainer state field history is not a list of objects")
         if schedule is not None:
             epochs, per_epoch = schedule
-            limits = {"epoch": epochs, "step_in_epoch": per_epoch - 1, "global_step": epochs * per_epoch,
+            # step_in_epoch == per_epoch is an epoch whose steps are done but whose validation is not
+            # (preempted on its last step): the resume validates it, then rolls to (epoch + 1, 0)
+            limits = {"epoch": epochs, "step_in_epoch": per_epoch, "global_step": epochs * per_epoch,
                       "epoch_loss_steps": per_epoch}
             for name, top in limits.items():
                 if getattr(self, name) > top:
