@@ -26,6 +26,9 @@ def free_port() -> int:
 def test_env(tmp_path: Path) -> dict[str, str]:
     """Offline, quiet, and torchelastic's scratch dirs inside tmp_path."""
     env = dict(os.environ)
+    # an in-process W&B run of an earlier test leaves WANDB_SERVICE (its service's address) in this
+    # process's environment; a launched run must start its own service, as a user's run does
+    env.pop("WANDB_SERVICE", None)
     env.update(HF_HUB_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1",
                TMPDIR=str(tmp_path), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     return env
