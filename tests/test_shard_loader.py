@@ -260,6 +260,7 @@ def test_missing_or_empty_shard_lists_are_clear_errors(sets, tmp_path):
 
 def test_shard_files_are_closed_even_when_an_epoch_stops_mid_shard(sets):
     cfg = config(sets, num_workers=0, batch_size=2)
+    gc.collect()  # earlier tests' garbage (their unclosed files, sockets) is not this loader's
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loaders = build_shard_loaders(cfg, SPLIT, to_tensor, to_tensor, 0, rank=0, world_size=1)
