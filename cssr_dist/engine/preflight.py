@@ -24,7 +24,6 @@ Used by `slurm/job.sh` (through `cssr_dist.apps.preflight`, before `srun`) and b
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import os
 import struct
@@ -124,23 +123,6 @@ def _writable_ancestor(path: Path) -> tuple[Path, bool]:
     return probe, probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)
 
 
-def _locked_by_other(lock_file: Path) -> str | None:
-    """The holder's line when another process holds the run folder's lock, else None."""
-    try:
-        fd = os.open(lock_file, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
-
-
 def output_problems(cfg: Config) -> list[str]:
     """run.output_dir writable; the run folder this run's own (resume) or new, and not in use."""
     out = Path(cfg.run.output_dir)
@@ -152,7 +134,7 @@ def output_problems(cfg: Config) -> list[str]:
         return []
     if not (folder.path.is_dir() and os.access(folder.path, os.W_OK | os.X_OK)):
         return [f"run folder {folder.path} is not a writable folder"]
-    holder = _locked_by_other(folder.path / RunFolder.LOCK_FILE)
+    holder = folder.holder()
     if holder:
         return [f"run folder {folder.path} is in use by another job ({holder}); wait for it or choose another run.name"]
     try:

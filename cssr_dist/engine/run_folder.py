@@ -118,6 +118,11 @@ def experiment_fingerprint(config: dict) -> str:
     return _tree_hash(config, NOT_FINGERPRINTED + SPLIT_AND_SEED)
 
 
+def _holder_line(fd: int) -> str:
+    """What the lock's holder wrote into the lock file (pid, host, since when)."""
+    return os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
+
+
 class RunFolder:
     """The files of `runs/<name>/`: checked before anything is written, never silently overwritten.
 
@@ -245,7 +250,7 @@ class RunFolder:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
+            holder = _holder_line(fd)
             os.close(fd)
             raise ConfigError(f"run folder {self.path} is in use by another job ({holder}); wait for it to end "
                               "or choose another run.name") from None
@@ -253,6 +258,22 @@ class RunFolder:
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
                   .encode(), 0)
         self._lock_fd = fd
+
+    def holder(self) -> str | None:
+        """The holder's line when another process holds this run folder's lock, else None.
+        Read-only (the pre-flight's question): creates nothing, and a free lock is taken only for
+        the instant of the probe (closing the descriptor releases it)."""
+        try:
+            fd = os.open(self.path / self.LOCK_FILE, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return _holder_line(fd)
+        finally:
+            os.close(fd)
+        return None
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
