@@ -51,8 +51,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-REQUEUE_EXIT_CODE = 42  # = cssr_dist.engine.preemption.REQUEUE_EXIT_CODE (kept import-free)
-USER_ERROR_EXIT = 2  # = cssr_dist.errors.USER_ERROR_EXIT: the rank printed its one `error:` line
+REQUEUE_EXIT_CODE = 42  # = cssr_dist.engine.preemption.REQUEUE_EXIT_CODE (kept import-free; pinned by a test)
+USER_ERROR_EXIT = 2  # = cssr_dist.errors.USER_ERROR_EXIT (pinned by a test): the rank printed its one `error:` line
 # torchrun's agent logs these as a failure unfolds; the launcher's own report at the end says the
 # same (the ChildFailedError table for a crash), and for a user error they would follow its line
 ELASTIC_LOGGER = "torch.distributed.elastic.multiprocessing.api"

@@ -79,13 +79,19 @@ def test_weight_files(shard_root, tmp_path):
         [f"model.pretrained_file: {tmp_path / 'none.safetensors'} does not exist"]
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(struct.pack("<Q", 10**15) + b"{}")  # a header length no file has
-    assert safetensors_header_problem(bad) == f"{bad} has no valid safetensors header (header length {10**15})"
+    assert safetensors_header_problem(bad) == \
+        f"{bad} is not a safetensors file (Error while deserializing header: header too large)"
     bad.write_bytes(struct.pack("<Q", 6) + b"nojson")
-    assert safetensors_header_problem(bad) == f"{bad} has no valid safetensors header (not JSON)"
+    assert safetensors_header_problem(bad).startswith(f"{bad} is not a safetensors file (") and "JSON" in \
+        safetensors_header_problem(bad)
+    bad.write_bytes(struct.pack("<Q", 2) + b"{}")  # well formed, no tensor
+    assert safetensors_header_problem(bad) == f"{bad} is a safetensors file that lists no tensors"
     bad.write_bytes(b"PK\x03")  # a zip (torch.save) renamed
-    assert safetensors_header_problem(bad) == f"{bad} is too short to be a safetensors file"
+    assert safetensors_header_problem(bad) == \
+        f"{bad} is not a safetensors file (Error while deserializing header: header too small)"
     assert preflight(_cfg(shard_root, tmp_path, f"model.pretrained_file={bad}")) == \
-        [f"model.pretrained_file: {bad} is too short to be a safetensors file"]
+        [f"model.pretrained_file: {bad} is not a safetensors file (Error while deserializing header: header too small)"]
+    assert safetensors_header_problem(tmp_path).startswith(f"cannot read {tmp_path}: ")  # a folder
 
 
 def test_output_folders(shard_root, tmp_path):

@@ -11,6 +11,7 @@ and nothing after the line. Real 2-process launches on CPU (gloo), through `laun
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,8 @@ from safetensors.torch import load_file
 
 from cssr_dist.data.sources import build_source
 from cssr_dist.engine.checkpoint import list_checkpoints
+from cssr_dist.engine.preemption import REQUEUE_EXIT_CODE
+from cssr_dist.errors import USER_ERROR_EXIT
 from tests.helpers import ROOT, free_port, png_folder_tree, run_session
 from tests.helpers import test_env as run_env
 from tests.test_reliability_disk import _mount, fill
@@ -136,3 +139,13 @@ def test_without_torchrun_every_process_prints_its_own_error(monkeypatch, capsys
     monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
     assert report_once(ConfigError("a")) == 2 and report_once(FailedOnAnotherRank("b")) == 2
     assert capsys.readouterr().err == "error: a\nerror: b\n"
+
+
+def test_the_launcher_exit_codes_are_the_package_s():
+    """launchers/launch.py imports nothing from the package, so it keeps copies of the two exit
+    codes it acts on; they are pinned here: a code changed in the package fails this test, not a
+    Slurm requeue (42) or the quiet end of a user error (2)."""
+    spec = importlib.util.spec_from_file_location("cssr_launch", ROOT / "launchers" / "launch.py")
+    launch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch)
+    assert (launch.USER_ERROR_EXIT, launch.REQUEUE_EXIT_CODE) == (USER_ERROR_EXIT, REQUEUE_EXIT_CODE) == (2, 42)
