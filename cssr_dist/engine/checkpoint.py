@@ -50,7 +50,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ..errors import ConfigError, DataError, FailedOnAnotherRank, StorageError, storage_error
+from ..errors import ConfigError, DataError, FailedOnAnotherRank, storage_error
 
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "weights.safetensors"
