@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pytorch_ood.detector.openmax.libnotmr import LibNotMR
 from safetensors import safe_open
 from torch import nn
 
@@ -241,36 +242,22 @@ def test_best_keeps_the_detectors_sample_only_when_asked(tmp_path, keep: bool):
     assert any(n.startswith("posthoc.rows.") for n in names) == keep
 
 
+
 MAP_DETECTORS = [n for n, s in posthoc.DETECTORS.items() if s.input == "maps"]
-
-
-def _fitted_scorer(head_kind: str, names: list[str]) -> tuple[OSRModel, Scorer, torch.Tensor]:
-    model = _model(head_kind)
-    batches, _ = _data(model)
-    ids = torch.arange(N_TRAIN)
-    scorer = Scorer(head_kind, K, C, "msp", baselines=names)
-
-    def outputs():
-        for i, (x, y) in enumerate(batches):
-            out = model(x)
-            yield out.features, out.logits, y, ids[i * BATCH:i * BATCH + len(y)]
-
-    with torch.no_grad():
-        scorer.fit(outputs, lambda t: t, head=model.head)
-    return model, scorer, torch.rand(100, 1, SIDE, SIDE, generator=torch.Generator().manual_seed(5)) * 2
 
 
 def test_map_detectors_score_row_slices_in_parallel_with_the_scores_of_one_call(monkeypatch):
     """On the CPU each feature-map detector scores one slice of rows per intra-op thread (in
     threads, one intra-op thread each) and the scores are those of one call on the whole batch;
     the process's thread setting is left as it was."""
-    model, scorer, images = _fitted_scorer("rcssr", MAP_DETECTORS)
+    model, dets, images = _fitted_on_a_sample(MAP_DETECTORS)
     with torch.no_grad():
         out = model(images)
+    pooled = posthoc.Pooled(out.features, out.logits, lambda: torch.zeros(1))
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)  # one intra-op thread: one call on the whole batch
-        whole = scorer(out.features, out.logits)
+        whole = {name: dets.score(name, pooled) for name in MAP_DETECTORS}
         seen: list[tuple[int, int]] = []
         real = posthoc.rows_in_parallel
 
@@ -282,12 +269,12 @@ def test_map_detectors_score_row_slices_in_parallel_with_the_scores_of_one_call(
 
         monkeypatch.setattr(posthoc, "rows_in_parallel", spy)
         torch.set_num_threads(2)
-        sliced = scorer(out.features, out.logits)
+        sliced = {name: dets.score(name, pooled) for name in MAP_DETECTORS}
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
-    # 100 rows over 2 threads: slices start at multiples of the head's 32 rows -> 64 + 36
-    assert sorted(seen) == sorted([(64, 1), (36, 1)] * len(MAP_DETECTORS))
+    # 40 rows over 2 threads: slices start at multiples of the head's 32 rows -> 32 + 8
+    assert sorted(seen) == sorted([(32, 1), (8, 1)] * len(MAP_DETECTORS))
     for name in MAP_DETECTORS:
         torch.testing.assert_close(sliced[name], whole[name], rtol=1e-6, atol=1e-9)
 
@@ -296,9 +283,7 @@ def test_openmax_asks_scipy_once_per_class_and_batch(monkeypatch):
     """pytorch-ood's OpenMax loop asks one w_score per row and top class; every one must come
     from the batch's table (one vectorised call per class), also for a class that is no row's
     argmax (predict leaves its distance at 0)."""
-    from pytorch_ood.detector.openmax.libnotmr import LibNotMR
-
-    model, scorer, images = _fitted_scorer("linear", ["openmax"])
+    model, dets, images = _fitted_on_a_sample(["openmax"])
     with torch.no_grad():
         out = model(images)
     logits = out.logits.clone()
@@ -307,7 +292,6 @@ def test_openmax_asks_scipy_once_per_class_and_batch(monkeypatch):
     real = LibNotMR.w_score
     monkeypatch.setattr(LibNotMR, "w_score", lambda self, x: calls.append(int(torch.as_tensor(x).numel())) or
                         real(self, x))
-    with torch.no_grad():
-        got = scorer(out.features, logits)["openmax"]
+    got = dets.score("openmax", posthoc.Pooled(out.features, logits, lambda: torch.zeros(1)))
     assert torch.isfinite(got).all()
     assert len(calls) == K and all(n > 1 for n in calls)  # one table per class, no scalar call

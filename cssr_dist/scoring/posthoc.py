@@ -32,8 +32,8 @@ fixed subsample of at most `cap` images, the same for any number of processes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -185,10 +185,6 @@ def head_logits_fn(head: nn.Module, rows: int = HEAD_ROWS_CPU) -> Callable[[Tens
 
 
 # ---------------------------------------------------------------- feature-map detectors on the CPU
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-_POOLS_LOCK = threading.Lock()
-
-
 @contextlib.contextmanager
 def _one_intraop_thread():
     """torch's intra-op threads set to 1 for the block (and restored): the row slices below are
@@ -202,11 +198,10 @@ def _one_intraop_thread():
         torch.set_num_threads(before)
 
 
+@functools.cache
 def _pool(workers: int) -> ThreadPoolExecutor:
-    with _POOLS_LOCK:
-        if workers not in _POOLS:
-            _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="posthoc-rows")
-        return _POOLS[workers]
+    """One pool per thread count, kept for the process (its threads idle between batches)."""
+    return ThreadPoolExecutor(workers, thread_name_prefix="posthoc-rows")
 
 
 def rows_in_parallel(predict: Callable[[Tensor], Tensor], maps: Tensor, rows: int = HEAD_ROWS_CPU) -> Tensor:
