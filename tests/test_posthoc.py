@@ -242,7 +242,6 @@ def test_best_keeps_the_detectors_sample_only_when_asked(tmp_path, keep: bool):
     assert any(n.startswith("posthoc.rows.") for n in names) == keep
 
 
-
 MAP_DETECTORS = [n for n, s in posthoc.DETECTORS.items() if s.input == "maps"]
 
 
