@@ -7,7 +7,9 @@ cssr --save run1 --configupdate a:1,b:2`); each flag maps onto the one config sc
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -40,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DEFAULT_CONFIG = "configs/fashion_mnist/rcssr.yaml"
+
+#: `kill -USR2 <pid>` makes a rank (and each of its data workers, which inherit it) print every
+#: thread's stack to stderr and go on: what a run that seems hung is doing, with no debugger on
+#: the node. SIGUSR1 and SIGTERM are the stop signals (engine/preemption.py).
+STACK_SIGNAL = signal.SIGUSR2
 
 
 def config_for_split_file(split_file: str, head: str, configs_dir: Path) -> Path:
@@ -101,7 +108,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def print_stacks_on_signal() -> None:
+    """`STACK_SIGNAL` prints every thread's stack to the process's own stderr (fd 2: the
+    launcher's or Slurm's log), also when `sys.stderr` was replaced (pytest's capture)."""
+    if sys.__stderr__ is not None:
+        faulthandler.register(STACK_SIGNAL, file=sys.__stderr__, all_threads=True)
+
+
 def main(argv: list[str] | None = None) -> int:
+    print_stacks_on_signal()
     args = parse(argv)
     try:
         cfg = config_from_args(args)

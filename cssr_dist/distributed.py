@@ -8,6 +8,7 @@ per-sample outputs are gathered with their ids and de-duplicated before any metr
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import threading
@@ -142,7 +143,10 @@ def ignore_stop_signals(_worker_id: int | None = None) -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    parent = os.getppid()
+    # the loader's process, which started this worker; not getppid(): with a fork server
+    # (readers/base.py) that is the server
+    creator = multiprocessing.parent_process()
+    parent = creator.pid if creator is not None else os.getppid()
 
     def wait_for_parent_sigterm() -> None:
         while True:

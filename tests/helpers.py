@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
+
+from cssr_dist.cli import STACK_SIGNAL
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -50,30 +55,95 @@ def launch_train(tmp_path: Path, args: list[str], processes: int = 2, timeout: i
     return run_session(cmd, env, timeout)
 
 
+class LaunchTimedOut(subprocess.TimeoutExpired):
+    """A launch past its deadline. Its message carries the tails of stdout and of stderr (where
+    each process printed its stack), because pytest's report shows the message, not `.stderr`."""
+
+    def __str__(self) -> str:
+        return (f"{super().__str__()}\n--- stdout (tail) ---\n{(self.output or '')[-3000:]}\n"
+                f"--- stderr (tail: each process's stack) ---\n{(self.stderr or '')[-12000:]}")
+
+
 def run_session(cmd: list[str], env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
-    """subprocess.run in a session of its own: on timeout the whole process group is killed,
-    so a hung launch cannot leave its ranks and data workers running under later tests."""
+    """subprocess.run in a session of its own: on timeout every process of the launch is killed
+    (`kill_tree`), so a hung launch cannot leave its ranks and data workers running under later
+    tests, and the error carries each rank's stack (`STACK_SIGNAL`)."""
     with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True) as proc:
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
-            raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr) from None
+            kill_tree(proc)
+            stdout, stderr = proc.communicate(timeout=60)
+            raise LaunchTimedOut(cmd, timeout, output=stdout, stderr=stderr) from None
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def finish_session(proc: subprocess.Popen, seconds: float = 60) -> tuple[int, str]:
-    """Wait for a process started in its own session; fail the test (killing its whole process
-    group) when it does not stop within `seconds`. Returns (exit code, stderr)."""
+    """Wait for a process started in its own session; fail the test (killing every process of
+    it, `kill_tree`) when it does not stop within `seconds`. Returns (exit code, stderr)."""
     try:
         _, err = proc.communicate(timeout=seconds)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate()
-        pytest.fail(f"did not stop within {seconds} s: {err[-2000:]}")
+        kill_tree(proc)
+        _, err = proc.communicate(timeout=60)
+        pytest.fail(f"did not stop within {seconds} s: {err[-12000:]}")
     return proc.returncode, err
+
+
+def kill_tree(proc: subprocess.Popen, stack_wait_s: float = 0.3) -> None:
+    """SIGKILL a launch started with `start_new_session` and every process below it.
+
+    Why not only `os.killpg(proc.pid)`: torchrun (inside `accelerate launch`) starts each rank
+    in a session of its own, so the launcher's group holds the launcher only. The ranks and
+    their data workers survived the group's SIGKILL, kept the test's pipes open (communicate()
+    then waited for ever) and ran on under later tests. So the whole tree is listed first, each
+    process below the launcher is asked for its stack (train.py prints every thread's on
+    `STACK_SIGNAL`), and then every process group in the tree is killed (a rank's data workers
+    share its group, also when the rank dies first).
+    """
+    try:
+        below = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        below = []
+    for child in below:  # one at a time: faulthandler writes each line in pieces, which would interleave
+        with contextlib.suppress(psutil.Error):
+            child.send_signal(STACK_SIGNAL)
+            time.sleep(stack_wait_s)
+    groups = {proc.pid}
+    for child in below:
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if child.is_running():  # the same process, not a reused pid
+                groups.add(os.getpgid(child.pid))
+    groups.discard(os.getpgrp())  # never the test's own group
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+    for child in below:  # one that left its group is still in the list
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    proc.wait(timeout=60)
+
+
+def leftover_processes(marker: str, grace_s: float = 15.0) -> list[str]:
+    """Command lines of live processes that name `marker` (a test's tmp_path) in their command
+    line or environment (`test_env` puts tmp_path in TMPDIR), after waiting up to `grace_s` for
+    them to end. The environment: data loader workers start from a fork server, and their
+    command line names no run. The wait: an orphaned worker ends at its next liveness check."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        found = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+                environ = (proc / "environ").read_bytes()
+            except OSError:
+                continue
+            if int(proc.name) != os.getpid() and (marker.encode() in cmdline or marker.encode() in environ):
+                found.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
 
 
 def write_imagenet_tree(root: Path, wnids: list[str], per_class: int = 12, val_per_class: int = 4,
@@ -85,9 +155,6 @@ def write_imagenet_tree(root: Path, wnids: list[str], per_class: int = 12, val_p
     set name to (colour class, count): a known class's colour makes a NEAR set (looks like a
     known class), None a FAR one (pure noise). Returns the paths by name (train, val, labels, <ood names>).
     """
-    import numpy as np
-    from PIL import Image
-
     def jpeg(path: Path, cls: int | None, seed: int) -> None:
         rng = np.random.default_rng(seed)
         if cls is None:

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -23,26 +22,14 @@ from safetensors.torch import load_file
 
 from cssr_dist.data.readers.native import eval_loader
 from cssr_dist.distributed import gather_by_id
-from tests.helpers import ROOT, VENV_BIN, free_port, launch_train, run_session
+from tests.helpers import (ROOT, VENV_BIN, LaunchTimedOut, free_port, kill_tree, launch_train, leftover_processes,
+                           run_session)
 from tests.helpers import test_env as run_env
 
 METRICS = ("closed_acc", "auroc", "aupr_in", "aupr_out", "fpr95_known_pos", "fpr95_ood_pos", "oscr", "macro_f1", "threshold")
 TINY = ["--config", "configs/smoke.yaml", "data.train_per_class=100", "data.test_per_class=20",
         "data.stats_per_class=20", "data.batch_size=16", "schedule.epochs=1", "eval.test_interval=0",
         "run.progress=false", "tracking.log_every=10"]
-
-
-def leftover_processes(marker: str) -> list[str]:
-    """Command lines of live processes mentioning `marker` (a test's unique run folder)."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in text and int(cmdline.parent.name) != os.getpid():
-            found.append(text)
-    return found
 
 
 # ---------------------------------------------------------------- unit level (no processes)
@@ -208,7 +195,7 @@ def _launch_with_fault(tmp_path, mode: str, name: str, deadline_s: float, **extr
             rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         finally:
             if proc.poll() is None:
-                proc.kill()
+                kill_tree(proc)
     return rc, fault_at, log_path.read_text()
 
 
@@ -222,7 +209,7 @@ def test_a_dying_rank_brings_every_rank_down_within_60_s(tmp_path):
     assert time.monotonic() - failed_at < 60
     assert "rank 1 fails at step 3" in text
     assert "launch.py: rank 1 failed first (exit code -9)" in text
-    assert not leftover_processes(str(tmp_path / "runs"))
+    assert not leftover_processes(str(tmp_path))
 
 
 @pytest.mark.slow
@@ -230,14 +217,34 @@ def test_a_hung_rank_is_cut_off_by_the_process_group_timeout(tmp_path):
     """Rank 1 sleeps for ever (and ignores SIGTERM) at step 3. Rank 0's collective gives up after
     CSSR_DIST_TIMEOUT_S=10 s; torchrun then SIGTERMs rank 1 and SIGKILLs it 30 s later."""
     rc, hung_at, text = _launch_with_fault(tmp_path, "hang", "hangs", 240, CSSR_DIST_TIMEOUT_S="10")
-    marker = str(tmp_path / "runs")
     assert hung_at is not None and rc == 1, text[-3000:]
     print(f"all ranks down {time.monotonic() - hung_at:.1f} s after the hang")
     assert time.monotonic() - hung_at < 60
     # gloo's collective timeout on rank 0: "Timed out waiting 10000ms ..." or "Application timeout caused pair closure"
     assert "Timed out waiting 10000ms" in text or "Application timeout" in text, text[-4000:]
     assert "rank      : 1 (local_rank: 1)" in text and "(SIGKILL)" in text, text[-4000:]
-    assert not leftover_processes(marker)
+    assert not leftover_processes(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_a_launch_past_the_tests_deadline_prints_each_ranks_stack_and_leaves_no_process(tmp_path):
+    """The tests' deadline (helpers.run_session -> kill_tree) on a launch that would wait 30 min:
+    rank 1 hangs at step 3, rank 0 waits in its collective (torch's default timeout). At the
+    deadline both ranks print their stacks (train.py's STACK_SIGNAL) and then nothing of the launch
+    is left, although torchrun runs each rank in a session of its own (a kill of the launcher's
+    process group alone left both ranks running and the test waiting on their pipes for ever)."""
+    marker = str(tmp_path / "runs")
+    start = time.monotonic()
+    with pytest.raises(LaunchTimedOut) as timed_out:
+        launch_train(tmp_path, [*TINY, f"run.output_dir={marker}", "run.name=deadline"], processes=2, timeout=60,
+                     extra_env={"CSSR_FAIL_RANK": "1", "CSSR_FAIL_STEP": "3", "CSSR_FAIL_MODE": "hang"})
+    assert time.monotonic() - start < 60 + 30
+    out, err = timed_out.value.output or "", timed_out.value.stderr or ""
+    assert "rank 1 fails at step 3 (mode hang)" in out, out[-3000:] + err[-3000:]
+    assert "in _fail_now" in err, err[-6000:]  # rank 1's stack
+    assert err.count("in train_epoch") >= 2, err[-6000:]  # and rank 0's, waiting in its step
+    assert "in _fail_now" in str(timed_out.value)  # in the message: what pytest's report shows
+    assert not leftover_processes(str(tmp_path))
 
 
 def test_process_group_timeout_from_the_environment(monkeypatch):

@@ -15,7 +15,6 @@ from tests.helpers import ROOT
 from tests.helpers import test_env as offline_env
 
 
-
 def step(model: str, variant: str, rate: float, head: str = "rcssr") -> dict:
     return dict(kind="train_step", model=model, variant=variant, images_per_s=rate, head=head, peak_mem_gib=1.0)
 

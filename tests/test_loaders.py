@@ -12,10 +12,13 @@ import torch
 
 from cssr_dist.config import OodSetConfig
 from cssr_dist.data.readers import build_run_data
+from cssr_dist.data.readers.base import WORKER_TIMEOUT_S
 from cssr_dist.data.open_set import OpenSetConcat, OpenSetDataset, per_class_subset, train_val_split
 from cssr_dist.data.sources import ArraySource
 from cssr_dist.data.splits import OpenSetSplit
 from cssr_dist.errors import DataError
+from tests.helpers import run_session
+from tests.helpers import test_env as run_env
 
 
 def _source(targets, classes=None):
@@ -215,6 +218,72 @@ def test_loader_options_and_errors(small_bundle_cfg):
     cfg.batch_size = 1000
     with pytest.raises(DataError, match="fewer than one global batch"):
         build_run_data(cfg, seed=0)
+
+
+def test_loader_workers_start_from_the_fork_server_and_read_what_the_main_process_reads(small_bundle_cfg):
+    """Workers are never forked from the rank itself (readers/base.py::WORKER_START_METHOD: a rank
+    has threads, and a child forked while one of them holds the interpreter's thread-list lock
+    hangs): every loader with workers names the fork server, and its batches equal those read
+    without workers."""
+    cfg = small_bundle_cfg
+    plain = build_run_data(cfg, seed=0)
+    cfg.num_workers = 1
+    data = build_run_data(cfg, seed=0)
+    for loader in (data.train._loader, data.val, data.train_eval, data.test):
+        assert loader.multiprocessing_context.get_start_method() == "forkserver"
+        assert loader.timeout == WORKER_TIMEOUT_S
+    assert plain.test.multiprocessing_context is None and plain.test.timeout == 0
+    for with_workers, without in ((data.train, plain.train), (data.test, plain.test)):
+        for (x, y, ids), (x0, y0, ids0) in zip(with_workers, without, strict=True):
+            assert torch.equal(ids, ids0) and torch.equal(y, y0) and torch.equal(x, x0)
+    data.train.set_epoch(1)  # the epoch reaches the persistent workers (shared memory, not a fork's copy)
+    plain.train.set_epoch(1)
+    assert [b[2].tolist() for b in data.train] == [b[2].tolist() for b in plain.train]
+
+
+#: A process whose C threads keep entering Python (each entry makes and deletes a thread state
+#: under the interpreter's thread-list lock, without the GIL: as torch's and gloo's threads do
+#: when they release a tensor) while it starts loader workers again and again.
+FOREIGN_THREADS_SCRIPT = """
+import ctypes, ctypes.util, sys, threading
+import torch
+from torch.utils.data import TensorDataset
+from cssr_dist.data.readers.native import eval_loader
+
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+enter_python = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(lambda arg: None)
+
+def churn(stop):
+    tid = ctypes.c_ulong()
+    while not stop.is_set():
+        libc.pthread_create(ctypes.byref(tid), None, enter_python, None)
+        libc.pthread_join(tid, None)
+
+if __name__ == "__main__":
+    stop = threading.Event()
+    threads = [threading.Thread(target=churn, args=(stop,)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    data = TensorDataset(torch.arange(8.0))
+    for _ in range(int(sys.argv[1])):
+        assert sum(len(batch[0]) for batch in eval_loader(data, 4, 2, 0, 1)) == 8
+    stop.set()
+    for thread in threads:
+        thread.join()
+    print("started", sys.argv[1], "loaders")
+"""
+
+
+@pytest.mark.slow
+def test_loader_workers_start_while_other_threads_enter_python(tmp_path):
+    """200 loaders x 2 workers in a process whose C threads keep entering Python. Forked from that
+    process (the start method before), a worker could inherit the interpreter's thread-list lock
+    held and hang in `PyOS_AfterFork_Child`: measured, 3 of 5 runs of 100 loaders hung. From the
+    fork server: every worker starts (~0.2 s per loader with 2 workers on the 2-core VM)."""
+    script = tmp_path / "foreign_threads.py"
+    script.write_text(FOREIGN_THREADS_SCRIPT)
+    out = run_session([sys.executable, str(script), "200"], run_env(tmp_path), timeout=240)
+    assert out.returncode == 0 and "started 200 loaders" in out.stdout, out.stderr[-3000:]
 
 
 def test_shards_format_dispatch(monkeypatch, data_cfg):

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from cssr_dist.config import DataConfig
-from cssr_dist.data.readers import shards as shard_stream
+from cssr_dist.data.readers import base as reader_base
 from cssr_dist.apps.make_shards.cli import ShardOptions, make_shard_set
 from cssr_dist.apps.make_shards.cli import main as make_shards
 from cssr_dist.data.shards.index import read_index
@@ -193,7 +193,7 @@ def test_a_hung_shard_read_fails_the_loader_after_the_worker_timeout(shard_set, 
     crafted = crafted_copy(shard_set, tmp_path, base_url=f"pipe:sleep 60; cat {shard_set}/")
     cfg = data_cfg(crafted, allow=True)
     cfg.num_workers = 1
-    monkeypatch.setattr(shard_stream, "WORKER_TIMEOUT_S", 2)
+    monkeypatch.setattr(reader_base, "WORKER_TIMEOUT_S", 2)
     loader = build_shard_loaders(cfg, SPLIT, to_tensor, to_tensor, 0, rank=0, world_size=1)["test"]
     start = time.monotonic()
     with pytest.raises(DataError, match="delivered nothing for 2 s"):

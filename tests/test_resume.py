@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from cssr_dist.engine.checkpoint import STATE_FILE, TrainerState, latest_checkpoint, list_checkpoints
-from tests.helpers import ROOT, free_port, run_session
+from tests.helpers import ROOT, free_port, kill_tree, run_session
 from tests.helpers import test_env as run_env
 
 METRICS = ("closed_acc", "auroc", "aupr_in", "aupr_out", "fpr95_known_pos", "fpr95_ood_pos", "oscr", "macro_f1")
@@ -55,7 +55,7 @@ def _kill_after_first_checkpoint(tmp: Path, name: str, timeout: float = 180) -> 
         return proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            kill_tree(proc)
         log.close()
 
 
@@ -154,7 +154,7 @@ def test_sigusr1_checkpoints_exits_42_and_the_rerun_completes(tmp_path):
             rc = proc.wait(timeout=120)
         finally:
             if proc.poll() is None:
-                proc.kill()
+                kill_tree(proc)
     text = (tmp_path / "pre.log").read_text()
     assert rc == 42, text[-3000:]
     assert "checkpoint written, exiting for requeue" in text

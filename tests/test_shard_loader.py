@@ -357,6 +357,29 @@ def test_rank_and_world_size_come_from_the_environment_without_torch_distributed
         build_shard_loaders(config(sets), SPLIT, to_tensor, to_tensor, 0, rank=2)
 
 
+def test_shard_loader_workers_start_from_the_fork_server(sets):
+    """As the native reader's (tests/test_loaders.py): never a fork of the rank; a training
+    stream's persistent workers and an evaluation loader's read the same ids as without workers."""
+    with_workers = build_shard_loaders(config(sets, num_workers=2), SPLIT, to_tensor, to_tensor, 0)
+    without = build_shard_loaders(config(sets, num_workers=0), SPLIT, to_tensor, to_tensor, 0)
+    for name in ("train", "test"):
+        assert with_workers[name]._data_loader().multiprocessing_context.get_start_method() == "forkserver"
+        assert without[name]._data_loader().multiprocessing_context is None
+    assert sorted(collect(with_workers["test"])[0]) == sorted(collect(without["test"])[0])
+    assert len(collect(with_workers["train"])[0]) == len(collect(without["train"])[0])
+
+
+class WholeTransform:
+    """Not a Compose: applied whole, per image. A class of the module, not a lambda: loader workers
+    start from a fork server, so their data set is pickled."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, image):
+        return self.inner(image)
+
+
 @pytest.mark.parametrize("workers,tail_in_main", [(0, False), (1, True), (1, False), (2, False)])
 def test_uint8_batches_normalised_per_batch_equal_the_per_image_transform(sets, monkeypatch, workers, tail_in_main):
     """A Compose with ToTensor is cut there (data/batch_transform.py); wherever the batch stage
@@ -375,7 +398,7 @@ def test_uint8_batches_normalised_per_batch_equal_the_per_image_transform(sets, 
         return {int(i): x for images, _, ids in loader for x, i in zip(images, ids)}
 
     split = by_id(compose, tail_in_main)
-    whole = by_id(lambda image: compose(image), False)  # not a Compose: applied whole, per image
+    whole = by_id(WholeTransform(compose), False)
     assert split.keys() == whole.keys() and len(split) == 20
     for key, image in split.items():
         assert image.dtype == torch.float32

@@ -7,6 +7,7 @@ the reader only says how many classes its training data has (`split_family: none
 
 from __future__ import annotations
 
+import multiprocessing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
@@ -19,6 +20,28 @@ from ..splits import NUM_CLASSES, OpenSetSplit, resolve_split
 #: A DataLoader worker that stops delivering (e.g. its feeder thread died, a hung `pipe:` command,
 #: a stalled mount) would otherwise be waited for without end; no healthy batch takes this long.
 WORKER_TIMEOUT_S = 600
+
+#: How DataLoader workers start: forked from a fork server (one single-threaded process per rank,
+#: started at its first loader), never forked from the rank itself. Why: a rank has threads, and
+#: a C thread that enters Python (torch's and gloo's do when they release a tensor) holds the
+#: interpreter's thread-list lock for a moment without the GIL; a child forked in that moment
+#: waits for ever in CPython 3.11's `PyOS_AfterFork_Child`. Seen here: 1 of 35 two-rank runs of
+#: the shard fine-tuning test hung so, in a freshly forked evaluation worker (docs/reliability.md,
+#: "Hangs"). Python 3.14 makes the fork server its default on Linux.
+WORKER_START_METHOD = "forkserver"
+#: Imported once by the fork server, so each worker starts in milliseconds, not with its own
+#: `import torch`; `__main__` stays as multiprocessing's default preloads it.
+WORKER_PRELOAD = ["__main__", "cssr_dist.data.readers.native", "cssr_dist.data.readers.shards"]
+
+
+def worker_processes(num_workers: int) -> dict[str, Any]:
+    """The DataLoader arguments that say how its worker processes start and how long a batch
+    may take (`WORKER_START_METHOD`, `WORKER_TIMEOUT_S`); none with `num_workers=0`."""
+    if num_workers <= 0:
+        return {}
+    context = multiprocessing.get_context(WORKER_START_METHOD)
+    context.set_forkserver_preload(WORKER_PRELOAD)  # no effect once this rank's server runs
+    return {"multiprocessing_context": context, "timeout": WORKER_TIMEOUT_S}
 
 
 class TrainBatches(Protocol):

@@ -34,7 +34,7 @@ from ..open_set import (
 )
 from ..sources import build_source
 from ..splits import OpenSetSplit
-from .base import WORKER_TIMEOUT_S, DataMeta, RunData, needs_class_count, resolve_run_split
+from .base import DataMeta, RunData, needs_class_count, resolve_run_split, worker_processes
 
 
 # ---------------------------------------------------------------- the native reader
@@ -124,7 +124,7 @@ class NativeTrainLoader:
         workers = self.num_workers
         return DataLoader(self.samples, batch_sampler=batch_sampler, num_workers=workers,
                           persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
-                          timeout=WORKER_TIMEOUT_S if workers > 0 else 0, worker_init_fn=ignore_stop_signals)
+                          worker_init_fn=ignore_stop_signals, **worker_processes(workers))
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
@@ -147,8 +147,7 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, rank: int, 
     """A non-shuffled loader over this rank's strided share (rank r: samples r, r+W, ...)."""
     share = dataset if world == 1 else Subset(dataset, list(range(rank, len(dataset), world)))
     return DataLoader(share, batch_size=batch_size, shuffle=False, num_workers=num_workers, drop_last=False,
-                      persistent_workers=False, timeout=WORKER_TIMEOUT_S if num_workers > 0 else 0,
-                      worker_init_fn=ignore_stop_signals)
+                      persistent_workers=False, worker_init_fn=ignore_stop_signals, **worker_processes(num_workers))
 
 
 def _native_test_set(data_cfg: Any, split: OpenSetSplit, transform: Callable, seed: int) -> tuple[Dataset, list[str]]:

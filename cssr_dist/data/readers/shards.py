@@ -44,7 +44,7 @@ from ..heap_reuse import keep_freed_memory, worker_init
 from ..open_set import ood_entries, select_ood, select_test, select_training, train_val_split
 from ..shards.index import ShardIndex, local_path, read_index, read_labels, shard_urls
 from ..shards.samples import CorruptSample, check_members, decode_image, image_member, iter_shard, parse_id, parse_label
-from .base import WORKER_TIMEOUT_S, DataMeta, RunData, check_rank, resolve_run_split
+from .base import DataMeta, RunData, check_rank, resolve_run_split, worker_processes
 
 log = logging.getLogger(__name__)
 
@@ -359,8 +359,8 @@ class ShardLoader:
         # training workers persist so that their stream (and shuffle buffer) continues across epochs
         return DataLoader(stream, batch_size=None, num_workers=stream.num_workers, generator=generator,
                           pin_memory=torch.cuda.is_available(), worker_init_fn=shard_worker_init,
-                          timeout=WORKER_TIMEOUT_S if stream.num_workers > 0 else 0,
-                          persistent_workers=stream.training and stream.num_workers > 0)
+                          persistent_workers=stream.training and stream.num_workers > 0,
+                          **worker_processes(stream.num_workers))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         stream = self.dataset
@@ -385,7 +385,7 @@ class ShardLoader:
         except RuntimeError as err:  # torch's "DataLoader timed out after N seconds"
             if "timed out" not in str(err):
                 raise
-            failure = (f"shard set '{stream.plan.name}': a loader worker delivered nothing for {WORKER_TIMEOUT_S} s "
+            failure = (f"shard set '{stream.plan.name}': a loader worker delivered nothing for {loader.timeout} s "
                        "(hung shard read: a pipe: command or stalled storage); check the shards' location")
             self._loader = None
         finally:
