@@ -92,7 +92,7 @@ def finish_session(proc: subprocess.Popen, seconds: float = 60) -> tuple[int, st
 
 
 def kill_tree(proc: subprocess.Popen, stack_wait_s: float = 0.3) -> None:
-    """SIGKILL a launch started with `start_new_session` and every process below it.
+    """SIGKILL a launch and every process below it (also when the launch leads no session).
 
     Why not only `os.killpg(proc.pid)`: torchrun (inside `accelerate launch`) starts each rank
     in a session of its own, so the launcher's group holds the launcher only. The ranks and
