@@ -242,7 +242,7 @@ def test_loader_workers_start_from_the_fork_server_and_read_what_the_main_proces
 
 
 #: A process whose C threads keep entering Python (each entry makes and deletes a thread state
-#: under the interpreter's thread-list lock, without the GIL: as torch's and gloo's threads do
+#: under the interpreter's thread-list lock, without the GIL: as, most likely, torch's and gloo's threads do
 #: when they release a tensor) while it starts loader workers again and again.
 FOREIGN_THREADS_SCRIPT = """
 import ctypes, ctypes.util, sys, threading

@@ -23,14 +23,14 @@ WORKER_TIMEOUT_S = 600
 
 #: How DataLoader workers start: forked from a fork server (one single-threaded process per rank,
 #: started at its first loader), never forked from the rank itself. Why: a rank has threads, and
-#: a C thread that enters Python (torch's and gloo's do when they release a tensor) holds the
+#: a C thread that enters Python (in a rank, likely torch's or gloo's releasing a tensor) holds the
 #: interpreter's thread-list lock for a moment without the GIL; a child forked in that moment
 #: waits for ever in CPython 3.11's `PyOS_AfterFork_Child`. Seen here: 1 of 35 two-rank runs of
 #: the shard fine-tuning test hung so, in a freshly forked evaluation worker (docs/reliability.md,
 #: "Hangs"). Python 3.14 makes the fork server its default on Linux.
 WORKER_START_METHOD = "forkserver"
-#: Imported once by the fork server, so each worker starts in milliseconds, not with its own
-#: `import torch`; `__main__` stays as multiprocessing's default preloads it.
+#: Imported once by the fork server, so a loader's workers start in ~0.2 s (measured with 2), not
+#: each with its own `import torch`; `__main__` stays, as multiprocessing's default preloads it.
 WORKER_PRELOAD = ["__main__", "cssr_dist.data.readers.native", "cssr_dist.data.readers.shards"]
 
 
