@@ -7,15 +7,14 @@ cssr --save run1 --configupdate a:1,b:2`); each flag maps onto the one config sc
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import os
-import signal
 import sys
 from pathlib import Path
 
 from .config import Config, apply_override, build_config, dump_yaml, load_yaml_tree, parse_override
 from .errors import (STORAGE_ERRNOS, USER_ERROR_EXIT, ConfigError, CssrError, FailedOnAnotherRank, report,
                      storage_error)
+from .stacks import print_stacks_on_signal
 
 GPU_NOTE = ("note: --gpu is ignored: Accelerate chooses devices (use `accelerate launch --gpu_ids 0,1` "
             "or CUDA_VISIBLE_DEVICES)")
@@ -42,11 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DEFAULT_CONFIG = "configs/fashion_mnist/rcssr.yaml"
-
-#: `kill -USR2 <pid>` makes a rank (and each of its data workers, which inherit it) print every
-#: thread's stack to stderr and go on: what a run that seems hung is doing, with no debugger on
-#: the node. SIGUSR1 and SIGTERM are the stop signals (engine/preemption.py).
-STACK_SIGNAL = signal.SIGUSR2
 
 
 def config_for_split_file(split_file: str, head: str, configs_dir: Path) -> Path:
@@ -106,13 +100,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if args.gpu is not None:
         print(GPU_NOTE, file=sys.stderr)
     return args
-
-
-def print_stacks_on_signal() -> None:
-    """`STACK_SIGNAL` prints every thread's stack to the process's own stderr (fd 2: the
-    launcher's or Slurm's log), also when `sys.stderr` was replaced (pytest's capture)."""
-    if sys.__stderr__ is not None:
-        faulthandler.register(STACK_SIGNAL, file=sys.__stderr__, all_threads=True)
 
 
 def main(argv: list[str] | None = None) -> int:

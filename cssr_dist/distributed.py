@@ -17,6 +17,8 @@ from datetime import timedelta
 import numpy as np
 import torch
 
+from .stacks import print_stacks_on_signal
+
 
 def dist_info() -> tuple[int, int]:
     """(rank, world size): torch.distributed if initialised, else env RANK/WORLD_SIZE, else (0, 1)."""
@@ -140,6 +142,7 @@ def ignore_stop_signals(_worker_id: int | None = None) -> None:
     any other is ignored. The sender is only known to `sigwaitinfo`, hence SIGTERM is blocked
     and read by a small thread (a no-op handler covers threads that started earlier).
     """
+    print_stacks_on_signal()
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})

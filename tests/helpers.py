@@ -16,7 +16,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from cssr_dist.cli import STACK_SIGNAL
+from cssr_dist.stacks import STACK_SIGNAL
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent

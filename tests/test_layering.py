@@ -3,7 +3,7 @@ and no import loop exists, counting imports inside functions (a loop hidden behi
 import is still a loop). Imports under `if TYPE_CHECKING:` are annotations only and skipped.
 
 Layers, lowest first (docs/architecture.md draws them):
-0 ground: errors, config, protocol, distributed, eval.metrics (pure numpy definitions)
+0 ground: errors, config, protocol, distributed, stacks, eval.metrics (pure numpy definitions)
 1 data, models   2 scoring   3 eval   4 tracking   5 engine   6 apps, cli (user programs)
 """
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+import time
 import types
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -17,7 +20,8 @@ from cssr_dist.data.open_set import OpenSetConcat, OpenSetDataset, per_class_sub
 from cssr_dist.data.sources import ArraySource
 from cssr_dist.data.splits import OpenSetSplit
 from cssr_dist.errors import DataError
-from tests.helpers import run_session
+from cssr_dist.stacks import STACK_SIGNAL
+from tests.helpers import kill_tree, run_session
 from tests.helpers import test_env as run_env
 
 
@@ -284,6 +288,52 @@ def test_loader_workers_start_while_other_threads_enter_python(tmp_path):
     script.write_text(FOREIGN_THREADS_SCRIPT)
     out = run_session([sys.executable, str(script), "200"], run_env(tmp_path), timeout=240)
     assert out.returncode == 0 and "started 200 loaders" in out.stdout, out.stderr[-3000:]
+
+
+#: One loader worker that takes 2 s per sample, so it is alive and busy when it is signalled.
+SLOW_WORKER_SCRIPT = """
+import sys, time
+from torch.utils.data import Dataset
+from cssr_dist.data.readers.native import eval_loader
+
+class SlowSamples(Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        time.sleep(2)
+        return index
+
+if __name__ == "__main__":
+    print("read", sum(len(batch) for batch in eval_loader(SlowSamples(), 1, 1, 0, 1)), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_loader_worker_prints_its_stack_on_the_stack_signal_and_goes_on(tmp_path):
+    """Workers start from a fork server and inherit nothing from the rank, so each registers
+    `STACK_SIGNAL` itself (its worker_init_fn): signalled mid-read it prints where it is and the
+    loader still delivers every sample (without the registration SIGUSR2 kills the worker)."""
+    script = tmp_path / "slow_worker.py"
+    script.write_text(SLOW_WORKER_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script)], env=run_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        worker = None
+        while worker is None and time.monotonic() < deadline:  # the fork server's child is the worker
+            workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.ppid() != proc.pid]
+            worker = workers[0] if workers else None
+            time.sleep(0.2)
+        assert worker is not None, "no loader worker started"
+        time.sleep(3)  # inside __getitem__ by now
+        worker.send_signal(STACK_SIGNAL)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    assert proc.returncode == 0 and out.strip() == "read 4", err[-3000:]
+    assert "in __getitem__" in err and "slow_worker.py" in err, err[-3000:]
 
 
 def test_shards_format_dispatch(monkeypatch, data_cfg):
